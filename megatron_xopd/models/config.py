@@ -1,0 +1,163 @@
+"""Typed model configs for the Llama, Qwen2 and Qwen3 families, mapped onto megatron-core's ``TransformerConfig``."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+
+FAMILIES = ("llama", "qwen2", "qwen3")
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+class ModelConfigError(ValueError):
+    """A model config that cannot be built; the message names the field."""
+
+
+@dataclass
+class GPTModelConfig:
+    """A decoder-only LM: RMSNorm, SwiGLU, RoPE, grouped-query attention.
+
+    ``family`` sets the defaults that differ between families: Qwen2 has a bias on Q/K/V, Qwen3 has
+    QK-norm. ``vocab_size`` is the number of embedding rows of the checkpoint (HF ``vocab_size``);
+    ``text_vocab_size`` is the number of ids the tokenizer can emit (defaults to ``vocab_size``), and
+    columns beyond it are padding that no loss or sampler may use. The embedding is padded to
+    ``padded_vocab_size`` (or to a multiple of ``make_vocab_size_divisible_by`` x TP).
+    """
+
+    num_layers: int
+    hidden_size: int
+    ffn_hidden_size: int
+    num_attention_heads: int
+    vocab_size: int
+    family: str = "llama"
+    num_query_groups: int | None = None
+    kv_channels: int | None = None
+    max_position_embeddings: int = 4096
+    rotary_base: float = 10000.0
+    norm_epsilon: float = 1e-5
+    add_qkv_bias: bool | None = None  # None: the family default
+    qk_layernorm: bool | None = None  # None: the family default
+    tie_word_embeddings: bool = False
+    text_vocab_size: int | None = None
+    padded_vocab_size: int | None = None
+    make_vocab_size_divisible_by: int = 128
+    params_dtype: str = "float32"
+    hidden_dropout: float = 0.0
+    attention_dropout: float = 0.0
+    init_method_std: float = 0.02
+    transformer_impl: str = "auto"  # auto | local | transformer_engine
+    # FP8 and MoE: passed through to TransformerConfig as given.
+    fp8: str | None = None
+    fp8_recipe: str = "delayed"
+    num_moe_experts: int | None = None
+    moe_router_topk: int = 2
+    moe_ffn_hidden_size: int | None = None
+    moe_shared_expert_intermediate_size: int | None = None
+    moe_grouped_gemm: bool = False
+    moe_router_load_balancing_type: str = "aux_loss"
+    moe_aux_loss_coeff: float = 0.0
+    moe_router_pre_softmax: bool = False
+    # Any other TransformerConfig field, verbatim.
+    transformer_overrides: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.family not in FAMILIES:
+            raise ModelConfigError(f"model.family: unsupported architecture {self.family!r}; expected one of {FAMILIES}")
+        if self.params_dtype not in _DTYPES:
+            raise ModelConfigError(f"model.params_dtype: {self.params_dtype!r} is not one of {tuple(_DTYPES)}")
+        if self.add_qkv_bias is None:
+            self.add_qkv_bias = self.family == "qwen2"
+        if self.qk_layernorm is None:
+            self.qk_layernorm = self.family == "qwen3"
+        if self.num_query_groups is None:
+            self.num_query_groups = self.num_attention_heads
+        if self.num_attention_heads % self.num_query_groups:
+            raise ModelConfigError(
+                f"model.num_query_groups ({self.num_query_groups}) must divide "
+                f"model.num_attention_heads ({self.num_attention_heads})"
+            )
+        if self.text_vocab_size is None:
+            self.text_vocab_size = self.vocab_size
+        if self.text_vocab_size > self.vocab_size:
+            raise ModelConfigError(
+                f"model.text_vocab_size ({self.text_vocab_size}) exceeds model.vocab_size ({self.vocab_size})"
+            )
+        if self.transformer_impl not in ("auto", "local", "transformer_engine"):
+            raise ModelConfigError(f"model.transformer_impl: {self.transformer_impl!r} is not auto|local|transformer_engine")
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        return _DTYPES[self.params_dtype]
+
+    @property
+    def head_dim(self) -> int:
+        return self.kv_channels or self.hidden_size // self.num_attention_heads
+
+    def padded_vocab(self, tensor_parallel_size: int) -> int:
+        """Embedding rows after padding; a multiple of the TP size so every rank holds an equal shard."""
+        if self.padded_vocab_size is not None:
+            if self.padded_vocab_size < self.vocab_size or self.padded_vocab_size % tensor_parallel_size:
+                raise ModelConfigError(
+                    f"model.padded_vocab_size ({self.padded_vocab_size}) must be >= model.vocab_size "
+                    f"({self.vocab_size}) and divisible by tensor_model_parallel_size ({tensor_parallel_size})"
+                )
+            return self.padded_vocab_size
+        multiple = self.make_vocab_size_divisible_by * tensor_parallel_size
+        return -(-self.vocab_size // multiple) * multiple
+
+    def validate_parallel(self, tensor_parallel_size: int, pipeline_parallel_size: int) -> None:
+        """Raise a one-line error naming the field when this model cannot be split as asked."""
+        if self.num_attention_heads % tensor_parallel_size:
+            raise ModelConfigError(
+                f"model.num_attention_heads ({self.num_attention_heads}) is not divisible by "
+                f"tensor_model_parallel_size ({tensor_parallel_size})"
+            )
+        if self.num_query_groups % tensor_parallel_size:
+            raise ModelConfigError(
+                f"model.num_query_groups ({self.num_query_groups}) is not divisible by "
+                f"tensor_model_parallel_size ({tensor_parallel_size})"
+            )
+        if self.ffn_hidden_size % tensor_parallel_size:
+            raise ModelConfigError(
+                f"model.ffn_hidden_size ({self.ffn_hidden_size}) is not divisible by "
+                f"tensor_model_parallel_size ({tensor_parallel_size})"
+            )
+        if self.num_layers % pipeline_parallel_size:
+            raise ModelConfigError(
+                f"model.num_layers ({self.num_layers}) is not divisible by "
+                f"pipeline_model_parallel_size ({pipeline_parallel_size})"
+            )
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any], where: str = "model") -> "GPTModelConfig":
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ModelConfigError(f"{where}: unknown field(s) {unknown}")
+        missing = [f.name for f in dataclasses.fields(cls) if f.default is dataclasses.MISSING
+                   and f.default_factory is dataclasses.MISSING and f.name not in values]
+        if missing:
+            raise ModelConfigError(f"{where}: missing field(s) {missing}")
+        return cls(**values)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def save(self, path: str | Path) -> None:
+        path = Path(path)
+        text = json.dumps(self.to_dict(), indent=2) if path.suffix == ".json" else yaml.safe_dump(self.to_dict())
+        path.write_text(text)
+
+    @classmethod
+    def load(cls, path: str | Path) -> "GPTModelConfig":
+        path = Path(path)
+        values = yaml.safe_load(path.read_text())
+        if not isinstance(values, dict):
+            raise ModelConfigError(f"{path}: expected a mapping of model fields")
+        return cls.from_dict(values, where=str(path))

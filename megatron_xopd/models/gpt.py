@@ -1,0 +1,143 @@
+"""Build megatron-core ``GPTModel``s (Llama / Qwen2 / Qwen3) from :class:`GPTModelConfig`."""
+
+from __future__ import annotations
+
+import importlib.util
+
+import torch
+import torch.nn.functional as F
+from megatron.core import parallel_state
+from megatron.core.models.gpt import GPTModel
+from megatron.core.models.gpt.gpt_layer_specs import (
+    get_gpt_layer_local_spec,
+    get_gpt_layer_with_transformer_engine_spec,
+)
+from megatron.core.transformer.enums import AttnBackend
+from megatron.core.transformer.spec_utils import ModuleSpec
+from megatron.core.transformer.transformer_config import TransformerConfig
+
+from .config import GPTModelConfig, ModelConfigError
+
+
+def transformer_engine_usable() -> bool:
+    """TE is used only where it can run: importable and with CUDA."""
+    return torch.cuda.is_available() and importlib.util.find_spec("transformer_engine") is not None
+
+
+def uses_transformer_engine(cfg: GPTModelConfig) -> bool:
+    if cfg.transformer_impl == "local":
+        return False
+    if cfg.transformer_impl == "transformer_engine":
+        if not transformer_engine_usable():
+            raise ModelConfigError("model.transformer_impl: transformer_engine needs CUDA and transformer-engine installed")
+        return True
+    return transformer_engine_usable()
+
+
+def to_transformer_config(cfg: GPTModelConfig, *, sequence_parallel: bool = False) -> TransformerConfig:
+    """The megatron ``TransformerConfig`` for ``cfg`` under the current ``parallel_state`` layout."""
+    tp = parallel_state.get_tensor_model_parallel_world_size()
+    pp = parallel_state.get_pipeline_model_parallel_world_size()
+    cfg.validate_parallel(tp, pp)
+    te = uses_transformer_engine(cfg)
+    dtype = cfg.torch_dtype
+    values = dict(
+        num_layers=cfg.num_layers,
+        hidden_size=cfg.hidden_size,
+        ffn_hidden_size=cfg.ffn_hidden_size,
+        num_attention_heads=cfg.num_attention_heads,
+        num_query_groups=cfg.num_query_groups,
+        kv_channels=cfg.head_dim,
+        normalization="RMSNorm",
+        layernorm_epsilon=cfg.norm_epsilon,
+        gated_linear_unit=True,
+        activation_func=F.silu,
+        add_bias_linear=False,
+        add_qkv_bias=cfg.add_qkv_bias,
+        qk_layernorm=cfg.qk_layernorm,
+        hidden_dropout=cfg.hidden_dropout,
+        attention_dropout=cfg.attention_dropout,
+        init_method_std=cfg.init_method_std,
+        params_dtype=dtype,
+        bf16=dtype == torch.bfloat16,
+        fp16=dtype == torch.float16,
+        pipeline_dtype=dtype,
+        autocast_dtype=dtype,
+        tensor_model_parallel_size=tp,
+        pipeline_model_parallel_size=pp,
+        sequence_parallel=sequence_parallel and tp > 1,
+        attention_softmax_in_fp32=True,
+        # Fusions need apex/TE kernels; without TE (CPU) the unfused torch paths run.
+        gradient_accumulation_fusion=False,
+        apply_rope_fusion=te,
+        bias_activation_fusion=te,
+        masked_softmax_fusion=te,
+        persist_layer_norm=te,
+        bias_dropout_fusion=te,
+        attention_backend=AttnBackend.auto if te else AttnBackend.unfused,
+        use_cpu_initialization=not torch.cuda.is_available(),
+        fp8=cfg.fp8,
+        fp8_recipe=cfg.fp8_recipe,
+        num_moe_experts=cfg.num_moe_experts,
+        moe_router_topk=cfg.moe_router_topk,
+        moe_ffn_hidden_size=cfg.moe_ffn_hidden_size,
+        moe_shared_expert_intermediate_size=cfg.moe_shared_expert_intermediate_size,
+        moe_grouped_gemm=cfg.moe_grouped_gemm,
+        moe_router_load_balancing_type=cfg.moe_router_load_balancing_type,
+        moe_aux_loss_coeff=cfg.moe_aux_loss_coeff,
+        moe_router_pre_softmax=cfg.moe_router_pre_softmax,
+    )
+    values.update(cfg.transformer_overrides)
+    return TransformerConfig(**values)
+
+
+def layer_spec(cfg: GPTModelConfig) -> ModuleSpec:
+    """Transformer Engine spec on GPU when TE is importable, megatron's local (torch) spec otherwise."""
+    common = dict(num_experts=cfg.num_moe_experts, moe_grouped_gemm=cfg.moe_grouped_gemm, qk_layernorm=cfg.qk_layernorm)
+    if uses_transformer_engine(cfg):
+        return get_gpt_layer_with_transformer_engine_spec(fp8=cfg.fp8, **common)
+    return get_gpt_layer_local_spec(normalization="RMSNorm", **common)
+
+
+def build_gpt_model(
+    cfg: GPTModelConfig,
+    *,
+    pre_process: bool | None = None,
+    post_process: bool | None = None,
+    sequence_parallel: bool = False,
+    vp_stage: int | None = None,
+) -> GPTModel:
+    """Build this rank's part of the model (its TP shard of its PP stage) under ``parallel_state``.
+
+    The output layer returns vocab-parallel logits (``parallel_output=True``): each TP rank holds the
+    columns of its vocabulary shard, which is what the divergence ops consume.
+    """
+    if not parallel_state.model_parallel_is_initialized():
+        raise RuntimeError("build_gpt_model: initialise megatron_xopd.runtime.initialize_model_parallel first")
+    if pre_process is None:
+        pre_process = parallel_state.is_pipeline_first_stage(ignore_virtual=vp_stage is None, vp_stage=vp_stage)
+    if post_process is None:
+        post_process = parallel_state.is_pipeline_last_stage(ignore_virtual=vp_stage is None, vp_stage=vp_stage)
+    tp = parallel_state.get_tensor_model_parallel_world_size()
+    model = GPTModel(
+        config=to_transformer_config(cfg, sequence_parallel=sequence_parallel),
+        transformer_layer_spec=layer_spec(cfg),
+        vocab_size=cfg.padded_vocab(tp),
+        max_sequence_length=cfg.max_position_embeddings,
+        pre_process=pre_process,
+        post_process=post_process,
+        parallel_output=True,
+        share_embeddings_and_output_weights=cfg.tie_word_embeddings,
+        position_embedding_type="rope",
+        rotary_base=cfg.rotary_base,
+        vp_stage=vp_stage,
+    )
+    return model
+
+
+def vocab_shard_range(cfg: GPTModelConfig) -> tuple[int, int]:
+    """The global vocabulary columns [start, end) this TP rank holds."""
+    tp = parallel_state.get_tensor_model_parallel_world_size()
+    rank = parallel_state.get_tensor_model_parallel_rank()
+    per_rank = cfg.padded_vocab(tp) // tp
+    return rank * per_rank, (rank + 1) * per_rank

@@ -1,0 +1,160 @@
+"""Make megatron-core 0.16 run on CPU (gloo): the only place in the project that patches a dependency.
+
+megatron-core hard-codes CUDA in a few places that are on the path of a ``GPTModel`` forward/backward,
+the pipeline schedules and ``dist_checkpointing``. Three shims make the *real* megatron code run on CPU
+processes, which is how the project's parallel tests check TP/PP against single-process references:
+
+1. RNG tracker. ``megatron/core/tensor_parallel/random.py``: ``CudaRNGStatesTracker.add``/``fork`` call
+   ``torch.cuda.get_rng_state``/``manual_seed`` and ``torch.cuda.default_generators``. We install
+   :class:`CPURNGStatesTracker`, which keeps named CPU generator states, by replacing
+   ``initialize_rng_tracker`` (``get_cuda_rng_tracker`` and ``model_parallel_cuda_manual_seed`` look it up
+   at call time).
+2. ``megatron/core/utils.py``: ``GlobalMemoryBuffer.get_tensor`` allocates with
+   ``device=torch.cuda.current_device()`` (used by sequence-parallel all-gathers); replaced with a CPU
+   allocation of the same contract.
+3. Device arguments. ``torch.zeros(..., device="cuda")`` (``pipeline_parallel/schedules.py``,
+   ``forward_backward_*``: ``total_num_tokens``), ``device=torch.cuda.current_device()`` (p2p shape
+   exchange in ``pipeline_parallel/p2p_communication.py``, ``tensor_parallel/layers.py``,
+   ``transformer/attention.py``, ``models/gpt/gpt_model.py``) and ``Tensor.cuda()``: a
+   :class:`~torch.overrides.TorchFunctionMode` maps CUDA devices (``"cuda"``, ``"cuda:i"``, ints) to CPU,
+   and ``torch.cuda.current_device``/``synchronize`` become harmless (``0`` and a no-op), since
+   ``parallel_state.py`` and ``p2p_communication.py`` call them unconditionally.
+
+Enable with :func:`enable_cpu_compat`; it refuses to run when CUDA is available.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Any, Iterator
+
+import torch
+from torch.overrides import TorchFunctionMode
+
+_ENABLED = False
+_MODE: "CudaToCpuMode | None" = None
+
+
+def _is_cuda_device(device: Any) -> bool:
+    if isinstance(device, int) and not isinstance(device, bool):
+        return True  # torch reads a bare int as a CUDA ordinal
+    if isinstance(device, str):
+        return device.startswith("cuda")
+    if isinstance(device, torch.device):
+        return device.type == "cuda"
+    return False
+
+
+class CudaToCpuMode(TorchFunctionMode):
+    """Rewrite CUDA device arguments of torch calls to CPU; ``Tensor.cuda()`` returns the tensor."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is torch.Tensor.cuda:
+            return args[0]
+        if "device" in kwargs and _is_cuda_device(kwargs["device"]):
+            kwargs = {**kwargs, "device": "cpu"}
+        if func is torch.Tensor.to and len(args) > 1 and _is_cuda_device(args[1]):
+            args = (args[0], "cpu", *args[2:])
+        return func(*args, **kwargs)
+
+
+class CPURNGStatesTracker:
+    """CPU counterpart of megatron's ``CudaRNGStatesTracker``: named RNG streams on the CPU generator.
+
+    Same interface (``reset``, ``get_states``, ``set_states``, ``add``, ``fork``, ``is_initialized``), so
+    megatron's weight initialisation and dropout under ``get_cuda_rng_tracker().fork()`` draw from
+    per-TP-rank streams as they do on GPU.
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        self.reset()
+
+    def is_initialized(self) -> bool:
+        return self._is_initialized
+
+    def reset(self) -> None:
+        self._is_initialized = False
+        self.states_: dict[str, torch.Tensor] = {}
+        self.seeds_: set[int] = set()
+
+    def get_states(self) -> dict[str, torch.Tensor]:
+        return dict(self.states_)
+
+    def set_states(self, states: dict[str, torch.Tensor]) -> None:
+        self._is_initialized = True
+        self.states_ = dict(states)
+
+    def add(self, name: str, seed: int) -> None:
+        self._is_initialized = True
+        if seed in self.seeds_:
+            raise ValueError(f"seed {seed} already exists")
+        if name in self.states_:
+            raise ValueError(f"rng state {name} already exists")
+        self.seeds_.add(seed)
+        self.states_[name] = torch.Generator().manual_seed(seed).get_state()
+
+    @contextlib.contextmanager
+    def fork(self, name: str = "model-parallel-rng") -> Iterator[None]:
+        if name not in self.states_:
+            raise KeyError(f"rng state {name} is not added")
+        outer = torch.get_rng_state()
+        torch.set_rng_state(self.states_[name])
+        try:
+            yield
+        finally:
+            self.states_[name] = torch.get_rng_state()
+            torch.set_rng_state(outer)
+
+
+def _cpu_get_tensor(self, tensor_shape, dtype, name, mem_alloc_context=None):
+    """``GlobalMemoryBuffer.get_tensor`` with a CPU allocation (same reuse-by-name contract)."""
+    required = 1
+    for dim in tensor_shape:
+        required *= dim
+    buf = self.buffer.get((name, dtype))
+    if buf is None or buf.numel() < required:
+        buf = torch.empty(required, dtype=dtype, device="cpu")
+        self.buffer[(name, dtype)] = buf
+    return buf[:required].view(*tensor_shape)
+
+
+def enable_cpu_compat() -> None:
+    """Install the three shims (idempotent). Raises if CUDA is available: use the real code there."""
+    global _ENABLED, _MODE
+    if _ENABLED:
+        return
+    if torch.cuda.is_available():
+        raise RuntimeError("enable_cpu_compat() is for CPU-only processes; CUDA is available here")
+
+    from megatron.core import utils as mcore_utils
+    from megatron.core.tensor_parallel import random as mcore_random
+
+    tracker = CPURNGStatesTracker()
+
+    def initialize_rng_tracker(*args: Any, force_reset: bool = False, **kwargs: Any) -> None:
+        if force_reset or not isinstance(mcore_random._CUDA_RNG_STATE_TRACKER, CPURNGStatesTracker):
+            mcore_random._CUDA_RNG_STATE_TRACKER = tracker
+        mcore_random._CUDA_RNG_STATE_TRACKER_INITIALIZED = True
+
+    mcore_random.initialize_rng_tracker = initialize_rng_tracker
+    mcore_random.CudaRNGStatesTracker = CPURNGStatesTracker
+    initialize_rng_tracker()
+    mcore_utils.GlobalMemoryBuffer.get_tensor = _cpu_get_tensor
+
+    torch.cuda.current_device = lambda: 0
+    torch.cuda.synchronize = lambda device=None: None
+    _MODE = CudaToCpuMode()
+    _MODE.__enter__()
+    _ENABLED = True
+
+
+def cpu_compat_enabled() -> bool:
+    return _ENABLED
+
+
+def maybe_enable_cpu_compat() -> bool:
+    """Enable the CPU layer when CUDA is absent; return whether it is on."""
+    if not torch.cuda.is_available():
+        enable_cpu_compat()
+    return _ENABLED
