@@ -7,11 +7,13 @@ compatibility layer is switched on in each child when CUDA is absent, so real me
 
 from __future__ import annotations
 
+import io
 import os
 import socket
 import traceback
 from typing import Any, Callable
 
+import torch
 import torch.multiprocessing as mp
 
 
@@ -27,7 +29,6 @@ def _child(rank: int, world_size: int, port: int, tp: int | None, pp: int, fn: C
     )
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     try:
-        import torch
 
         torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
         from megatron_xopd.runtime import init_distributed
@@ -37,8 +38,9 @@ def _child(rank: int, world_size: int, port: int, tp: int | None, pp: int, fn: C
             from megatron_xopd.runtime import ParallelConfig, initialize_model_parallel
 
             initialize_model_parallel(ParallelConfig(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp))
-        result = fn(*args)
-        queue.put((rank, "ok", result))
+        buffer = io.BytesIO()
+        torch.save(fn(*args), buffer)  # bytes, not shared-memory handles that die with this process
+        queue.put((rank, "ok", buffer.getvalue()))
     except BaseException:  # noqa: BLE001 - the parent re-raises with the child's traceback
         queue.put((rank, "error", traceback.format_exc()))
     finally:
@@ -64,15 +66,24 @@ def run_distributed(
         ctx.Process(target=_child, args=(rank, world_size, port, tp, pp, fn, args, queue), daemon=False)
         for rank in range(world_size)
     ]
-    for proc in procs:
-        proc.start()
+    # Children inherit the environment at start: silence megatron's "Apex/TE not installed" notes there.
+    saved = os.environ.get("PYTHONWARNINGS")
+    os.environ["PYTHONWARNINGS"] = "ignore"
+    try:
+        for proc in procs:
+            proc.start()
+    finally:
+        if saved is None:
+            os.environ.pop("PYTHONWARNINGS")
+        else:
+            os.environ["PYTHONWARNINGS"] = saved
     results: dict[int, Any] = {}
     errors: list[str] = []
     try:
         for _ in range(world_size):
             rank, status, payload = queue.get(timeout=timeout_s)
             if status == "ok":
-                results[rank] = payload
+                results[rank] = torch.load(io.BytesIO(payload), weights_only=False)
             else:
                 errors.append(f"rank {rank} failed:\n{payload}")
                 break

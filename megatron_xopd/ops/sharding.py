@@ -70,3 +70,18 @@ def global_max(local_max: torch.Tensor, shard: VocabShard) -> tuple[torch.Tensor
     """
     m = shard.all_reduce(local_max.clone(), ReduceOp.MAX)
     return m, torch.where(torch.isfinite(local_max), local_max - m, torch.zeros_like(m))
+
+
+def local_columns(ids: torch.Tensor, shard: VocabShard) -> tuple[torch.Tensor, torch.Tensor]:
+    """Local column of each global id (clamped into the shard, so always a valid index) and whether it is ours."""
+    local = ids - shard.offset
+    owned = (local >= 0) & (local < shard.valid)
+    return local.clamp(0, max(shard.valid - 1, 0)), owned
+
+
+def check_token_ids(ids: torch.Tensor, shape: tuple[int, ...], name: str, vocab_size: int) -> None:
+    """Raise ``ValueError`` unless ``ids`` is an integer tensor of ``shape`` with values in [0, vocab_size)."""
+    if ids.dtype.is_floating_point or ids.dtype.is_complex or ids.dtype == torch.bool or tuple(ids.shape) != shape:
+        raise ValueError(f"{name} must be an integer tensor of shape {shape}, got {ids.dtype} {tuple(ids.shape)}")
+    if ids.numel() and (ids.min() < 0 or ids.max() >= vocab_size):
+        raise ValueError(f"{name} must be global token ids in [0, {vocab_size})")

@@ -1,0 +1,192 @@
+"""Forward + backward of the per-token reverse KL: our chunked path vs the naive full-vocabulary path.
+
+    python benchmarks/bench_divergence.py --tokens 2048 --vocab 151936 --json
+
+``--form logits`` (default) differentiates w.r.t. student logits [N, V] (``vocab_parallel_divergence`` vs
+``log_softmax`` + ``kl_div``); ``--form linear`` starts from hidden states and output-layer weights
+(``fused_linear_divergence`` vs building both full logits tensors first). TP = 1, float32.
+
+Peak memory is the memory above the inputs: on CPU each path runs in a fresh subprocess that reports its peak
+RSS (``VmHWM``, reset after the inputs are allocated) minus its RSS then; on CUDA it is
+``torch.cuda.max_memory_allocated`` minus the allocated memory after the inputs. Both peaks include the
+gradients, which both paths produce. Times are the median of ``--repeats`` runs after one warm-up run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+import torch
+import torch.nn.functional as F
+
+from megatron_xopd.ops import fused_linear_divergence, vocab_parallel_divergence
+
+_SAMPLE_ROWS = 16  # gradient rows compared between the paths
+
+
+def _status_kib(field: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise RuntimeError(f"{field} not in /proc/self/status")
+
+
+def _reset_peak_rss() -> bool:
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")  # resets VmHWM to the current RSS
+        return True
+    except OSError:
+        return False
+
+
+def _inputs(args: argparse.Namespace, device: torch.device) -> dict[str, torch.Tensor]:
+    gen = torch.Generator(device=device).manual_seed(0)
+
+    def randn(*shape: int, scale: float = 1.0) -> torch.Tensor:
+        return torch.randn(*shape, generator=gen, device=device).mul_(scale)
+
+    if args.form == "logits":
+        return {"student": randn(args.tokens, args.vocab, scale=2.0).requires_grad_(), "teacher": randn(
+            args.tokens, args.vocab, scale=2.0
+        )}
+    scale = args.hidden**-0.5 * 2.0  # logits of std ~2
+    return {
+        "h_s": randn(args.tokens, args.hidden).requires_grad_(),
+        "w_s": randn(args.vocab, args.hidden, scale=scale).requires_grad_(),
+        "h_t": randn(args.tokens, args.hidden),
+        "w_t": randn(args.vocab, args.hidden, scale=scale),
+    }
+
+
+def _naive_kl(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
+    log_q = F.log_softmax(student, dim=-1)
+    log_p = F.log_softmax(teacher, dim=-1)
+    # kl_div(input, target) = sum exp(target) (target - input) = KL(student || teacher) here.
+    return F.kl_div(log_p, log_q, reduction="none", log_target=True).sum(-1)
+
+
+def _step(path: str, args: argparse.Namespace, x: dict[str, torch.Tensor]) -> torch.Tensor:
+    if args.form == "logits":
+        if path == "fused":
+            return vocab_parallel_divergence(x["student"], x["teacher"], "reverse_kl", chunk_size=args.chunk_size)
+        return _naive_kl(x["student"], x["teacher"].detach())
+    if path == "fused":
+        return fused_linear_divergence(
+            x["h_s"], x["w_s"], x["h_t"], x["w_t"], "reverse_kl", chunk_size=args.chunk_size
+        )
+    with torch.no_grad():
+        teacher = x["h_t"] @ x["w_t"].t()
+    return _naive_kl(x["h_s"] @ x["w_s"].t(), teacher)
+
+
+def _run(path: str, args: argparse.Namespace, device: torch.device) -> dict:
+    """Time ``path`` and measure its peak memory above the inputs; keep its outputs for the comparison."""
+    x = _inputs(args, device)
+    params = [v for v in x.values() if v.requires_grad]
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        base = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+    else:
+        base = _status_kib("VmRSS") * 1024
+        if not _reset_peak_rss():
+            base = _status_kib("VmHWM") * 1024  # no reset: the peak so far is the inputs' own
+    times = []
+    for _ in range(args.repeats + 1):
+        for p in params:
+            p.grad = None
+        start = time.perf_counter()
+        value = _step(path, args, x)
+        value.sum().backward()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - start)
+    if device.type == "cuda":
+        peak = torch.cuda.max_memory_allocated() - base
+    else:
+        peak = _status_kib("VmHWM") * 1024 - base
+    rows = torch.linspace(0, args.tokens - 1, _SAMPLE_ROWS, device=device).long()
+    grads = [params[0].grad[rows]] + [p.grad[: _SAMPLE_ROWS * 64] for p in params[1:]]
+    return {
+        "peak_mb": peak / 2**20,
+        "s": statistics.median(times[1:]),
+        "value": value.detach().cpu(),
+        "grads": [g.cpu() for g in grads],
+    }
+
+
+def _run_in_subprocess(path: str, argv: list[str]) -> dict:
+    with tempfile.TemporaryDirectory() as tmp:
+        out = os.path.join(tmp, "result.pt")
+        subprocess.run([sys.executable, __file__, *argv, "--worker", path, "--out", out], check=True)
+        return torch.load(out)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--tokens", type=int, default=2048)
+    parser.add_argument("--vocab", type=int, default=151936)
+    parser.add_argument("--form", choices=["logits", "linear"], default="logits")
+    parser.add_argument("--hidden", type=int, default=1024, help="hidden size for --form linear")
+    parser.add_argument("--chunk-size", type=int, default=None, help="tokens per chunk (default: the ops' default)")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--json", action="store_true", help="print one JSON line")
+    parser.add_argument("--worker", choices=["fused", "naive"], help=argparse.SUPPRESS)
+    parser.add_argument("--out", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    device = torch.device(args.device)
+
+    if args.worker:
+        torch.save(_run(args.worker, args, device), args.out)
+        return
+    if device.type == "cpu":
+        argv = [a for a in sys.argv[1:] if a != "--json"]
+        fused, naive = (_run_in_subprocess(path, argv) for path in ("fused", "naive"))
+    else:
+        fused = _run("fused", args, device)
+        gc.collect()
+        torch.cuda.empty_cache()
+        naive = _run("naive", args, device)
+    from megatron_xopd.ops.divergence import DEFAULT_CHUNK_ELEMENTS
+
+    result = {
+        "tokens": args.tokens,
+        "vocab": args.vocab,
+        "form": args.form,
+        "device": str(device),
+        "chunk_size": args.chunk_size or max(1, DEFAULT_CHUNK_ELEMENTS // args.vocab),
+        "fused_peak_mb": round(fused["peak_mb"], 1),
+        "naive_peak_mb": round(naive["peak_mb"], 1),
+        "peak_ratio": round(fused["peak_mb"] / naive["peak_mb"], 3),
+        "fused_s": round(fused["s"], 4),
+        "naive_s": round(naive["s"], 4),
+        "time_ratio": round(fused["s"] / naive["s"], 3),
+        "max_abs_err": (fused["value"] - naive["value"]).abs().max().item(),
+        "max_abs_grad_err": max((a - b).abs().max().item() for a, b in zip(fused["grads"], naive["grads"])),
+    }
+    if args.form == "linear":
+        result["hidden"] = args.hidden
+    if device.type == "cuda" and args.form == "logits":
+        # Reverse KL reads both logits in the forward and again in the backward, and writes the gradient.
+        result["fused_gbps"] = round(5 * args.tokens * args.vocab * 4 / fused["s"] / 1e9, 1)
+    if args.json:
+        print(json.dumps(result))
+    else:
+        for key, value in result.items():
+            print(f"{key:>18}: {value}")
+
+
+if __name__ == "__main__":
+    main()

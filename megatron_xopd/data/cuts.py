@@ -1,0 +1,134 @@
+"""Paired speech/text prompts as a lhotse ``CutSet``.
+
+Conventions for a prompt cut (a ``MonoCut``):
+
+* **text prompt T**: ``cut.custom["text_prompt"]``, or else the text of the first supervision (so a plain
+  ASR-style manifest, whose transcript *is* the prompt, works unchanged);
+* **answer** (optional, kept for scoring only): ``cut.custom["answer"]``;
+* **speech prompt S**: the cut's audio (``cut.recording``), or cached encoder outputs in the custom
+  ``TemporalArray`` field ``encoder_features`` with shape ``[frames, dim]`` (``temporal_dim=0``), written e.g.
+  with ``cut.encoder_features = writer.store_array(cut.id, array, frame_shift=..., temporal_dim=0)``.
+  Cached encoder outputs are not acoustic input features, so lhotse's ``cut.features`` slot is left alone.
+
+A cut that cannot be used raises :class:`BadCutError`, which names the cut id and the field; the dataset
+either re-raises it or skips the cut and counts it in :class:`CutStats`.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from lhotse import CutSet
+from lhotse.audio.utils import AudioLoadingError, DurationMismatchError
+from lhotse.cut import Cut
+
+ENCODER_FEATURES_FIELD = "encoder_features"
+
+
+class BadCutError(ValueError):
+    """A cut that cannot be turned into a training example."""
+
+    def __init__(self, cut_id: str, field: str, reason: str) -> None:
+        super().__init__(f"cut {cut_id!r}, field {field!r}: {reason}")
+        self.cut_id = cut_id
+        self.field = field
+        self.reason = reason
+
+
+@dataclass
+class CutStats:
+    """Counts of cuts seen and skipped (by field); ``as_dict()`` gives scalars for a logger."""
+
+    seen: int = 0
+    skipped: Counter = field(default_factory=Counter)
+
+    def record_skip(self, error: BadCutError) -> None:
+        self.skipped[error.field] += 1
+
+    def update(self, other: CutStats) -> None:
+        """Add another stats object (e.g. the per-batch one carried out of a dataloader worker)."""
+        self.seen += other.seen
+        self.skipped.update(other.skipped)
+
+    def as_dict(self, prefix: str = "data/") -> dict[str, int]:
+        out = {f"{prefix}cuts_seen": self.seen, f"{prefix}cuts_skipped": sum(self.skipped.values())}
+        out.update({f"{prefix}skipped_{name}": count for name, count in sorted(self.skipped.items())})
+        return out
+
+
+def load_prompt_cuts(path_or_cfg: str | Path | Mapping[str, Any]) -> CutSet:
+    """Open a prompt ``CutSet`` lazily.
+
+    Accepts a path to a ``.jsonl``/``.jsonl.gz`` cut manifest or to a Lhotse Shar directory, or a config with
+    NeMo's keys: ``cuts_path`` (manifest), or ``shar_path`` (a Shar directory, or a mapping of field name to
+    shard list as in ``CutSet.from_shar(fields=...)``) with optional ``shuffle_shards`` and ``seed``.
+    """
+    if isinstance(path_or_cfg, Mapping):
+        cfg = dict(path_or_cfg)
+        if cfg.get("cuts_path"):
+            return CutSet.from_file(cfg["cuts_path"])
+        shar = cfg.get("shar_path")
+        if not shar:
+            raise ValueError(f"prompt data config needs 'cuts_path' or 'shar_path', got keys {sorted(cfg)}")
+        shard_opts = {"shuffle_shards": bool(cfg.get("shuffle_shards", False)), "seed": cfg.get("seed", 42)}
+        if isinstance(shar, Mapping):
+            return CutSet.from_shar(fields={k: list(v) for k, v in shar.items()}, **shard_opts)
+        return CutSet.from_shar(in_dir=shar, **shard_opts)
+    path = Path(path_or_cfg)
+    if path.is_dir():
+        return CutSet.from_shar(in_dir=path)
+    if not path.is_file():
+        raise FileNotFoundError(f"prompt manifest not found: {path}")
+    return CutSet.from_file(path)
+
+
+def text_prompt(cut: Cut) -> str:
+    """The text prompt T of a cut (see the module docstring); an empty one is a :class:`BadCutError`."""
+    custom = cut.custom or {}
+    if "text_prompt" in custom:
+        name, text = "text_prompt", custom["text_prompt"]
+    elif cut.supervisions:
+        name, text = "supervisions[0].text", cut.supervisions[0].text
+    else:
+        raise BadCutError(cut.id, "text_prompt", "no custom 'text_prompt' and no supervision to take it from")
+    if not isinstance(text, str) or not text.strip():
+        raise BadCutError(cut.id, name, f"empty prompt ({text!r})")
+    return text
+
+
+def answer(cut: Cut) -> str | None:
+    """The optional reference answer (``cut.custom["answer"]``)."""
+    value = (cut.custom or {}).get("answer")
+    return None if value is None else str(value)
+
+
+def load_audio(cut: Cut, sampling_rate: int = 16000) -> np.ndarray:
+    """Mono float32 audio ``[samples]`` at ``sampling_rate``; missing or undecodable audio is a :class:`BadCutError`."""
+    if not cut.has_recording:
+        raise BadCutError(cut.id, "recording", "cut has no recording (audio expected)")
+    for source in cut.recording.sources:
+        if source.type == "file" and not Path(source.source).is_file():
+            raise BadCutError(cut.id, "recording", f"audio file missing: {source.source}")
+    try:
+        audio = cut.resample(sampling_rate).load_audio()
+    except (AudioLoadingError, DurationMismatchError, OSError) as err:
+        raise BadCutError(cut.id, "recording", f"corrupt audio: {str(err).splitlines()[0]}") from err
+    return audio.mean(axis=0, dtype=np.float32)
+
+
+def load_encoder_features(cut: Cut) -> np.ndarray:
+    """Cached encoder outputs ``[frames, dim]`` from the ``encoder_features`` custom field."""
+    if not cut.has_custom(ENCODER_FEATURES_FIELD):
+        raise BadCutError(cut.id, ENCODER_FEATURES_FIELD, "cut has no cached encoder features")
+    try:
+        feats = cut.load_custom(ENCODER_FEATURES_FIELD)
+    except (OSError, ValueError) as err:
+        raise BadCutError(cut.id, ENCODER_FEATURES_FIELD, f"cannot load: {err}") from err
+    if feats.ndim != 2:
+        raise BadCutError(cut.id, ENCODER_FEATURES_FIELD, f"expected [frames, dim], got shape {feats.shape}")
+    return feats.astype(np.float32, copy=False)

@@ -1,0 +1,185 @@
+"""Batches of paired speech/text prompts, and their DP-sharded, resumable dataloader."""
+
+from __future__ import annotations
+
+import copy
+import logging
+from collections.abc import Iterator
+from typing import TYPE_CHECKING, Any, Literal
+
+import numpy as np
+import torch
+from lhotse import CutSet
+from lhotse.cut import Cut
+from lhotse.dataset import DynamicBucketingSampler
+from lhotse.dataset.collation import collate_matrices, collate_vectors
+from torch.utils.data import DataLoader
+
+from megatron_xopd.data.cuts import BadCutError, CutStats, answer, load_audio, load_encoder_features, text_prompt
+from megatron_xopd.data.tokenizer import format_prompt
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
+
+logger = logging.getLogger(__name__)
+
+
+class PairedPromptDataset(torch.utils.data.Dataset):
+    """Lhotse map-style dataset: a ``CutSet`` mini-batch in, a dict of prompts and padded speech out.
+
+    Keys of a batch of ``B`` usable cuts:
+
+    * ``cut_ids``: ``list[str]``; ``text_prompts``: ``list[str]``; ``answers``: ``list[str | None]``;
+    * ``text_prompt_ids`` / ``speech_prompt_ids``: ``list[list[int]]``, chat-formatted with a generation prompt;
+      the speech prompt holds the audio-locator token where the speech embeddings go;
+    * ``speech_input="audio"``: ``audio`` float32 ``[B, T]`` (16 kHz mono, zero-padded), ``audio_lens`` int64 ``[B]``;
+      ``speech_input="features"``: ``features`` float32 ``[B, F, D]`` and ``feature_lens`` int64 ``[B]``;
+    * ``stats``: the :class:`CutStats` of this batch (add them up in the training loop; this also works across
+      dataloader worker processes).
+
+    A bad cut (see :mod:`megatron_xopd.data.cuts`) raises with ``on_bad_cut="raise"``; with ``"skip"`` it is logged,
+    counted and left out, so a batch may be smaller than sampled, or empty (``B == 0``).
+    """
+
+    def __init__(
+        self,
+        tokenizer: PreTrainedTokenizerBase,
+        audio_locator: str = "<|audio|>",
+        max_prompt_tokens: int = 1024,
+        *,
+        speech_input: Literal["audio", "features"] = "audio",
+        sampling_rate: int = 16000,
+        on_bad_cut: Literal["skip", "raise"] = "skip",
+    ) -> None:
+        if speech_input not in ("audio", "features"):
+            raise ValueError(f"speech_input must be 'audio' or 'features', got {speech_input!r}")
+        if on_bad_cut not in ("skip", "raise"):
+            raise ValueError(f"on_bad_cut must be 'skip' or 'raise', got {on_bad_cut!r}")
+        self.tokenizer = tokenizer
+        self.audio_locator = audio_locator
+        self.max_prompt_tokens = max_prompt_tokens
+        self.speech_input = speech_input
+        self.sampling_rate = sampling_rate
+        self.on_bad_cut = on_bad_cut
+
+    def _example(self, cut: Cut) -> dict[str, Any]:
+        text = text_prompt(cut)
+        text_ids = format_prompt(self.tokenizer, text, audio=False, audio_locator=self.audio_locator)
+        if len(text_ids) > self.max_prompt_tokens:
+            too_long = f"prompt too long: {len(text_ids)} tokens > max_prompt_tokens={self.max_prompt_tokens}"
+            raise BadCutError(cut.id, "text_prompt", too_long)
+        speech_ids = format_prompt(self.tokenizer, text, audio=True, audio_locator=self.audio_locator)
+        if self.speech_input == "audio":
+            speech = load_audio(cut, self.sampling_rate)
+        else:
+            speech = load_encoder_features(cut)
+        return {"id": cut.id, "text": text, "text_ids": text_ids, "speech_ids": speech_ids, "speech": speech,
+                "answer": answer(cut)}
+
+    def __getitem__(self, cuts: CutSet) -> dict[str, Any]:
+        examples, stats = [], CutStats()
+        for cut in cuts:
+            stats.seen += 1
+            try:
+                examples.append(self._example(cut))
+            except BadCutError as err:
+                if self.on_bad_cut == "raise":
+                    raise
+                logger.warning("skipping bad cut: %s", err)
+                stats.record_skip(err)
+        key, lens_key = ("audio", "audio_lens") if self.speech_input == "audio" else ("features", "feature_lens")
+        speech, lens = _pad([ex["speech"] for ex in examples], self.speech_input)
+        return {
+            "cut_ids": [ex["id"] for ex in examples],
+            "text_prompts": [ex["text"] for ex in examples],
+            "text_prompt_ids": [ex["text_ids"] for ex in examples],
+            "speech_prompt_ids": [ex["speech_ids"] for ex in examples],
+            key: speech,
+            lens_key: lens,
+            "answers": [ex["answer"] for ex in examples],
+            "stats": stats,
+        }
+
+
+def _pad(arrays: list[np.ndarray], speech_input: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Zero-pad along time: ``[B, T]`` for audio, ``[B, F, D]`` for features; lengths ``[B]``."""
+    lens = torch.tensor([a.shape[0] for a in arrays], dtype=torch.long)
+    if not arrays:
+        return torch.zeros((0, 0) if speech_input == "audio" else (0, 0, 0)), lens
+    collate = collate_vectors if speech_input == "audio" else collate_matrices
+    return collate(arrays, padding_value=0.0), lens
+
+
+class PromptDataLoader:
+    """The batches of one data-parallel rank, with a resumable data position.
+
+    ``state_dict()`` is the lhotse sampler's, with the position set to the batches this loader has *yielded*:
+    with ``num_workers > 0`` the sampler runs ahead by the batches the workers prefetch, and those must be
+    sampled again after a restart. Call ``set_epoch(epoch)`` before each new epoch.
+    """
+
+    def __init__(self, dataset: PairedPromptDataset, sampler: DynamicBucketingSampler, num_workers: int = 0) -> None:
+        self.sampler = sampler
+        self._loader = DataLoader(dataset, sampler=sampler, batch_size=None, num_workers=num_workers)
+        self._consumed = 0
+        self._restored = False
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        if not self._restored:
+            self._consumed = 0
+        self._restored = False
+        for batch in self._loader:
+            self._consumed += 1
+            yield batch
+
+    def set_epoch(self, epoch: int) -> None:
+        self.sampler.set_epoch(epoch)
+
+    def state_dict(self) -> dict[str, Any]:
+        sd = self.sampler.state_dict()
+        diagnostics = sd["diagnostics"]
+        epoch_stats = diagnostics["stats_per_epoch"][diagnostics["current_epoch"]]
+        epoch_stats.update(kept_batches=self._consumed, discarded_batches=0)
+        return sd
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Restore a position; the next ``iter()`` continues right after the last batch yielded before saving."""
+        diagnostics = state_dict["diagnostics"]
+        self._consumed = diagnostics["stats_per_epoch"][diagnostics["current_epoch"]]["kept_batches"]
+        self.sampler.load_state_dict(copy.deepcopy(state_dict))  # lhotse pops the keys it reads
+        self._restored = True
+
+
+def build_dataloader(
+    cuts: CutSet,
+    dataset: PairedPromptDataset,
+    *,
+    max_duration: float | None = None,
+    max_cuts: int | None = None,
+    dp_rank: int = 0,
+    dp_world_size: int = 1,
+    seed: int = 0,
+    shuffle: bool = True,
+    num_buckets: int = 10,
+    num_workers: int = 0,
+) -> PromptDataLoader:
+    """A :class:`PromptDataLoader` over ``cuts``, bucketed by duration with lhotse's ``DynamicBucketingSampler``.
+
+    Batches are capped by total speech duration (``max_duration``, seconds) and/or count (``max_cuts``). Each
+    DP rank gets distinct batches (lhotse deals every ``dp_world_size``-th batch to each rank), all ranks draw
+    from the same duration bucket at each step, and every rank gets the same number of batches: at the end of an
+    epoch the last cuts are spread over the ranks, a few duplicated (id suffix ``_dup<n>``) if there are too few.
+    """
+    if max_duration is None and max_cuts is None:
+        raise ValueError("build_dataloader needs max_duration and/or max_cuts")
+    sampler = DynamicBucketingSampler(
+        cuts,
+        max_duration=max_duration,
+        max_cuts=max_cuts,
+        shuffle=shuffle,
+        seed=seed,
+        num_buckets=num_buckets,
+        world_size=dp_world_size,
+        rank=dp_rank,
+    )
+    return PromptDataLoader(dataset, sampler, num_workers=num_workers)

@@ -1,0 +1,59 @@
+"""Text prompts with checkable answers from ``reasoning-gym`` (procedural, offline), and their scorer."""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+
+def _reasoning_gym():
+    try:
+        import reasoning_gym
+    except ImportError as err:
+        raise RuntimeError("reasoning-gym prompts need the package: pip install reasoning-gym") from err
+    return reasoning_gym
+
+
+def generate_prompts(task_name: str, num: int, seed: int) -> list[dict[str, Any]]:
+    """``num`` entries of a reasoning-gym task as prompt records ``{"id", "prompt", "answer", "metadata"}``."""
+    dataset = _reasoning_gym().create_dataset(task_name, size=num, seed=seed)
+    return [
+        {"id": f"{task_name}-s{seed}-{index:06d}", "prompt": entry["question"], "answer": entry["answer"],
+         "metadata": entry["metadata"]}
+        for index, entry in enumerate(dataset)
+    ]
+
+
+def write_prompts_jsonl(records: list[dict[str, Any]], path: str | Path) -> None:
+    """Write prompt records as JSONL, atomically."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".tmp-{path.name}")
+    with open(tmp, "w", encoding="utf-8") as f:
+        for record in records:
+            f.write(json.dumps(record, default=str) + "\n")
+    os.replace(tmp, path)
+
+
+@functools.cache
+def _score_fn(task_name: str) -> Callable[[str | None, dict[str, Any]], float]:
+    return _reasoning_gym().get_score_answer_fn(task_name)
+
+
+def score_answer(task_name: str, entry: Mapping[str, Any], answer: str | None) -> float:
+    """Reward in [0, 1] of ``answer`` for a reasoning-gym ``entry`` (a record from :func:`generate_prompts`).
+
+    A completion that puts its answer in ``<answer>...</answer>`` tags is scored on the last tagged answer;
+    otherwise the whole (stripped) text is the answer.
+    """
+    if answer is not None:
+        from reasoning_gym.utils import extract_answer
+
+        tagged = extract_answer(answer)
+        answer = answer.strip() if tagged is None else tagged
+    full_entry = {"question": entry.get("prompt"), "metadata": {}, **entry}
+    return float(_score_fn(task_name)(answer, full_entry))

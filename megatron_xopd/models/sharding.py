@@ -1,0 +1,130 @@
+"""Move weights between a rank's model shard and the full, unsharded ("canonical") state dict.
+
+The canonical form uses megatron-core's parameter names with *global* layer numbers and the
+unpadded vocabulary (``cfg.vocab_size`` rows), i.e. what a TP=1/PP=1 model holds minus the padding.
+It is the meeting point of the HF converters, the parity tests and the exporters. Slicing follows the
+tensor-parallel attributes megatron sets on each parameter (``partition_dim``, ``partition_stride``:
+SwiGLU's ``linear_fc1`` has stride 2, so each rank holds its slice of gate and of up). For large models
+the converters write megatron ``dist_checkpointing`` checkpoints, which reshard at load time.
+"""
+
+from __future__ import annotations
+
+import re
+
+import torch
+import torch.distributed as dist
+from megatron.core import parallel_state
+from megatron.core.transformer.transformer_layer import get_transformer_layer_offset
+
+_LAYER = re.compile(r"^(decoder\.layers\.)(\d+)(\..*)$")
+_VOCAB_PARAMS = ("embedding.word_embeddings.weight", "output_layer.weight")
+
+
+def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
+    while hasattr(model, "module"):
+        model = model.module
+    return model
+
+
+# megatron's local (torch) spec keeps the pre-attention/pre-MLP norms as modules of their own; the Transformer
+# Engine spec fuses them into the following linear. Canonical names are the TE ones (those of GPU checkpoints).
+_LOCAL_NORMS = {
+    ".input_layernorm.weight": ".self_attention.linear_qkv.layer_norm_weight",
+    ".pre_mlp_layernorm.weight": ".mlp.linear_fc1.layer_norm_weight",
+}
+
+
+def local_to_global_name(model: torch.nn.Module, name: str) -> str:
+    """A rank's parameter name -> its canonical name: global layer number, TE-style fused norm names."""
+    match = _LAYER.match(name)
+    if match is None:
+        return name
+    config = _unwrap(model).config
+    offset = get_transformer_layer_offset(config, getattr(_unwrap(model), "vp_stage", None))
+    suffix = match.group(3)
+    for local, fused in _LOCAL_NORMS.items():
+        if suffix.endswith(local) and not (local.startswith(".pre_mlp") and config.num_moe_experts):
+            suffix = suffix[: -len(local)] + fused
+    return f"{match.group(1)}{int(match.group(2)) + offset}{suffix}"
+
+
+def _tp_slice(full: torch.Tensor, param: torch.Tensor, tp_rank: int, tp_size: int) -> torch.Tensor:
+    if not getattr(param, "tensor_model_parallel", False) or tp_size == 1:
+        return full
+    dim, stride = param.partition_dim, getattr(param, "partition_stride", 1)
+    chunks = full.chunk(stride * tp_size, dim=dim)
+    return torch.cat(chunks[tp_rank::tp_size], dim=dim)
+
+
+def _pad_vocab(full: torch.Tensor, rows: int) -> torch.Tensor:
+    if full.shape[0] > rows:
+        raise ValueError(f"vocabulary tensor has {full.shape[0]} rows, more than the padded size {rows}")
+    if full.shape[0] == rows:
+        return full
+    return torch.cat([full, full.new_zeros(rows - full.shape[0], *full.shape[1:])])
+
+
+@torch.no_grad()
+def load_canonical_state_dict(model: torch.nn.Module, full: dict[str, torch.Tensor], *, strict: bool = True) -> None:
+    """Copy this rank's slices of ``full`` (canonical form) into ``model``'s parameters and buffers."""
+    inner = _unwrap(model)
+    tp_rank = parallel_state.get_tensor_model_parallel_rank()
+    tp_size = parallel_state.get_tensor_model_parallel_world_size()
+    missing = []
+    for name, param in inner.named_parameters():
+        key = local_to_global_name(inner, name)
+        if key == "output_layer.weight" and key not in full and inner.share_embeddings_and_output_weights:
+            key = "embedding.word_embeddings.weight"  # tied: the last PP stage keeps its own copy
+        if key not in full:
+            missing.append(key)
+            continue
+        tensor = full[key]
+        if name.endswith(_VOCAB_PARAMS):
+            tensor = _pad_vocab(tensor, param.shape[0] * tp_size)
+        shard = _tp_slice(tensor, param, tp_rank, tp_size)
+        if shard.shape != param.shape:
+            raise ValueError(f"{key}: checkpoint shard {tuple(shard.shape)} does not fit parameter {tuple(param.shape)}")
+        param.copy_(shard)
+    if strict and missing:
+        raise KeyError(f"canonical state dict lacks {len(missing)} parameter(s), e.g. {missing[:5]}")
+
+
+@torch.no_grad()
+def gather_canonical_state_dict(
+    model: torch.nn.Module, vocab_size: int, *, grads: bool = False, dst_all: bool = True
+) -> dict[str, torch.Tensor]:
+    """The full canonical state dict (or gradients, with ``grads=True``), assembled over TP and PP.
+
+    Every rank receives it (an all-gather over TP, then over PP). This materialises the whole model on
+    each rank: for tests, exports and small models; large models export through ``dist_checkpointing``.
+    """
+    inner = _unwrap(model)
+    tp_size = parallel_state.get_tensor_model_parallel_world_size()
+    tp_group = parallel_state.get_tensor_model_parallel_group()
+    local: dict[str, torch.Tensor] = {}
+    for name, param in inner.named_parameters():
+        tensor = param.main_grad if grads and hasattr(param, "main_grad") else (param.grad if grads else param)
+        if tensor is None:
+            tensor = torch.zeros_like(param)
+        tensor = tensor.detach().contiguous()
+        if getattr(param, "tensor_model_parallel", False) and tp_size > 1:
+            parts = [torch.empty_like(tensor) for _ in range(tp_size)]
+            dist.all_gather(parts, tensor, group=tp_group)
+            stride = getattr(param, "partition_stride", 1)
+            per_rank = [p.chunk(stride, dim=param.partition_dim) for p in parts]
+            tensor = torch.cat([per_rank[r][k] for k in range(stride) for r in range(tp_size)], dim=param.partition_dim)
+        if name.endswith(_VOCAB_PARAMS):
+            tensor = tensor[:vocab_size]
+        if name == "output_layer.weight" and inner.share_embeddings_and_output_weights:
+            continue  # tied: the canonical form holds the embedding only
+        local[local_to_global_name(inner, name)] = tensor
+    if parallel_state.get_pipeline_model_parallel_world_size() > 1:
+        stages: list[dict[str, torch.Tensor] | None] = [None] * parallel_state.get_pipeline_model_parallel_world_size()
+        dist.all_gather_object(stages, local, group=parallel_state.get_pipeline_model_parallel_group())
+        merged: dict[str, torch.Tensor] = {}
+        for stage in stages:
+            for key, value in stage.items():
+                merged.setdefault(key, value)  # tied embeddings appear on first and last stage
+        local = merged
+    return local

@@ -1,0 +1,295 @@
+"""Per-token divergences between student and teacher logits sharded over the vocabulary (tensor parallelism).
+
+Tokens are processed in chunks. The forward pass keeps only per-token scalars (and reduces only those across
+ranks); the backward pass recomputes each chunk's probabilities from the saved inputs. See
+``docs/vocab-parallel-math.md`` for the math.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+import torch
+from torch.autograd.function import once_differentiable
+from torch.distributed import ProcessGroup
+
+from megatron_xopd.ops import kernels
+from megatron_xopd.ops.kernels import FORWARD_KL, JSD, KINDS, REVERSE_KL
+from megatron_xopd.ops.sharding import VocabShard, global_max, vocab_shard
+
+# Elements of one [chunk, V_local] float32 block (64 MiB); chunk_size defaults to this over V_local.
+DEFAULT_CHUNK_ELEMENTS = 1 << 24
+
+# A chunk loader maps rows (a slice or an index tensor) to (student, teacher) logits [c, V_valid].
+Loader = Callable[[slice | torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
+
+
+@dataclass(frozen=True)
+class _Spec:
+    kind: str  # after the beta endpoints are mapped to the KLs
+    beta: float
+    inv_temp: float
+    chunk_size: int
+    shard: VocabShard
+    dtype: torch.dtype  # compute dtype: float64 for float64 inputs, else float32
+
+
+def compute_dtype(*tensors: torch.Tensor) -> torch.dtype:
+    """float64 if any input is float64, else float32 (bf16/fp16 inputs are computed in float32)."""
+    return torch.float64 if any(x.dtype == torch.float64 for x in tensors) else torch.float32
+
+
+def check_common(temperature: float, chunk_size: int | None) -> None:
+    if not temperature > 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+    if chunk_size is not None and chunk_size < 1:
+        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+
+
+def effective_kind(kind: str, beta: float) -> str:
+    """Validate ``kind``/``beta``; JSD at beta = 0 is forward KL and at beta = 1 reverse KL."""
+    if kind not in KINDS:
+        raise ValueError(f"unknown divergence kind {kind!r}; expected one of {KINDS}")
+    if not 0.0 <= beta <= 1.0:
+        raise ValueError(f"beta must be in [0, 1], got {beta}")
+    if kind == JSD and beta == 0.0:
+        return FORWARD_KL
+    if kind == JSD and beta == 1.0:
+        return REVERSE_KL
+    return kind
+
+
+def selected_rows(mask: torch.Tensor | None, n: int, device: torch.device) -> torch.Tensor | None:
+    """Indices of the tokens that count, or ``None`` for all of them."""
+    if mask is None:
+        return None
+    if mask.shape != (n,) or mask.dtype != torch.bool:
+        raise ValueError(f"mask must be a bool tensor of shape ({n},), got {mask.dtype} {tuple(mask.shape)}")
+    return mask.to(device).nonzero().squeeze(1)
+
+
+def default_chunk_size(chunk_size: int | None, local_cols: int) -> int:
+    return chunk_size or max(1, DEFAULT_CHUNK_ELEMENTS // max(local_cols, 1))
+
+
+def row_chunks(n: int, rows: torch.Tensor | None, chunk_size: int) -> Iterator[tuple[slice, slice | torch.Tensor]]:
+    """Per chunk: its positions among the selected tokens, and its rows of the inputs."""
+    for start in range(0, n, chunk_size):
+        pos = slice(start, min(start + chunk_size, n))
+        yield pos, (pos if rows is None else rows[pos])
+
+
+def _forward(load: Loader, n: int, rows: torch.Tensor | None, spec: _Spec, device: torch.device):
+    """Divergence [n] of the selected tokens and the backward state [n, 3]: (lse_s, lse_t, stat)."""
+    shard, kind = spec.shard, spec.kind
+    stats = torch.zeros(n, 5, dtype=spec.dtype, device=device)
+    stats[:, :2] = -math.inf
+    if shard.valid:
+        for pos, idx in row_chunks(n, rows, spec.chunk_size):
+            stats[pos] = kernels.divergence_stats(*load(idx), spec.inv_temp, kind, spec.dtype)
+    m, shift = global_max(stats[:, :2], shard)
+    scale = shift.exp()
+    factors = torch.stack([scale[:, 0], scale[:, 1], scale[:, 0 if kind == REVERSE_KL else 1]], dim=1)
+    z_s, z_t, expect = shard.all_reduce(stats[:, 2:] * factors).unbind(1)
+    log_z_s, log_z_t = z_s.log(), z_t.log()
+    lse_s, lse_t = m[:, 0] + log_z_s, m[:, 1] + log_z_t
+    # lse_s - lse_t from small pieces: the KLs below cancel only differences of s and t, not their magnitudes.
+    lse_diff = (m[:, 0] - m[:, 1]) + (log_z_s - log_z_t)
+    if kind == REVERSE_KL:
+        value = stat = expect / z_s - lse_diff
+    elif kind == FORWARD_KL:
+        value, stat = expect / z_t + lse_diff, torch.zeros_like(expect)
+    else:
+        terms = torch.zeros(n, 2, dtype=spec.dtype, device=device)
+        if shard.valid:
+            for pos, idx in row_chunks(n, rows, spec.chunk_size):
+                terms[pos] = kernels.jsd_terms(*load(idx), spec.inv_temp, lse_s[pos], lse_t[pos], spec.beta, spec.dtype)
+        value, stat = shard.all_reduce(terms).unbind(1)
+    return value, torch.stack([lse_s, lse_t, stat], dim=1)
+
+
+def _chunk_grad(load: Loader, idx, pos: slice, state: torch.Tensor, gscale: torch.Tensor, spec: _Spec, out):
+    s, t = load(idx)
+    lse_s, lse_t, stat = state[pos].unbind(1)
+    kernels.divergence_grad(s, t, spec.inv_temp, lse_s, lse_t, stat, gscale[pos], spec.kind, spec.beta, out)
+
+
+def _scatter_rows(value: torch.Tensor, rows: torch.Tensor | None, n_total: int) -> torch.Tensor:
+    if rows is None:
+        return value
+    return value.new_zeros(n_total).index_copy_(0, rows, value)
+
+
+def _upstream(grad_out: torch.Tensor, rows: torch.Tensor | None, spec: _Spec) -> torch.Tensor:
+    """Upstream gradient of the selected tokens, times 1/temperature (the chain rule through s / T)."""
+    g = grad_out if rows is None else grad_out[rows]
+    return g.to(spec.dtype) * spec.inv_temp
+
+
+class _LogitsDivergence(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, student, teacher, rows, spec: _Spec):
+        n = student.shape[0] if rows is None else rows.numel()
+        valid = spec.shard.valid
+        value, state = _forward(_logits_loader(student, teacher, valid), n, rows, spec, student.device)
+        ctx.save_for_backward(student, teacher, rows, state)
+        ctx.spec = spec
+        return _scatter_rows(value, rows, student.shape[0])
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_out):
+        student, teacher, rows, state = ctx.saved_tensors
+        spec: _Spec = ctx.spec
+        valid = spec.shard.valid
+        grad = torch.zeros_like(student)
+        gscale = _upstream(grad_out, rows, spec)
+        load = _logits_loader(student, teacher, valid)
+        if valid:
+            for pos, idx in row_chunks(state.shape[0], rows, spec.chunk_size):
+                if rows is None:
+                    _chunk_grad(load, idx, pos, state, gscale, spec, grad[idx, :valid])
+                else:
+                    out = torch.empty(idx.numel(), valid, dtype=grad.dtype, device=grad.device)
+                    _chunk_grad(load, idx, pos, state, gscale, spec, out)
+                    grad[idx, :valid] = out
+        return grad, None, None, None
+
+
+def _logits_loader(student: torch.Tensor, teacher: torch.Tensor, valid: int) -> Loader:
+    return lambda idx: (student[idx, :valid], teacher[idx, :valid])
+
+
+def _check_logits(student: torch.Tensor, teacher: torch.Tensor) -> None:
+    if student.dim() != 2:
+        raise ValueError(f"student_logits must be [N, V_local] (flatten batch dims first), got {tuple(student.shape)}")
+    if teacher.shape != student.shape:
+        raise ValueError(
+            f"teacher_logits {tuple(teacher.shape)} and student_logits {tuple(student.shape)} must have the same "
+            "shape (the same tokens and the same vocabulary shard)"
+        )
+
+
+def vocab_parallel_divergence(
+    student_logits: torch.Tensor,
+    teacher_logits: torch.Tensor,
+    kind: str,
+    *,
+    beta: float = 0.5,
+    temperature: float = 1.0,
+    mask: torch.Tensor | None = None,
+    group: ProcessGroup | None = None,
+    chunk_size: int | None = None,
+    vocab_size: int | None = None,
+) -> torch.Tensor:
+    """Per-token divergence [N] between vocab-sharded student and teacher logits [N, V_local].
+
+    ``kind``: ``"reverse_kl"`` = KL(student || teacher), ``"forward_kl"`` = KL(teacher || student), or ``"jsd"``,
+    the generalised JSD with M = beta p_teacher + (1 - beta) p_student (beta = 0 is forward KL, 1 reverse KL).
+    Both logits are divided by ``temperature``. Tokens where ``mask`` [N] is False give 0 and no gradient.
+    Columns with global id >= ``vocab_size`` are padding and are ignored. ``group=None`` is Megatron's TP group
+    when initialised, else a single shard. Differentiable w.r.t. ``student_logits`` only; float32 output
+    (float64 for float64 inputs).
+    """
+    _check_logits(student_logits, teacher_logits)
+    check_common(temperature, chunk_size)
+    kind = effective_kind(kind, beta)
+    shard = vocab_shard(student_logits.shape[1], group, vocab_size)
+    rows = selected_rows(mask, student_logits.shape[0], student_logits.device)
+    spec = _Spec(
+        kind, beta, 1.0 / temperature, default_chunk_size(chunk_size, shard.valid), shard,
+        compute_dtype(student_logits, teacher_logits),
+    )
+    return _LogitsDivergence.apply(student_logits, teacher_logits, rows, spec)
+
+
+class _FusedLinearDivergence(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, student_hidden, student_weight, teacher_hidden, teacher_weight, rows, spec: _Spec):
+        n = student_hidden.shape[0] if rows is None else rows.numel()
+        load = _linear_loader(student_hidden, student_weight, teacher_hidden, teacher_weight, spec.shard.valid)
+        value, state = _forward(load, n, rows, spec, student_hidden.device)
+        ctx.save_for_backward(student_hidden, student_weight, teacher_hidden, teacher_weight, rows, state)
+        ctx.spec = spec
+        return _scatter_rows(value, rows, student_hidden.shape[0])
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_out):
+        h_s, w_s, h_t, w_t, rows, state = ctx.saved_tensors
+        spec: _Spec = ctx.spec
+        valid = spec.shard.valid
+        load = _linear_loader(h_s, w_s, h_t, w_t, valid)
+        gscale = _upstream(grad_out, rows, spec)
+        need_h, need_w = ctx.needs_input_grad[:2]
+        grad_h = torch.zeros_like(h_s) if need_h else None
+        # Low-precision weights accumulate their gradient over chunks in float32.
+        grad_w = torch.zeros_like(w_s, dtype=torch.promote_types(w_s.dtype, torch.float32)) if need_w else None
+        if valid:
+            for pos, idx in row_chunks(state.shape[0], rows, spec.chunk_size):
+                out = torch.empty(pos.stop - pos.start, valid, dtype=h_s.dtype, device=h_s.device)
+                _chunk_grad(load, idx, pos, state, gscale, spec, out)
+                if need_h:
+                    grad_h[idx] = out @ w_s[:valid]
+                if need_w and grad_w.dtype == out.dtype:
+                    grad_w[:valid].addmm_(out.t(), h_s[idx])
+                elif need_w:
+                    grad_w[:valid] += out.t() @ h_s[idx]
+        if need_h:
+            # The hidden state is replicated over the TP group: its gradient sums every shard's part.
+            spec.shard.all_reduce(grad_h)
+        return grad_h, None if grad_w is None else grad_w.to(w_s.dtype), None, None, None, None
+
+
+def _linear_loader(h_s, w_s, h_t, w_t, valid: int) -> Loader:
+    return lambda idx: (h_s[idx] @ w_s[:valid].t(), h_t[idx] @ w_t[:valid].t())
+
+
+def _check_linear(h_s: torch.Tensor, w_s: torch.Tensor, h_t: torch.Tensor, w_t: torch.Tensor) -> None:
+    for name, h, w in (("student", h_s, w_s), ("teacher", h_t, w_t)):
+        if h.dim() != 2 or w.dim() != 2 or h.shape[1] != w.shape[1] or h.dtype != w.dtype:
+            raise ValueError(
+                f"{name}_hidden [N, H] and {name}_weight [V_local, H] must match in H and dtype, got "
+                f"{tuple(h.shape)} {h.dtype} and {tuple(w.shape)} {w.dtype}"
+            )
+    if h_t.shape[0] != h_s.shape[0] or w_t.shape[0] != w_s.shape[0]:
+        raise ValueError(
+            f"student and teacher must have the same tokens and vocabulary shard: hidden {tuple(h_s.shape)} vs "
+            f"{tuple(h_t.shape)}, weight {tuple(w_s.shape)} vs {tuple(w_t.shape)}"
+        )
+
+
+def fused_linear_divergence(
+    student_hidden: torch.Tensor,
+    student_weight: torch.Tensor,
+    teacher_hidden: torch.Tensor,
+    teacher_weight: torch.Tensor,
+    kind: str,
+    *,
+    beta: float = 0.5,
+    temperature: float = 1.0,
+    mask: torch.Tensor | None = None,
+    group: ProcessGroup | None = None,
+    chunk_size: int | None = None,
+    vocab_size: int | None = None,
+) -> torch.Tensor:
+    """:func:`vocab_parallel_divergence` of the logits ``student_hidden @ student_weight.T`` and
+    ``teacher_hidden @ teacher_weight.T``, built chunk by chunk so no [N, V_local] logits outlive a chunk.
+
+    Hidden states are [N, H] (the teacher's width may differ) and weights are this rank's output-layer shards
+    [V_local, H]. Differentiable w.r.t. ``student_hidden`` (its gradient is summed over the TP group, the
+    hidden state being replicated there) and ``student_weight``.
+    """
+    _check_linear(student_hidden, student_weight, teacher_hidden, teacher_weight)
+    n = student_hidden.shape[0]
+    check_common(temperature, chunk_size)
+    kind = effective_kind(kind, beta)
+    shard = vocab_shard(student_weight.shape[0], group, vocab_size)
+    rows = selected_rows(mask, n, student_hidden.device)
+    spec = _Spec(
+        kind, beta, 1.0 / temperature, default_chunk_size(chunk_size, shard.valid), shard,
+        compute_dtype(student_hidden, student_weight, teacher_hidden, teacher_weight),
+    )
+    return _FusedLinearDivergence.apply(student_hidden, student_weight, teacher_hidden, teacher_weight, rows, spec)

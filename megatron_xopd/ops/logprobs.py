@@ -1,0 +1,105 @@
+"""Log-probabilities of target tokens (and the entropy) from logits sharded over the vocabulary."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch.autograd.function import once_differentiable
+from torch.distributed import ProcessGroup
+
+from megatron_xopd.ops.divergence import check_common, compute_dtype, default_chunk_size, row_chunks
+from megatron_xopd.ops.kernels import scaled
+from megatron_xopd.ops.sharding import VocabShard, check_token_ids, global_max, local_columns, vocab_shard
+
+
+@dataclass(frozen=True)
+class _Spec:
+    inv_temp: float
+    chunk_size: int
+    shard: VocabShard
+    dtype: torch.dtype
+    entropy: bool
+
+
+class _VocabParallelLogprobs(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, logits, targets, spec: _Spec):
+        shard, n = spec.shard, logits.shape[0]
+        maxes = torch.full((n, 1), -math.inf, dtype=spec.dtype, device=logits.device)
+        # Per token: sum exp(s - m), sum exp(s - m) (s - m) (for the entropy), and the target's logit.
+        sums = torch.zeros(n, 3, dtype=spec.dtype, device=logits.device)
+        if shard.valid:
+            for pos, _ in row_chunks(n, None, spec.chunk_size):
+                s = scaled(logits[pos, : shard.valid], spec.inv_temp, spec.dtype)
+                maxes[pos, 0] = m = s.amax(dim=1)
+                e = s - m[:, None]
+                if spec.entropy:
+                    sums[pos, 1] = torch.linalg.vecdot(e.exp(), e)
+                sums[pos, 0] = e.exp_().sum(dim=1)
+                local, owned = local_columns(targets[pos, None], shard)
+                sums[pos, 2] = s.gather(1, local).squeeze(1).masked_fill_(~owned.squeeze(1), 0.0)
+        m, shift = global_max(maxes, shard)
+        scale = shift.exp()
+        sums[:, 1:2] = scale * (sums[:, 1:2] + shift * sums[:, 0:1])
+        sums[:, 0:1] *= scale
+        z, expect, target_logit = shard.all_reduce(sums).unbind(1)
+        log_z = z.log()
+        lse = m[:, 0] + log_z
+        entropy = log_z - expect / z
+        ctx.save_for_backward(logits, targets, lse, entropy)
+        ctx.spec = spec
+        ctx.set_materialize_grads(False)
+        return target_logit - lse, entropy
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_logprob, grad_entropy):
+        logits, targets, lse, entropy = ctx.saved_tensors
+        spec: _Spec = ctx.spec
+        shard = spec.shard
+        grad = torch.zeros_like(logits)
+        if not shard.valid or (grad_logprob is None and grad_entropy is None):
+            return grad, None, None
+        zeros = torch.zeros_like(lse)
+        g_lp = zeros if grad_logprob is None else grad_logprob.to(spec.dtype)
+        g_h = zeros if grad_entropy is None else grad_entropy.to(spec.dtype)
+        for pos, _ in row_chunks(logits.shape[0], None, spec.chunk_size):
+            log_q = scaled(logits[pos, : shard.valid], spec.inv_temp, spec.dtype) - lse[pos, None]
+            # d logprob / ds = onehot - q;  d entropy / ds = -q (log q + H)
+            coef = g_lp[pos, None] + g_h[pos, None] * (log_q + entropy[pos, None])
+            w = log_q.exp_().mul_(coef).neg_()
+            local, owned = local_columns(targets[pos, None], shard)
+            w.scatter_add_(1, local, g_lp[pos, None].masked_fill(~owned, 0.0))
+            grad[pos, : shard.valid] = w.mul_(spec.inv_temp)
+        return grad, None, None
+
+
+def vocab_parallel_logprobs(
+    logits: torch.Tensor,
+    targets: torch.Tensor,
+    group: ProcessGroup | None = None,
+    *,
+    vocab_size: int | None = None,
+    temperature: float = 1.0,
+    return_entropy: bool = False,
+    chunk_size: int | None = None,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """Log-probability [N] of each target (global token id) under softmax(logits / temperature), from this rank's
+    vocabulary shard ``logits`` [N, V_local]; with ``return_entropy``, also the entropy [N] of that distribution.
+
+    Columns with global id >= ``vocab_size`` are padding and are ignored. ``group=None`` is Megatron's TP group
+    when initialised, else a single shard. Differentiable w.r.t. ``logits``; float32 output (float64 for
+    float64 logits).
+    """
+    if logits.dim() != 2:
+        raise ValueError(f"logits must be [N, V_local] (flatten batch dims first), got {tuple(logits.shape)}")
+    check_common(temperature, chunk_size)
+    shard = vocab_shard(logits.shape[1], group, vocab_size)
+    check_token_ids(targets, (logits.shape[0],), "targets", shard.vocab_size)
+    spec = _Spec(
+        1.0 / temperature, default_chunk_size(chunk_size, shard.valid), shard, compute_dtype(logits), return_entropy
+    )
+    logprobs, entropy = _VocabParallelLogprobs.apply(logits, targets.to(torch.int64), spec)
+    return (logprobs, entropy) if return_entropy else logprobs

@@ -1,0 +1,162 @@
+"""Divergence against a sparse teacher: its top-k token ids and log-probs, plus a tail bucket for the rest.
+
+Both distributions become k + 1 buckets per token: the teacher's ids I and the tail (every other token). The
+student's bucket log-probs come from its vocab-sharded logits; its tail is a log-sum-exp over the tokens not in
+I (never 1 - sum q_I, which cancels), with its own row max so a tiny tail stays exact.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch.autograd.function import once_differentiable
+from torch.distributed import ProcessGroup
+
+from megatron_xopd.ops.divergence import (
+    check_common,
+    compute_dtype,
+    default_chunk_size,
+    effective_kind,
+    row_chunks,
+    selected_rows,
+)
+from megatron_xopd.ops.kernels import FORWARD_KL, REVERSE_KL, log_mixture, scaled
+from megatron_xopd.ops.sharding import VocabShard, check_token_ids, global_max, local_columns, vocab_shard
+
+
+@dataclass(frozen=True)
+class _Spec:
+    inv_temp: float
+    chunk_size: int
+    shard: VocabShard
+    dtype: torch.dtype
+
+
+def _without_ids(s: torch.Tensor, local: torch.Tensor, owned: torch.Tensor) -> torch.Tensor:
+    """``s`` with this shard's columns of the ids set to -inf (the others, clamped indices, left alone)."""
+    fill = torch.full_like(local, math.inf, dtype=s.dtype).masked_fill_(owned, -math.inf)
+    return s.scatter_reduce(1, local, fill, "amin")
+
+
+class _TopkStudentLogprobs(torch.autograd.Function):
+    """Student log-probs [n, k + 1] of the teacher's ids and of the tail bucket, for the selected rows."""
+
+    @staticmethod
+    def forward(ctx, student, ids, rows, spec: _Spec):
+        shard = spec.shard
+        n, k = ids.shape
+        maxes = torch.full((n, 2), -math.inf, dtype=spec.dtype, device=student.device)
+        sums = torch.zeros(n, 2 + k, dtype=spec.dtype, device=student.device)  # Z, Z_tail, gathered logits
+        if shard.valid:
+            for pos, idx in row_chunks(n, rows, spec.chunk_size):
+                s = scaled(student[idx, : shard.valid], spec.inv_temp, spec.dtype)
+                local, owned = local_columns(ids[pos], shard)
+                tail = _without_ids(s, local, owned)
+                m, m_tail = s.amax(dim=1), tail.amax(dim=1)
+                maxes[pos] = torch.stack([m, m_tail], dim=1)
+                m_tail = torch.where(torch.isfinite(m_tail), m_tail, 0.0)  # every column here is one of the ids
+                sums[pos, 0] = (s - m[:, None]).exp_().sum(dim=1)
+                sums[pos, 1] = (tail - m_tail[:, None]).exp_().sum(dim=1)
+                sums[pos, 2:] = s.gather(1, local).masked_fill_(~owned, 0.0)
+        m, shift = global_max(maxes, shard)
+        sums[:, :2] *= shift.exp()
+        shard.all_reduce(sums)
+        lse = m[:, 0] + sums[:, 0].log()
+        lse_tail = m[:, 1] + sums[:, 1].log()
+        ctx.save_for_backward(student, ids, rows, lse, lse_tail)
+        ctx.spec = spec
+        return torch.cat([sums[:, 2:], lse_tail[:, None]], dim=1) - lse[:, None]
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_out):
+        student, ids, rows, lse, lse_tail = ctx.saved_tensors
+        spec: _Spec = ctx.spec
+        shard = spec.shard
+        grad = torch.zeros_like(student)
+        if not shard.valid:
+            return grad, None, None, None
+        g = grad_out.to(spec.dtype)
+        g_ids, g_tail, g_sum = g[:, :-1], g[:, -1], g.sum(dim=1)
+        for pos, idx in row_chunks(ids.shape[0], rows, spec.chunk_size):
+            s = scaled(student[idx, : shard.valid], spec.inv_temp, spec.dtype)
+            local, owned = local_columns(ids[pos], shard)
+            # d log q_i / ds_j = [j = i] - q_j;  d log q_tail / ds_j = [j not in I] q_j / q_tail - q_j
+            w = (_without_ids(s, local, owned) - lse_tail[pos, None]).exp_().mul_(g_tail[pos, None])
+            w -= (s - lse[pos, None]).exp_().mul_(g_sum[pos, None])
+            w.scatter_add_(1, local, g_ids[pos].masked_fill(~owned, 0.0))
+            grad[idx, : shard.valid] = w.mul_(spec.inv_temp)
+        return grad, None, None, None
+
+
+def bucket_divergence(log_q: torch.Tensor, log_p: torch.Tensor, kind: str, beta: float) -> torch.Tensor:
+    """Divergence over the last dim between two (small) distributions given as log-probs; differentiable."""
+    if kind == REVERSE_KL:
+        return (log_q.exp() * (log_q - log_p)).sum(dim=-1)
+    if kind == FORWARD_KL:
+        return (log_p.exp() * (log_p - log_q)).sum(dim=-1)
+    log_m = log_mixture(log_q, log_p, beta)
+    return (beta * log_p.exp() * (log_p - log_m) + (1.0 - beta) * log_q.exp() * (log_q - log_m)).sum(dim=-1)
+
+
+def teacher_buckets(teacher_topk_logprobs: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Teacher log-probs [n, k + 1]: the top-k and log(1 - sum p_I), the tail floored at float32's smallest
+    normal number so that rounding (top-k mass >= 1) cannot make a reverse KL or JSD infinite."""
+    log_p = teacher_topk_logprobs.to(dtype)
+    tail = (-torch.expm1(torch.logsumexp(log_p, dim=1))).clamp_min(torch.finfo(torch.float32).tiny)
+    return torch.cat([log_p, tail.log()[:, None]], dim=1)
+
+
+def vocab_parallel_topk_divergence(
+    student_logits: torch.Tensor,
+    teacher_topk_ids: torch.Tensor,
+    teacher_topk_logprobs: torch.Tensor,
+    *,
+    kind: str = "forward_kl",
+    beta: float = 0.5,
+    temperature: float = 1.0,
+    mask: torch.Tensor | None = None,
+    group: ProcessGroup | None = None,
+    chunk_size: int | None = None,
+    vocab_size: int | None = None,
+) -> torch.Tensor:
+    """Per-token divergence [N] between the student (vocab-sharded logits [N, V_local]) and a sparse teacher.
+
+    The teacher gives, per token, ``k`` distinct global ids [N, k] and their log-probs [N, k] (already at the
+    teacher's temperature; ``temperature`` divides the student's logits only). Both sides are compared as
+    k + 1 buckets: the ids and the tail of all other tokens. ``kind``/``beta`` are as in
+    :func:`~megatron_xopd.ops.vocab_parallel_divergence` (``"forward_kl"``, the usual choice, is
+    sum_I p_i log(p_i / q_i) + p_tail log(p_tail / q_tail)). ``mask``, ``group``, ``chunk_size`` and
+    ``vocab_size`` are as there too. Differentiable w.r.t. ``student_logits``.
+    """
+    if student_logits.dim() != 2:
+        raise ValueError(f"student_logits must be [N, V_local], got {tuple(student_logits.shape)}")
+    n = student_logits.shape[0]
+    if teacher_topk_ids.dim() != 2 or teacher_topk_ids.shape[0] != n or teacher_topk_ids.shape[1] < 1:
+        raise ValueError(f"teacher_topk_ids must be [{n}, k] with k >= 1, got {tuple(teacher_topk_ids.shape)}")
+    if teacher_topk_logprobs.shape != teacher_topk_ids.shape or not teacher_topk_logprobs.is_floating_point():
+        raise ValueError(
+            f"teacher_topk_logprobs must be a float tensor shaped like teacher_topk_ids "
+            f"{tuple(teacher_topk_ids.shape)}, got {teacher_topk_logprobs.dtype} {tuple(teacher_topk_logprobs.shape)}"
+        )
+    check_common(temperature, chunk_size)
+    kind = effective_kind(kind, beta)
+    shard = vocab_shard(student_logits.shape[1], group, vocab_size)
+    k = teacher_topk_ids.shape[1]
+    if k >= shard.vocab_size:
+        raise ValueError(f"top-k must leave a tail: k={k} >= vocab_size={shard.vocab_size}")
+    rows = selected_rows(mask, n, student_logits.device)
+    ids = teacher_topk_ids if rows is None else teacher_topk_ids[rows]
+    log_p = teacher_topk_logprobs if rows is None else teacher_topk_logprobs[rows]
+    check_token_ids(ids, tuple(ids.shape), "teacher_topk_ids", shard.vocab_size)
+    ids = ids.to(torch.int64)
+    ordered = ids.sort(dim=1).values
+    if (ordered[:, 1:] == ordered[:, :-1]).any():
+        raise ValueError("teacher_topk_ids must be distinct within each token")
+    dtype = compute_dtype(student_logits, teacher_topk_logprobs)
+    spec = _Spec(1.0 / temperature, default_chunk_size(chunk_size, shard.valid), shard, dtype)
+    log_q = _TopkStudentLogprobs.apply(student_logits, ids, rows, spec)
+    value = bucket_divergence(log_q, teacher_buckets(log_p, dtype), kind, beta)
+    return value if rows is None else value.new_zeros(n).index_put((rows,), value)

@@ -1,0 +1,77 @@
+"""Runtime: launcher environments, seeding, and the CPU compatibility layer (real megatron code, no mocks)."""
+
+import pytest
+import torch
+
+from megatron_xopd.runtime import read_dist_env
+from megatron_xopd.runtime.distributed import first_host_in_nodelist
+from megatron_xopd.testing import run_distributed
+
+
+def test_torchrun_env_wins_over_slurm():
+    env = read_dist_env({"RANK": "3", "WORLD_SIZE": "8", "LOCAL_RANK": "1", "MASTER_ADDR": "h", "SLURM_PROCID": "0",
+                         "SLURM_NTASKS": "2"})
+    assert (env.rank, env.world_size, env.local_rank, env.master_addr, env.launcher) == (3, 8, 1, "h", "torchrun")
+
+
+def test_slurm_env_gives_ranks_and_first_node_as_master():
+    env = read_dist_env({"SLURM_PROCID": "5", "SLURM_NTASKS": "16", "SLURM_LOCALID": "1",
+                         "SLURM_JOB_NODELIST": "gpu[003-005,009],cpu1", "MASTER_PORT": "1234"})
+    assert (env.rank, env.world_size, env.local_rank, env.master_addr, env.master_port, env.launcher) == (
+        5, 16, 1, "gpu003", 1234, "slurm")
+
+
+@pytest.mark.parametrize("nodelist,host", [("n1", "n1"), ("a[10-12]", "a10"), ("x-y[7,9]", "x-y7"), ("p1,p2", "p1")])
+def test_first_host_in_nodelist(nodelist, host):
+    assert first_host_in_nodelist(nodelist) == host
+
+
+def test_no_launcher_is_single_process():
+    assert read_dist_env({}).world_size == 1
+
+
+def _compat_checks() -> dict:
+    from megatron.core import parallel_state
+    from megatron.core.tensor_parallel.random import get_cuda_rng_tracker
+    from megatron.core.utils import GlobalMemoryBuffer
+
+    from megatron_xopd.runtime import cpu_compat_enabled, set_seed
+
+    set_seed(7)
+    tracker = get_cuda_rng_tracker()
+    outer_before = torch.get_rng_state()
+    with tracker.fork():
+        tp_draw = torch.rand(3)
+    with tracker.fork():
+        tp_draw_next = torch.rand(3)
+    buf = GlobalMemoryBuffer().get_tensor((2, 3), torch.float32, "x")
+    return {
+        "enabled": cpu_compat_enabled(),
+        "outer_untouched": torch.equal(outer_before, torch.get_rng_state()),
+        "tp_draw": tp_draw,
+        "stream_advances": not torch.equal(tp_draw, tp_draw_next),
+        "cuda_zeros_device": torch.zeros(2, device="cuda").device.type,
+        "int_device": torch.ones(1, device=torch.cuda.current_device()).device.type,
+        "buffer": (buf.shape, buf.device.type),
+        "tp_rank": parallel_state.get_tensor_model_parallel_rank(),
+    }
+
+
+@pytest.mark.parity
+def test_cpu_compat_layer_on_two_tp_ranks():
+    a, b = run_distributed(_compat_checks, 2, tp=2)
+    for r in (a, b):
+        assert r["enabled"] and r["outer_untouched"] and r["stream_advances"]
+        assert r["cuda_zeros_device"] == "cpu" and r["int_device"] == "cpu"
+        assert r["buffer"] == (torch.Size([2, 3]), "cpu")
+    # megatron's model-parallel stream is seeded by the TP rank: distinct across TP ranks.
+    assert not torch.equal(a["tp_draw"], b["tp_draw"])
+
+
+def test_cpu_compat_refuses_cuda(monkeypatch):
+    from megatron_xopd.runtime import cpu_compat
+
+    monkeypatch.setattr(cpu_compat, "_ENABLED", False)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    with pytest.raises(RuntimeError, match="CUDA is available"):
+        cpu_compat.enable_cpu_compat()
