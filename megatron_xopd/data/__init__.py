@@ -1,0 +1,1 @@
+"""Paired speech/text prompt data: lhotse CutSets, tokenizers and prompt formats, batching, synthesis."""

