@@ -39,3 +39,31 @@ def token_batch(batch: int = 2, seq: int = 9, vocab: int = VOCAB, seed: int = 0)
     ids = torch.randint(0, vocab, (batch, seq), generator=gen)
     pos = torch.arange(seq).unsqueeze(0).expand(batch, -1)
     return ids, pos
+
+
+def canonical_weights(cfg: GPTModelConfig, seed: int) -> dict[str, torch.Tensor]:
+    """Random full weights of ``cfg`` in the canonical form, the same on every rank for a given seed."""
+    g = torch.Generator().manual_seed(seed)
+    h, f, heads, groups, d = cfg.hidden_size, cfg.ffn_hidden_size, cfg.num_attention_heads, cfg.num_query_groups, cfg.head_dim
+
+    def rand(*shape, scale=0.05):
+        return torch.randn(*shape, generator=g) * scale
+
+    weights = {"embedding.word_embeddings.weight": rand(cfg.vocab_size, h, scale=0.5),
+               "decoder.final_layernorm.weight": 1 + rand(h, scale=0.1)}
+    if not cfg.tie_word_embeddings:
+        weights["output_layer.weight"] = rand(cfg.vocab_size, h, scale=0.2)
+    for i in range(cfg.num_layers):
+        p = f"decoder.layers.{i}."
+        weights[p + "self_attention.linear_qkv.layer_norm_weight"] = 1 + rand(h, scale=0.1)
+        weights[p + "self_attention.linear_qkv.weight"] = rand((heads + 2 * groups) * d, h)
+        if cfg.add_qkv_bias:
+            weights[p + "self_attention.linear_qkv.bias"] = rand((heads + 2 * groups) * d)
+        if cfg.qk_layernorm:
+            weights[p + "self_attention.q_layernorm.weight"] = 1 + rand(d, scale=0.1)
+            weights[p + "self_attention.k_layernorm.weight"] = 1 + rand(d, scale=0.1)
+        weights[p + "self_attention.linear_proj.weight"] = rand(h, heads * d)
+        weights[p + "mlp.linear_fc1.layer_norm_weight"] = 1 + rand(h, scale=0.1)
+        weights[p + "mlp.linear_fc1.weight"] = rand(2 * f, h)
+        weights[p + "mlp.linear_fc2.weight"] = rand(h, f)
+    return weights

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from megatron_xopd.testing import run_distributed
-from tests._models import VOCAB, tiny_gpt_config, tiny_perception_config, token_batch
+from tests._models import VOCAB, canonical_weights, tiny_gpt_config, tiny_perception_config, token_batch
 
 
 def _loss_weights(shape) -> torch.Tensor:
@@ -72,7 +72,7 @@ def _pipeline_losses(pp: int) -> tuple[list[float], dict]:
     set_seed(0)
     micro_batches = [token_batch(seed=s) for s in range(3)]
 
-    full = _full_weights(cfg)
+    full = canonical_weights(cfg, seed=0)
     model = build_gpt_model(cfg)
     from megatron_xopd.models import load_canonical_state_dict
 
@@ -99,27 +99,6 @@ def _pipeline_losses(pp: int) -> tuple[list[float], dict]:
     )
     values = [float(d["loss"]) for d in losses] if parallel_state.is_pipeline_last_stage() else []
     return values, gather_canonical_state_dict(model, VOCAB, grads=True)
-
-
-def _full_weights(cfg) -> dict:
-    """A full model's canonical weights, identical on every rank (built on a PP=1 layout from one seed)."""
-    g = torch.Generator().manual_seed(0)
-    from megatron_xopd.models.gpt import build_gpt_model  # noqa: F401 - shapes come from names below
-
-    h, f, heads, groups = cfg.hidden_size, cfg.ffn_hidden_size, cfg.num_attention_heads, cfg.num_query_groups
-    d = h // heads
-    weights = {"embedding.word_embeddings.weight": torch.randn(VOCAB, h, generator=g) * 0.02,
-               "decoder.final_layernorm.weight": 1 + 0.1 * torch.randn(h, generator=g),
-               "output_layer.weight": torch.randn(VOCAB, h, generator=g) * 0.02}
-    for i in range(cfg.num_layers):
-        p = f"decoder.layers.{i}."
-        weights[p + "self_attention.linear_qkv.layer_norm_weight"] = 1 + 0.1 * torch.randn(h, generator=g)
-        weights[p + "self_attention.linear_qkv.weight"] = torch.randn((heads + 2 * groups) * d, h, generator=g) * 0.05
-        weights[p + "self_attention.linear_proj.weight"] = torch.randn(h, heads * d, generator=g) * 0.05
-        weights[p + "mlp.linear_fc1.layer_norm_weight"] = 1 + 0.1 * torch.randn(h, generator=g)
-        weights[p + "mlp.linear_fc1.weight"] = torch.randn(2 * f, h, generator=g) * 0.05
-        weights[p + "mlp.linear_fc2.weight"] = torch.randn(h, f, generator=g) * 0.05
-    return weights
 
 
 @pytest.mark.parity

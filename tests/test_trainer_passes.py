@@ -1,0 +1,169 @@
+"""The teacher and training passes of a step against a hand computation of the X-OPD formulas, and TP/PP parity.
+
+Rollouts are fixed here (the rollout module is tested on its own): two text-prompted and two speech-prompted
+responses. The reference computes log-softmax over the full vocabulary, one sequence at a time, in a single
+process, and differentiates -(lam * L_im + (1 - lam) * L_cm) with plain autograd.
+"""
+
+import pytest
+import torch
+
+from megatron_xopd.algo import CROSS_MODAL, IN_MODAL, XOPDConfig
+from megatron_xopd.testing import run_distributed
+from tests._models import VOCAB, canonical_weights, tiny_gpt_config, tiny_perception_config
+
+LOCATOR = VOCAB
+LENGTHS = [3, 5, 2, 4]
+MODALITY = [IN_MODAL, CROSS_MODAL, IN_MODAL, CROSS_MODAL]
+
+
+def _configs():
+    student = tiny_gpt_config(vocab_size=VOCAB + 1, text_vocab_size=VOCAB, padded_vocab_size=512)
+    teacher = tiny_gpt_config(padded_vocab_size=512)
+    return student, teacher
+
+
+def _models():
+    from megatron_xopd.models import SpeechStudent, build_teacher, load_canonical_state_dict
+    from megatron_xopd.runtime import set_seed
+
+    set_seed(0)
+    student_cfg, teacher_cfg = _configs()
+    student = SpeechStudent(student_cfg, tiny_perception_config(), LOCATOR)
+    load_canonical_state_dict(student.language_model, canonical_weights(student_cfg, seed=1))
+    teacher = build_teacher(teacher_cfg, student_cfg)
+    load_canonical_state_dict(teacher, canonical_weights(teacher_cfg, seed=2))
+    if student.perception is not None:
+        g = torch.Generator().manual_seed(3)
+        with torch.no_grad():
+            student.perception.proj.weight.copy_(torch.randn(64, 16, generator=g) * 0.3)
+            student.perception.proj.bias.zero_()
+    return student, teacher
+
+
+def _rollouts(student):
+    from megatron_xopd.models import expand_audio_locators
+    from megatron_xopd.trainer.passes import Rollouts
+
+    g = torch.Generator().manual_seed(4)
+    text_prompts = [[5, 6, 7], [9, 10, 11, 12, 13], [20, 21], [30, 31, 32, 33]]
+    frames = [4, 2]
+    features = torch.randn(2, 4, 16, generator=g)
+    embeds = student.embed_audio(features, torch.tensor(frames)) if student.perception is not None else [None, None]
+    speech = [expand_audio_locators([1, LOCATOR, 2], n, LOCATOR) for n in frames]
+    student_prompts, audio, k = [], [], 0
+    for j, m in enumerate(MODALITY):
+        if m == IN_MODAL:
+            student_prompts.append(text_prompts[j])
+            audio.append(None)
+        else:
+            student_prompts.append(speech[k])
+            audio.append(embeds[k].detach() if embeds[k] is not None else None)
+            k += 1
+    lengths = torch.tensor(LENGTHS)
+    responses = torch.randint(0, VOCAB, (4, 5), generator=g) * (torch.arange(5) < lengths.unsqueeze(1))
+    old = -3.0 - torch.rand(4, 5, generator=g)
+    old = old * (torch.arange(5) < lengths.unsqueeze(1))
+    return Rollouts(
+        modality=torch.tensor(MODALITY), prompt_index=torch.arange(4), student_prompts=student_prompts,
+        teacher_prompts=text_prompts, responses=responses, lengths=lengths, old_logprobs=old, audio_embeds=audio,
+    )
+
+
+def _hand_reference(lam: float, loss_kind: str):
+    """Single process, full vocabulary, the formulas written out."""
+    import torch.nn.functional as F
+
+    from megatron_xopd.models import gather_canonical_state_dict
+
+    student, teacher = _models()
+    r = _rollouts(student)
+    per_modality = {IN_MODAL: [], CROSS_MODAL: []}
+    teacher_lp = torch.zeros(4, 5)
+    for j in range(4):
+        n = LENGTHS[j]
+        resp = r.responses[j, :n]
+
+        def logprobs(model, prompt, **kw):
+            ids = torch.tensor([prompt + resp.tolist()])
+            logits = model(ids, torch.arange(ids.shape[1]).unsqueeze(0), None, **kw)[0, :, :VOCAB].float()
+            return F.log_softmax(logits[len(prompt) - 1 : len(prompt) - 1 + n], dim=-1)
+
+        t_lp = logprobs(teacher, r.teacher_prompts[j]).detach()
+        kw = {"audio_embeds": r.audio_embeds[j]} if r.audio_embeds[j] is not None else {}
+        s_lp = logprobs(student, r.student_prompts[j], **kw)
+        teacher_lp[j, :n] = t_lp.gather(1, resp.unsqueeze(1)).squeeze(1)
+        if loss_kind == "sampled_token":
+            new = s_lp.gather(1, resp.unsqueeze(1)).squeeze(1)
+            old = r.old_logprobs[j, :n]
+            adv = teacher_lp[j, :n] - old
+            per_modality[MODALITY[j]].append((torch.exp(new - old) * adv).sum() / n)
+        else:  # reverse KL(student || teacher), per token, full vocabulary
+            kl = (s_lp.exp() * (s_lp - t_lp)).sum(-1)
+            per_modality[MODALITY[j]].append(-kl.sum() / n)  # as an objective
+    objective = sum(w * torch.stack(per_modality[m]).mean() for m, w in ((IN_MODAL, lam), (CROSS_MODAL, 1 - lam)) if w > 0)
+    (-objective).backward()
+    return float(-objective), gather_canonical_state_dict(student.language_model, VOCAB + 1, grads=True), teacher_lp
+
+
+def _pipeline(lam: float, loss_kind: str, micro_batch_size: int):
+    from megatron.core import parallel_state
+
+    from megatron_xopd.models import gather_canonical_state_dict
+    from megatron_xopd.trainer.build import wrap_ddp
+    from megatron_xopd.trainer.passes import TrainStats, score_with_teacher, train_pass
+    from megatron_xopd.algo import rollout_weights
+
+    student, teacher = _models()
+    r = _rollouts(student)
+    cfg = XOPDConfig(lam=lam, loss=loss_kind)
+    ddp = wrap_ddp(student)
+    score_with_teacher(teacher, r, micro_batch_size, VOCAB, keep_logits=loss_kind != "sampled_token")
+    counts = {m: float((r.modality == m).sum()) for m in (IN_MODAL, CROSS_MODAL)}
+    tokens = {m: float(r.lengths[r.modality == m].sum()) for m in (IN_MODAL, CROSS_MODAL)}
+    r.weights = rollout_weights(r.lengths, r.modality, cfg, global_rollouts=counts, global_tokens=tokens)
+    stats = TrainStats()
+    ddp.zero_grad_buffer()
+    train_pass(ddp, r, torch.arange(4), cfg, micro_batch_size, VOCAB, stats)
+    grads = gather_canonical_state_dict(student.language_model, VOCAB + 1, grads=True)
+    last = parallel_state.is_pipeline_last_stage()
+    return (stats.loss if last else None), grads, (r.teacher_logprobs if last else None), stats.objective
+
+
+def _assert_matches(result, reference):
+    loss, grads, teacher_lp, _ = result
+    ref_loss, ref_grads, ref_teacher_lp = reference
+    assert loss == pytest.approx(ref_loss, rel=1e-5, abs=1e-6)
+    torch.testing.assert_close(teacher_lp, ref_teacher_lp, atol=1e-5, rtol=0)
+    assert grads.keys() == ref_grads.keys()
+    nonzero = 0
+    for key in ref_grads:
+        torch.testing.assert_close(grads[key], ref_grads[key], atol=1e-5, rtol=1e-4, msg=key)
+        nonzero += bool(ref_grads[key].abs().sum() > 0)
+    assert nonzero > len(ref_grads) // 2
+
+
+@pytest.mark.parity
+@pytest.mark.parametrize("lam,loss_kind", [(0.5, "sampled_token"), (0.0, "sampled_token"), (1.0, "sampled_token"),
+                                           (0.5, "reverse_kl")])
+def test_step_loss_and_gradient_equal_hand_computation_tp1(lam, loss_kind):
+    reference = run_distributed(_hand_reference, 1, lam, loss_kind, tp=1)[0]
+    # micro-batches of 3 rows: two micro-batches, the second padded with a zero-weight row
+    result = run_distributed(_pipeline, 1, lam, loss_kind, 3, tp=1)[0]
+    _assert_matches(result, reference)
+    objective = result[3]
+    if lam == 1.0:
+        assert objective[CROSS_MODAL] == 0.0 and objective[IN_MODAL] != 0.0
+    if lam == 0.0:
+        assert objective[IN_MODAL] == 0.0 and objective[CROSS_MODAL] != 0.0
+
+
+@pytest.mark.parity
+def test_step_at_tp2_and_pp2_equals_tp1():
+    reference = run_distributed(_hand_reference, 1, 0.5, "sampled_token", tp=1)[0]
+    for layout in ({"tp": 2}, {"tp": 1, "pp": 2}):
+        results = run_distributed(_pipeline, 2, 0.5, "sampled_token", 2, **layout)
+        last = results[-1]
+        if "pp" in layout:  # gradients of both stages are gathered on every rank
+            assert results[0][0] is None
+        _assert_matches(last, reference)
