@@ -39,32 +39,28 @@ def resolve_path(spec: str) -> Path:
 
 def llm_config(section: LLMSection, where: str) -> GPTModelConfig:
     """The architecture from the checkpoint it comes with, updated by the fields given inline."""
-    from ..convert.hf import hf_config_to_model_config
+    from ..convert.checkpoint import load_model_config
+    from ..convert.hf import HFCheckpoint, hf_config_to_model_config
 
     if section.hf_path:
-        import json
-
-        base = hf_config_to_model_config(json.loads((resolve_path(section.hf_path) / "config.json").read_text())).to_dict()
+        base = hf_config_to_model_config(HFCheckpoint(resolve_path(section.hf_path)).config).to_dict()
     elif section.mcore_path:
-        base = GPTModelConfig.load(resolve_path(section.mcore_path) / "model_config.yaml").to_dict()
+        base = load_model_config(resolve_path(section.mcore_path)).to_dict()
     else:
         base = {}
     return GPTModelConfig.from_dict({**base, **section.llm}, where=where)
 
 
 def load_llm_weights(model: torch.nn.Module, section: LLMSection, cfg: GPTModelConfig) -> None:
-    """Load an HF directory or a megatron checkpoint into this rank's shard; random init when neither is set."""
-    if section.hf_path:
-        from ..convert.hf import hf_to_canonical, read_hf_state_dict
+    """Load an HF directory or a megatron checkpoint into this rank's shard; random init when neither is set.
 
-        canonical = hf_to_canonical(read_hf_state_dict(resolve_path(section.hf_path)), cfg)
-        emb = canonical["embedding.word_embeddings.weight"]
-        if emb.shape[0] < cfg.vocab_size:  # rows for added tokens (the audio locator): never read, zero
-            canonical["embedding.word_embeddings.weight"] = torch.cat([emb, emb.new_zeros(cfg.vocab_size - emb.shape[0], emb.shape[1])])
-            if "output_layer.weight" in canonical:
-                out = canonical["output_layer.weight"]
-                canonical["output_layer.weight"] = torch.cat([out, out.new_zeros(cfg.vocab_size - out.shape[0], out.shape[1])])
-        load_canonical_state_dict(model, canonical)
+    Embedding rows beyond the checkpoint's (the student's audio locator) are zero: they are never read.
+    """
+    if section.hf_path:
+        from ..convert.checkpoint import load_hf_weights
+        from ..convert.hf import HFCheckpoint
+
+        load_hf_weights(model, HFCheckpoint(resolve_path(section.hf_path)), cfg)
     elif section.mcore_path:
         from ..convert.checkpoint import load_mcore_checkpoint
 
