@@ -1,0 +1,248 @@
+"""megatron-core ``dist_checkpointing`` checkpoints of our GPT models, converted from and exported to HF.
+
+A converted checkpoint directory holds:
+
+* the ``dist_checkpointing`` files (``metadata.json``, ``common.pt``, ``*.distcp``): each rank saves its shard,
+  and :func:`load_mcore_checkpoint` reshards them to whatever TP/PP layout loads them;
+* ``model_config.yaml``: the :class:`GPTModelConfig` (:meth:`GPTModelConfig.save`);
+* ``hf_config.json`` (the source ``config.json``, kept for the export: token ids etc.), the tokenizer files and
+  ``generation_config.json`` of the source.
+
+All functions here run on every rank of an initialised ``parallel_state`` (torchrun, or one plain process).
+``dist_checkpointing``'s writer starts helper processes, so scripts that call them need an
+``if __name__ == "__main__":`` guard.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from megatron.core import dist_checkpointing, parallel_state
+
+from megatron_xopd.models.config import GPTModelConfig
+from megatron_xopd.models.gpt import build_gpt_model, uses_transformer_engine
+from megatron_xopd.models.sharding import gather_canonical_state_dict, load_canonical_state_dict, local_to_global_name
+
+from .hf import (
+    HFCheckpoint,
+    canonical_to_hf,
+    check_hf_keys,
+    copy_tokenizer_files,
+    hf_config_to_model_config,
+    hf_to_canonical,
+    model_config_to_hf_config,
+    read_json,
+    save_hf_checkpoint,
+)
+
+log = logging.getLogger(__name__)
+
+MODEL_CONFIG = "model_config.yaml"
+HF_CONFIG = "hf_config.json"
+
+
+def _rank() -> int:
+    return dist.get_rank() if dist.is_initialized() else 0
+
+
+def _barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def _tokenizer_size(path: Path) -> int | None:
+    """``len(tokenizer)`` of the tokenizer in ``path``, or None when there is none."""
+    if not (path / "tokenizer_config.json").is_file() and not (path / "tokenizer.json").is_file():
+        return None
+    from transformers import AutoTokenizer
+
+    return len(AutoTokenizer.from_pretrained(str(path)))
+
+
+# --------------------------------------------------------------------------------------------- dist_checkpointing
+
+
+def save_mcore_checkpoint(model: torch.nn.Module, out_dir: str | Path) -> None:
+    """``dist_checkpointing.save(model.sharded_state_dict(), out_dir)`` into a new or empty directory."""
+    out = Path(out_dir)
+    if out.exists() and any(out.iterdir()):  # every rank checks (before rank 0 writes), so all raise together
+        raise FileExistsError(f"checkpoint directory {out} is not empty")
+    _barrier()
+    if _rank() == 0:
+        out.mkdir(parents=True, exist_ok=True)
+    _barrier()
+    dist_checkpointing.save(model.sharded_state_dict(), str(out))
+
+
+def load_mcore_checkpoint(model: torch.nn.Module, ckpt_dir: str | Path) -> None:
+    """Load a ``dist_checkpointing`` checkpoint into ``model`` (this rank's shard), whatever TP/PP saved it."""
+    ckpt = Path(ckpt_dir)
+    if not (ckpt / "metadata.json").is_file():
+        raise FileNotFoundError(f"{ckpt} is not a megatron dist_checkpointing checkpoint (no metadata.json)")
+    state = dist_checkpointing.load(model.sharded_state_dict(), str(ckpt))
+    model.load_state_dict(state, strict=True)
+
+
+def load_model_config(ckpt_dir: str | Path) -> GPTModelConfig:
+    return GPTModelConfig.load(Path(ckpt_dir) / MODEL_CONFIG)
+
+
+def build_gpt_from_mcore(ckpt_dir: str | Path, **config_overrides: Any) -> tuple[torch.nn.Module, GPTModelConfig]:
+    """Build this rank's GPT shard from ``model_config.yaml`` (fields overridable) and load its weights.
+
+    The caller sets megatron's RNG tracker first (:func:`megatron_xopd.runtime.set_seed`), as for any build.
+    """
+    cfg = load_model_config(ckpt_dir)
+    for key, value in config_overrides.items():
+        setattr(cfg, key, value)
+    model = build_gpt_model(cfg)
+    load_mcore_checkpoint(model, ckpt_dir)
+    return model, cfg
+
+
+# --------------------------------------------------------------------------------------------- HF -> MCore
+
+
+def _bridge_for(hf_dir: Path, cfg: GPTModelConfig):
+    """NVIDIA Megatron-Bridge's ``AutoBridge`` when it is installed, supports the model, and the model uses the
+    Transformer Engine spec its mapping registry is written for; None otherwise (our mapping is used)."""
+    if not uses_transformer_engine(cfg) or importlib.util.find_spec("megatron.bridge") is None:
+        return None
+    try:
+        from megatron.bridge import AutoBridge
+    except ImportError:
+        return None
+    try:
+        config = read_json(hf_dir / "config.json")
+        supports = getattr(AutoBridge, "supports", None)
+        if supports is not None and not supports(config):
+            return None
+        return AutoBridge.from_hf_pretrained(str(hf_dir))
+    except Exception as err:  # noqa: BLE001 - an unsupported model: our mapping handles it
+        log.warning("Megatron-Bridge cannot handle %s (%s); using megatron_xopd's HF mapping", hf_dir, err)
+        return None
+
+
+def prepare_hf_conversion(
+    hf_dir: str | Path,
+    tensor_parallel_size: int = 1,
+    pipeline_parallel_size: int = 1,
+    *,
+    params_dtype: str | None = None,
+) -> tuple[GPTModelConfig, HFCheckpoint]:
+    """Check an HF directory before any process group exists: architecture, shards, tensor names, TP/PP split.
+
+    Errors name the unsupported architecture, the missing shard file or the config field TP/PP does not divide.
+    """
+    reader = HFCheckpoint(hf_dir)
+    cfg = hf_config_to_model_config(reader.config, params_dtype=params_dtype, text_vocab_size=_tokenizer_size(reader.path))
+    check_hf_keys(reader.keys(), cfg)
+    cfg.validate_parallel(tensor_parallel_size, pipeline_parallel_size)
+    return cfg, reader
+
+
+def needed_canonical_keys(model: torch.nn.Module) -> set[str]:
+    """Canonical names of the parameters this rank holds (the tied output layer reads the embedding)."""
+    inner = model
+    while hasattr(inner, "module"):
+        inner = inner.module
+    keys = set()
+    for name, _ in inner.named_parameters():
+        key = local_to_global_name(inner, name)
+        if key == "output_layer.weight" and inner.share_embeddings_and_output_weights:
+            key = "embedding.word_embeddings.weight"
+        keys.add(key)
+    return keys
+
+
+def load_hf_weights(model: torch.nn.Module, reader: HFCheckpoint, cfg: GPTModelConfig) -> None:
+    """Fill this rank's shard from HF tensors, reading only the tensors of its parameters."""
+    bridge = _bridge_for(reader.path, cfg)
+    if bridge is not None:
+        bridge.load_hf_weights([model], hf_path=str(reader.path))
+        return
+    canonical = hf_to_canonical(reader, cfg, keys=needed_canonical_keys(model))
+    load_canonical_state_dict(model, canonical)
+
+
+def write_hf_side_files(src_dir: Path, out_dir: Path, cfg: GPTModelConfig, hf_config: dict[str, Any]) -> None:
+    cfg.save(out_dir / MODEL_CONFIG)
+    (out_dir / HF_CONFIG).write_text(json.dumps(hf_config, indent=2) + "\n")
+    copy_tokenizer_files(src_dir, out_dir)
+
+
+def convert_hf_to_mcore(
+    hf_dir: str | Path, out_dir: str | Path, *, params_dtype: str | None = None, seed: int = 0
+) -> GPTModelConfig:
+    """HF directory -> ``dist_checkpointing`` checkpoint, under the current TP/PP layout (every rank calls it).
+
+    Each rank builds its shard, reads the HF tensors of its own parameters and saves its part; rank 0 writes
+    ``model_config.yaml``, ``hf_config.json`` and the tokenizer files.
+    """
+    from megatron_xopd.runtime import set_seed
+
+    tp = parallel_state.get_tensor_model_parallel_world_size()
+    pp = parallel_state.get_pipeline_model_parallel_world_size()
+    cfg, reader = prepare_hf_conversion(hf_dir, tp, pp, params_dtype=params_dtype)
+    set_seed(seed)  # megatron's RNG tracker must exist to build; the weights are overwritten
+    model = build_gpt_model(cfg)
+    load_hf_weights(model, reader, cfg)
+    save_mcore_checkpoint(model, out_dir)
+    if _rank() == 0:
+        write_hf_side_files(reader.path, Path(out_dir), cfg, reader.config)
+    _barrier()
+    return cfg
+
+
+# --------------------------------------------------------------------------------------------- MCore -> HF
+
+
+def export_model_to_hf(
+    model: torch.nn.Module,
+    cfg: GPTModelConfig,
+    out_dir: str | Path,
+    *,
+    side_files_dir: str | Path | None = None,
+    hf_config: dict[str, Any] | None = None,
+) -> Path:
+    """Write this (sharded) model as an HF directory that ``AutoModelForCausalLM.from_pretrained`` loads.
+
+    Every rank calls it (the weights are gathered over TP and PP); rank 0 writes. ``side_files_dir`` (a converted
+    checkpoint) provides ``hf_config.json`` and the tokenizer files.
+    """
+    out = Path(out_dir)
+    side = Path(side_files_dir) if side_files_dir is not None else None
+    if hf_config is None and side is not None and (side / HF_CONFIG).is_file():
+        hf_config = read_json(side / HF_CONFIG)
+    canonical = gather_canonical_state_dict(model, cfg.vocab_size)
+    if _rank() == 0:
+        config = model_config_to_hf_config(cfg, base=hf_config)
+        save_hf_checkpoint(out, canonical_to_hf(canonical, cfg), config)
+        if side is not None:
+            copy_tokenizer_files(side, out)
+    _barrier()
+    return out
+
+
+def export_mcore_to_hf(
+    ckpt_dir: str | Path, out_dir: str | Path, *, meta_dir: str | Path | None = None, seed: int = 0
+) -> Path:
+    """``dist_checkpointing`` checkpoint -> HF directory, under the current TP/PP layout (any layout: it reshards).
+
+    ``meta_dir`` holds ``model_config.yaml``, ``hf_config.json`` and the tokenizer when ``ckpt_dir`` (e.g. a
+    training checkpoint) has only the ``dist_checkpointing`` files; defaults to ``ckpt_dir``.
+    """
+    from megatron_xopd.runtime import set_seed
+
+    meta_dir = ckpt_dir if meta_dir is None else meta_dir
+    set_seed(seed)
+    cfg = load_model_config(meta_dir)
+    model = build_gpt_model(cfg)
+    load_mcore_checkpoint(model, ckpt_dir)
+    return export_model_to_hf(model, cfg, out_dir, side_files_dir=meta_dir)
