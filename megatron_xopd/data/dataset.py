@@ -134,6 +134,8 @@ class PromptDataLoader:
 
     def set_epoch(self, epoch: int) -> None:
         self.sampler.set_epoch(epoch)
+        self._consumed = 0
+        self._restored = False
 
     def state_dict(self) -> dict[str, Any]:
         sd = self.sampler.state_dict()
