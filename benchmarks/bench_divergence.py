@@ -9,7 +9,9 @@
 Peak memory is the memory above the inputs: on CPU each path runs in a fresh subprocess that reports its peak
 RSS (``VmHWM``, reset after the inputs are allocated) minus its RSS then; on CUDA it is
 ``torch.cuda.max_memory_allocated`` minus the allocated memory after the inputs. Both peaks include the
-gradients, which both paths produce. Times are the median of ``--repeats`` runs after one warm-up run.
+gradients, which both paths produce. Times (wall, and the process's CPU time, which other processes' load
+disturbs less) are the median of ``--repeats`` runs after one warm-up run. CPU subprocesses run with
+``OMP_WAIT_POLICY=PASSIVE`` unless it is set (see ``main``).
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import argparse
 import gc
 import json
 import os
+import resource
 import statistics
 import subprocess
 import sys
@@ -28,6 +31,7 @@ import torch
 import torch.nn.functional as F
 
 from megatron_xopd.ops import fused_linear_divergence, vocab_parallel_divergence
+from megatron_xopd.ops.divergence import default_chunk_size
 
 _SAMPLE_ROWS = 16  # gradient rows compared between the paths
 
@@ -38,6 +42,12 @@ def _status_kib(field: str) -> int:
             if line.startswith(field + ":"):
                 return int(line.split()[1])
     raise RuntimeError(f"{field} not in /proc/self/status")
+
+
+def _cpu_seconds() -> float:
+    """User + system CPU time of this process (all threads): less at the mercy of other processes than wall time."""
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
 
 
 def _reset_peak_rss() -> bool:
@@ -102,16 +112,17 @@ def _run(path: str, args: argparse.Namespace, device: torch.device) -> dict:
         base = _status_kib("VmRSS") * 1024
         if not _reset_peak_rss():
             base = _status_kib("VmHWM") * 1024  # no reset: the peak so far is the inputs' own
-    times = []
+    times, cpu_times = [], []
     for _ in range(args.repeats + 1):
         for p in params:
             p.grad = None
-        start = time.perf_counter()
+        start, cpu_start = time.perf_counter(), _cpu_seconds()
         value = _step(path, args, x)
         value.sum().backward()
         if device.type == "cuda":
             torch.cuda.synchronize()
         times.append(time.perf_counter() - start)
+        cpu_times.append(_cpu_seconds() - cpu_start)
     if device.type == "cuda":
         peak = torch.cuda.max_memory_allocated() - base
     else:
@@ -121,15 +132,16 @@ def _run(path: str, args: argparse.Namespace, device: torch.device) -> dict:
     return {
         "peak_mb": peak / 2**20,
         "s": statistics.median(times[1:]),
+        "cpu_s": statistics.median(cpu_times[1:]),
         "value": value.detach().cpu(),
         "grads": [g.cpu() for g in grads],
     }
 
 
-def _run_in_subprocess(path: str, argv: list[str]) -> dict:
+def _run_in_subprocess(path: str, argv: list[str], env: dict[str, str]) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         out = os.path.join(tmp, "result.pt")
-        subprocess.run([sys.executable, __file__, *argv, "--worker", path, "--out", out], check=True)
+        subprocess.run([sys.executable, __file__, *argv, "--worker", path, "--out", out], check=True, env=env)
         return torch.load(out)
 
 
@@ -142,37 +154,45 @@ def main() -> None:
     parser.add_argument("--chunk-size", type=int, default=None, help="tokens per chunk (default: the ops' default)")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     parser.add_argument("--json", action="store_true", help="print one JSON line")
     parser.add_argument("--worker", choices=["fused", "naive"], help=argparse.SUPPRESS)
     parser.add_argument("--out", help=argparse.SUPPRESS)
     args = parser.parse_args()
     device = torch.device(args.device)
+    if args.threads:
+        torch.set_num_threads(args.threads)
 
     if args.worker:
         torch.save(_run(args.worker, args, device), args.out)
         return
     if device.type == "cpu":
         argv = [a for a in sys.argv[1:] if a != "--json"]
-        fused, naive = (_run_in_subprocess(path, argv) for path in ("fused", "naive"))
+        # OpenMP threads that spin at barriers waste whole time slices when other processes share the cores;
+        # the chunked path runs many short parallel regions and would measure the machine's load, not its own.
+        env = {**os.environ, "OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY", "PASSIVE")}
+        fused, naive = (_run_in_subprocess(path, argv, env) for path in ("fused", "naive"))
     else:
         fused = _run("fused", args, device)
         gc.collect()
         torch.cuda.empty_cache()
         naive = _run("naive", args, device)
-    from megatron_xopd.ops.divergence import DEFAULT_CHUNK_ELEMENTS
-
     result = {
         "tokens": args.tokens,
         "vocab": args.vocab,
         "form": args.form,
         "device": str(device),
-        "chunk_size": args.chunk_size or max(1, DEFAULT_CHUNK_ELEMENTS // args.vocab),
+        "chunk_size": default_chunk_size(args.chunk_size, args.vocab, device, linear=args.form == "linear"),
+        "threads": torch.get_num_threads(),
+        "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", "PASSIVE") if device.type == "cpu" else None,
         "fused_peak_mb": round(fused["peak_mb"], 1),
         "naive_peak_mb": round(naive["peak_mb"], 1),
         "peak_ratio": round(fused["peak_mb"] / naive["peak_mb"], 3),
         "fused_s": round(fused["s"], 4),
         "naive_s": round(naive["s"], 4),
         "time_ratio": round(fused["s"] / naive["s"], 3),
+        "fused_cpu_s": round(fused["cpu_s"], 4),
+        "naive_cpu_s": round(naive["cpu_s"], 4),
         "max_abs_err": (fused["value"] - naive["value"]).abs().max().item(),
         "max_abs_grad_err": max((a - b).abs().max().item() for a, b in zip(fused["grads"], naive["grads"])),
     }

@@ -19,11 +19,16 @@ from megatron_xopd.ops import kernels
 from megatron_xopd.ops.kernels import FORWARD_KL, JSD, KINDS, REVERSE_KL
 from megatron_xopd.ops.sharding import VocabShard, global_max, vocab_shard
 
-# Elements of one [chunk, V_local] float32 block (64 MiB); chunk_size defaults to this over V_local.
-DEFAULT_CHUNK_ELEMENTS = 1 << 24
+# Default chunk_size: these many elements of [chunk, V_local] over V_local. With the logits given, a CPU chunk is
+# sized for its float32 temporaries to stay in cache, a GPU chunk to amortise kernel launches. The fused-linear
+# form reads both weight shards once per chunk, so its chunks are large enough to amortise that read.
+LOGITS_CHUNK_ELEMENTS = {"cpu": 1 << 20, "cuda": 1 << 26}
+LINEAR_CHUNK_ELEMENTS = 1 << 25
 
 # A chunk loader maps rows (a slice or an index tensor) to (student, teacher) logits [c, V_valid].
 Loader = Callable[[slice | torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
+# Workspace slots beyond the kernels' own (0-4): the gradient chunk and the fused-linear form's logits chunks.
+_OUT_SLOT, _STUDENT_SLOT, _TEACHER_SLOT = 5, 6, 7
 
 
 @dataclass(frozen=True)
@@ -70,8 +75,12 @@ def selected_rows(mask: torch.Tensor | None, n: int, device: torch.device) -> to
     return mask.to(device).nonzero().squeeze(1)
 
 
-def default_chunk_size(chunk_size: int | None, local_cols: int) -> int:
-    return chunk_size or max(1, DEFAULT_CHUNK_ELEMENTS // max(local_cols, 1))
+def default_chunk_size(chunk_size: int | None, local_cols: int, device: torch.device, linear: bool = False) -> int:
+    """``chunk_size`` if given, else the default for this device and form."""
+    if chunk_size:
+        return chunk_size
+    budget = LINEAR_CHUNK_ELEMENTS if linear else LOGITS_CHUNK_ELEMENTS.get(device.type, LOGITS_CHUNK_ELEMENTS["cuda"])
+    return max(1, budget // max(local_cols, 1))
 
 
 def row_chunks(n: int, rows: torch.Tensor | None, chunk_size: int) -> Iterator[tuple[slice, slice | torch.Tensor]]:
@@ -81,39 +90,37 @@ def row_chunks(n: int, rows: torch.Tensor | None, chunk_size: int) -> Iterator[t
         yield pos, (pos if rows is None else rows[pos])
 
 
-def _forward(load: Loader, n: int, rows: torch.Tensor | None, spec: _Spec, device: torch.device):
-    """Divergence [n] of the selected tokens and the backward state [n, 3]: (lse_s, lse_t, stat)."""
+def _forward(
+    load: Loader, n: int, rows: torch.Tensor | None, spec: _Spec, device: torch.device, work: kernels.Workspace
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Divergence [n] of the selected tokens and the backward state [n, 5] of :func:`kernels.divergence_grad`."""
     shard, kind = spec.shard, spec.kind
     stats = torch.zeros(n, 5, dtype=spec.dtype, device=device)
     stats[:, :2] = -math.inf
     if shard.valid:
         for pos, idx in row_chunks(n, rows, spec.chunk_size):
-            stats[pos] = kernels.divergence_stats(*load(idx), spec.inv_temp, kind, spec.dtype)
+            stats[pos] = kernels.divergence_stats(*load(idx), spec.inv_temp, kind, spec.dtype, work)
     m, shift = global_max(stats[:, :2], shard)
     scale = shift.exp()
     factors = torch.stack([scale[:, 0], scale[:, 1], scale[:, 0 if kind == REVERSE_KL else 1]], dim=1)
     z_s, z_t, expect = shard.all_reduce(stats[:, 2:] * factors).unbind(1)
     log_z_s, log_z_t = z_s.log(), z_t.log()
-    lse_s, lse_t = m[:, 0] + log_z_s, m[:, 1] + log_z_t
     # lse_s - lse_t from small pieces: the KLs below cancel only differences of s and t, not their magnitudes.
     lse_diff = (m[:, 0] - m[:, 1]) + (log_z_s - log_z_t)
+    state = torch.stack([m[:, 0], log_z_s, m[:, 1], log_z_t, torch.zeros_like(z_s)], dim=1)
     if kind == REVERSE_KL:
-        value = stat = expect / z_s - lse_diff
+        value = expect / z_s - lse_diff
+        state[:, 4] = value  # the gradient's statistic is the KL itself
     elif kind == FORWARD_KL:
-        value, stat = expect / z_t + lse_diff, torch.zeros_like(expect)
+        value = expect / z_t + lse_diff
     else:
         terms = torch.zeros(n, 2, dtype=spec.dtype, device=device)
         if shard.valid:
             for pos, idx in row_chunks(n, rows, spec.chunk_size):
-                terms[pos] = kernels.jsd_terms(*load(idx), spec.inv_temp, lse_s[pos], lse_t[pos], spec.beta, spec.dtype)
-        value, stat = shard.all_reduce(terms).unbind(1)
-    return value, torch.stack([lse_s, lse_t, stat], dim=1)
-
-
-def _chunk_grad(load: Loader, idx, pos: slice, state: torch.Tensor, gscale: torch.Tensor, spec: _Spec, out):
-    s, t = load(idx)
-    lse_s, lse_t, stat = state[pos].unbind(1)
-    kernels.divergence_grad(s, t, spec.inv_temp, lse_s, lse_t, stat, gscale[pos], spec.kind, spec.beta, out)
+                terms[pos] = kernels.jsd_terms(*load(idx), spec.inv_temp, state[pos], spec.beta, work)
+        value, kl_student_mixture = shard.all_reduce(terms).unbind(1)
+        state[:, 4] = kl_student_mixture
+    return value, state
 
 
 def _scatter_rows(value: torch.Tensor, rows: torch.Tensor | None, n_total: int) -> torch.Tensor:
@@ -133,7 +140,8 @@ class _LogitsDivergence(torch.autograd.Function):
     def forward(ctx, student, teacher, rows, spec: _Spec):
         n = student.shape[0] if rows is None else rows.numel()
         valid = spec.shard.valid
-        value, state = _forward(_logits_loader(student, teacher, valid), n, rows, spec, student.device)
+        load = _logits_loader(student, teacher, valid)
+        value, state = _forward(load, n, rows, spec, student.device, kernels.Workspace())
         ctx.save_for_backward(student, teacher, rows, state)
         ctx.spec = spec
         return _scatter_rows(value, rows, student.shape[0])
@@ -146,14 +154,15 @@ class _LogitsDivergence(torch.autograd.Function):
         valid = spec.shard.valid
         grad = torch.zeros_like(student)
         gscale = _upstream(grad_out, rows, spec)
+        work = kernels.Workspace()
         load = _logits_loader(student, teacher, valid)
         if valid:
             for pos, idx in row_chunks(state.shape[0], rows, spec.chunk_size):
-                if rows is None:
-                    _chunk_grad(load, idx, pos, state, gscale, spec, grad[idx, :valid])
-                else:
-                    out = torch.empty(idx.numel(), valid, dtype=grad.dtype, device=grad.device)
-                    _chunk_grad(load, idx, pos, state, gscale, spec, out)
+                s, t = load(idx)
+                # Contiguous chunks write straight into the gradient; gathered (masked) rows go through a buffer.
+                out = grad[idx, :valid] if rows is None else work.like(_OUT_SLOT, s, grad.dtype)
+                kernels.divergence_grad(s, t, spec.inv_temp, state[pos], gscale[pos], spec.kind, spec.beta, out, work)
+                if rows is not None:
                     grad[idx, :valid] = out
         return grad, None, None, None
 
@@ -198,10 +207,8 @@ def vocab_parallel_divergence(
     kind = effective_kind(kind, beta)
     shard = vocab_shard(student_logits.shape[1], group, vocab_size)
     rows = selected_rows(mask, student_logits.shape[0], student_logits.device)
-    spec = _Spec(
-        kind, beta, 1.0 / temperature, default_chunk_size(chunk_size, shard.valid), shard,
-        compute_dtype(student_logits, teacher_logits),
-    )
+    chunk_size = default_chunk_size(chunk_size, shard.valid, student_logits.device)
+    spec = _Spec(kind, beta, 1.0 / temperature, chunk_size, shard, compute_dtype(student_logits, teacher_logits))
     return _LogitsDivergence.apply(student_logits, teacher_logits, rows, spec)
 
 
@@ -209,8 +216,9 @@ class _FusedLinearDivergence(torch.autograd.Function):
     @staticmethod
     def forward(ctx, student_hidden, student_weight, teacher_hidden, teacher_weight, rows, spec: _Spec):
         n = student_hidden.shape[0] if rows is None else rows.numel()
-        load = _linear_loader(student_hidden, student_weight, teacher_hidden, teacher_weight, spec.shard.valid)
-        value, state = _forward(load, n, rows, spec, student_hidden.device)
+        work = kernels.Workspace()
+        load = _linear_loader(student_hidden, student_weight, teacher_hidden, teacher_weight, spec.shard.valid, work)
+        value, state = _forward(load, n, rows, spec, student_hidden.device, work)
         ctx.save_for_backward(student_hidden, student_weight, teacher_hidden, teacher_weight, rows, state)
         ctx.spec = spec
         return _scatter_rows(value, rows, student_hidden.shape[0])
@@ -221,7 +229,8 @@ class _FusedLinearDivergence(torch.autograd.Function):
         h_s, w_s, h_t, w_t, rows, state = ctx.saved_tensors
         spec: _Spec = ctx.spec
         valid = spec.shard.valid
-        load = _linear_loader(h_s, w_s, h_t, w_t, valid)
+        work = kernels.Workspace()
+        load = _linear_loader(h_s, w_s, h_t, w_t, valid, work)
         gscale = _upstream(grad_out, rows, spec)
         need_h, need_w = ctx.needs_input_grad[:2]
         grad_h = torch.zeros_like(h_s) if need_h else None
@@ -229,8 +238,9 @@ class _FusedLinearDivergence(torch.autograd.Function):
         grad_w = torch.zeros_like(w_s, dtype=torch.promote_types(w_s.dtype, torch.float32)) if need_w else None
         if valid:
             for pos, idx in row_chunks(state.shape[0], rows, spec.chunk_size):
-                out = torch.empty(pos.stop - pos.start, valid, dtype=h_s.dtype, device=h_s.device)
-                _chunk_grad(load, idx, pos, state, gscale, spec, out)
+                s, t = load(idx)
+                out = work.like(_OUT_SLOT, s, h_s.dtype)
+                kernels.divergence_grad(s, t, spec.inv_temp, state[pos], gscale[pos], spec.kind, spec.beta, out, work)
                 if need_h:
                     grad_h[idx] = out @ w_s[:valid]
                 if need_w and grad_w.dtype == out.dtype:
@@ -243,8 +253,14 @@ class _FusedLinearDivergence(torch.autograd.Function):
         return grad_h, None if grad_w is None else grad_w.to(w_s.dtype), None, None, None, None
 
 
-def _linear_loader(h_s, w_s, h_t, w_t, valid: int) -> Loader:
-    return lambda idx: (h_s[idx] @ w_s[:valid].t(), h_t[idx] @ w_t[:valid].t())
+def _linear_loader(h_s, w_s, h_t, w_t, valid: int, work: kernels.Workspace) -> Loader:
+    def load(idx):
+        h_s_c, h_t_c = h_s[idx], h_t[idx]
+        s = work.get(_STUDENT_SLOT, (h_s_c.shape[0], valid), h_s.dtype, h_s.device)
+        t = work.get(_TEACHER_SLOT, (h_t_c.shape[0], valid), h_t.dtype, h_t.device)
+        return torch.mm(h_s_c, w_s[:valid].t(), out=s), torch.mm(h_t_c, w_t[:valid].t(), out=t)
+
+    return load
 
 
 def _check_linear(h_s: torch.Tensor, w_s: torch.Tensor, h_t: torch.Tensor, w_t: torch.Tensor) -> None:
@@ -288,8 +304,7 @@ def fused_linear_divergence(
     kind = effective_kind(kind, beta)
     shard = vocab_shard(student_weight.shape[0], group, vocab_size)
     rows = selected_rows(mask, n, student_hidden.device)
-    spec = _Spec(
-        kind, beta, 1.0 / temperature, default_chunk_size(chunk_size, shard.valid), shard,
-        compute_dtype(student_hidden, student_weight, teacher_hidden, teacher_weight),
-    )
+    chunk_size = default_chunk_size(chunk_size, shard.valid, student_hidden.device, linear=True)
+    dtype = compute_dtype(student_hidden, student_weight, teacher_hidden, teacher_weight)
+    spec = _Spec(kind, beta, 1.0 / temperature, chunk_size, shard, dtype)
     return _FusedLinearDivergence.apply(student_hidden, student_weight, teacher_hidden, teacher_weight, rows, spec)

@@ -1,8 +1,8 @@
 """Per-chunk math of the dense divergences: the PyTorch reference (also the CPU path) and the dispatch to Triton.
 
 Each function sees one chunk of rows of the local vocabulary shard, ``s`` (student) and ``t`` (teacher) of shape
-[c, V_valid] in any float dtype, and works in ``dtype`` after multiplying by ``inv_temp``. Row statistics are
-local to the shard; ``lse_s``/``lse_t`` passed in are the global log-normalisers.
+[c, V_valid] in any float dtype, and works in the compute dtype after multiplying by ``inv_temp``. The row
+statistics it returns are local to the shard; the ``state`` it is given holds global ones.
 """
 
 from __future__ import annotations
@@ -30,57 +30,100 @@ def _use_triton(x: torch.Tensor, dtype: torch.dtype) -> bool:
     return x.is_cuda and dtype == torch.float32 and _triton() is not None
 
 
-def scaled(x: torch.Tensor, inv_temp: float, dtype: torch.dtype) -> torch.Tensor:
-    """``x`` in the compute dtype, times ``inv_temp`` (a copy unless both are no-ops)."""
-    x = x.to(dtype)
-    return x * inv_temp if inv_temp != 1.0 else x
+class Workspace:
+    """Scratch buffers that the PyTorch path reuses from chunk to chunk.
+
+    Fresh temporaries per chunk would each be a new large allocation, which on CPU is mmap-ed and page-faulted in
+    anew every time: as costly as the math itself.
+    """
+
+    def __init__(self) -> None:
+        self._buffers: dict[int, torch.Tensor] = {}
+
+    def get(self, slot: int, shape: torch.Size, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+        """An uninitialised tensor; the same memory on every call with ``slot`` (grown when too small)."""
+        n = math.prod(shape)
+        buf = self._buffers.get(slot)
+        if buf is None or buf.numel() < n or buf.dtype != dtype or buf.device != device:
+            buf = self._buffers[slot] = torch.empty(n, dtype=dtype, device=device)
+        return buf[:n].view(shape)
+
+    def like(self, slot: int, x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """:meth:`get` shaped like ``x``, on its device."""
+        return self.get(slot, x.shape, dtype, x.device)
+
+
+def scaled(x: torch.Tensor, inv_temp: float, dtype: torch.dtype, out: torch.Tensor | None = None) -> torch.Tensor:
+    """``x`` in the compute dtype, times ``inv_temp``: ``x`` itself if both are no-ops, else written to ``out``
+    (a new tensor without it). The product is taken in ``dtype``, not in ``x``'s dtype."""
+    if x.dtype != dtype:
+        x = x.to(dtype) if out is None else out.copy_(x)
+    if inv_temp == 1.0:
+        return x
+    return x * inv_temp if out is None else torch.mul(x, inv_temp, out=out)
+
+
+def log_mixture(
+    log_q: torch.Tensor,
+    log_p: torch.Tensor,
+    beta: float,
+    out: torch.Tensor | None = None,
+    tmp: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """log M with M = beta p + (1 - beta) q (TRL's GKD convention), for 0 < beta < 1. Differentiable, or, with
+    buffers ``out`` and ``tmp`` shaped like the inputs, written to ``out``."""
+    if out is None:
+        return torch.logaddexp(log_p + math.log(beta), log_q + math.log1p(-beta))
+    a = torch.add(log_p, math.log(beta), out=out)
+    return torch.logaddexp(a, torch.add(log_q, math.log1p(-beta), out=tmp), out=a)
 
 
 def divergence_stats(
-    s: torch.Tensor, t: torch.Tensor, inv_temp: float, kind: str, dtype: torch.dtype
+    s: torch.Tensor, t: torch.Tensor, inv_temp: float, kind: str, dtype: torch.dtype, work: Workspace
 ) -> torch.Tensor:
     """Local row statistics [c, 5]: ``max s``, ``max t``, ``sum exp(s - max s)``, ``sum exp(t - max t)`` and the
     expectation term: ``sum exp(s - max s) (s - t)`` for reverse KL, ``sum exp(t - max t) (t - s)`` for forward
     KL, 0 for JSD (which needs the global normalisers first, see :func:`jsd_terms`)."""
     if _use_triton(s, dtype):
         return _triton().divergence_stats(s, t, inv_temp, kind)
-    s, t = scaled(s, inv_temp, dtype), scaled(t, inv_temp, dtype)
+    s = scaled(s, inv_temp, dtype, work.like(0, s, dtype))
+    t = scaled(t, inv_temp, dtype, work.like(1, t, dtype))
     m_s, m_t = s.amax(dim=1), t.amax(dim=1)
-    e_s = (s - m_s[:, None]).exp_()
-    e_t = (t - m_t[:, None]).exp_()
+    e_s = torch.sub(s, m_s[:, None], out=work.like(2, s, dtype)).exp_()
+    e_t = torch.sub(t, m_t[:, None], out=work.like(3, s, dtype)).exp_()
     z_s, z_t = e_s.sum(dim=1), e_t.sum(dim=1)
     if kind == REVERSE_KL:
-        expect = e_s.mul_(s - t).sum(dim=1)
+        expect = e_s.mul_(torch.sub(s, t, out=work.like(4, s, dtype))).sum(dim=1)
     elif kind == FORWARD_KL:
-        expect = e_t.mul_(t - s).sum(dim=1)
+        expect = e_t.mul_(torch.sub(t, s, out=work.like(4, s, dtype))).sum(dim=1)
     else:
         expect = torch.zeros_like(z_s)
     return torch.stack([m_s, m_t, z_s, z_t, expect], dim=1)
 
 
-def log_mixture(log_q: torch.Tensor, log_p: torch.Tensor, beta: float) -> torch.Tensor:
-    """log M with M = beta p + (1 - beta) q (TRL's GKD convention), for 0 < beta < 1."""
-    return torch.logaddexp(log_p + math.log(beta), log_q + math.log1p(-beta))
+def _log_probs(s, t, inv_temp: float, state: torch.Tensor, work: Workspace) -> tuple[torch.Tensor, torch.Tensor]:
+    """log q and log p in workspace slots 0 and 1. Taken as (x - max) - log Z rather than x - lse: exact where x
+    is the max, whatever the logits' magnitude."""
+    dtype = state.dtype
+    m_s, log_z_s, m_t, log_z_t = (state[:, i, None] for i in range(4))
+    log_q = work.like(0, s, dtype)
+    log_p = work.like(1, t, dtype)
+    torch.sub(scaled(s, inv_temp, dtype, log_q), m_s, out=log_q).sub_(log_z_s)
+    torch.sub(scaled(t, inv_temp, dtype, log_p), m_t, out=log_p).sub_(log_z_t)
+    return log_q, log_p
 
 
 def jsd_terms(
-    s: torch.Tensor,
-    t: torch.Tensor,
-    inv_temp: float,
-    lse_s: torch.Tensor,
-    lse_t: torch.Tensor,
-    beta: float,
-    dtype: torch.dtype,
+    s: torch.Tensor, t: torch.Tensor, inv_temp: float, state: torch.Tensor, beta: float, work: Workspace
 ) -> torch.Tensor:
     """Local sums [c, 2]: J = sum beta p (log p - log M) + (1 - beta) q (log q - log M), and
-    C = sum q (log q - log M) = KL(q || M) over this shard."""
-    if _use_triton(s, dtype):
-        return _triton().jsd_terms(s, t, inv_temp, lse_s, lse_t, beta)
-    log_q = scaled(s, inv_temp, dtype) - lse_s[:, None]
-    log_p = scaled(t, inv_temp, dtype) - lse_t[:, None]
-    log_m = log_mixture(log_q, log_p, beta)
-    kl_q = log_q.exp() * (log_q - log_m)
-    kl_p = log_p.exp() * (log_p - log_m)
+    C = sum q (log q - log M) = KL(q || M) over this shard. ``state`` is as in :func:`divergence_grad`."""
+    if _use_triton(s, state.dtype):
+        return _triton().jsd_terms(s, t, inv_temp, state, beta)
+    log_q, log_p = _log_probs(s, t, inv_temp, state, work)
+    log_m = log_mixture(log_q, log_p, beta, work.like(2, s, state.dtype), work.like(3, s, state.dtype))
+    kl_q = torch.sub(log_q, log_m, out=work.like(4, s, state.dtype)).mul_(log_q.exp_())  # q (log q - log M)
+    kl_p = torch.sub(log_p, log_m, out=log_m).mul_(log_p.exp_())  # p (log p - log M)
     c = kl_q.sum(dim=1)
     return torch.stack([beta * kl_p.sum(dim=1) + (1.0 - beta) * c, c], dim=1)
 
@@ -89,29 +132,31 @@ def divergence_grad(
     s: torch.Tensor,
     t: torch.Tensor,
     inv_temp: float,
-    lse_s: torch.Tensor,
-    lse_t: torch.Tensor,
-    stat: torch.Tensor,
+    state: torch.Tensor,
     gscale: torch.Tensor,
     kind: str,
     beta: float,
     out: torch.Tensor,
+    work: Workspace,
 ) -> None:
     """Write the gradient w.r.t. the (scaled) student logits into ``out`` [c, V_valid] (any float dtype).
 
-    ``gscale`` [c] is the upstream gradient times ``inv_temp``; ``stat`` [c] is the divergence for reverse KL and
-    C = KL(q || M) for JSD (unused for forward KL). Needs no communication.
+    ``state`` [c, 5] holds the global (max s, log Z_s, max t, log Z_t) and a statistic: the divergence for
+    reverse KL, C = KL(q || M) for JSD (unused for forward KL); its dtype is the compute dtype. ``gscale`` [c] is
+    the upstream gradient times ``inv_temp``. Needs no communication.
     """
-    if _use_triton(s, dtype := stat.dtype):
-        _triton().divergence_grad(s, t, inv_temp, lse_s, lse_t, stat, gscale, kind, beta, out)
+    if _use_triton(s, state.dtype):
+        _triton().divergence_grad(s, t, inv_temp, state, gscale, kind, beta, out)
         return
-    log_q = scaled(s, inv_temp, dtype) - lse_s[:, None]
-    log_p = scaled(t, inv_temp, dtype) - lse_t[:, None]
+    log_q, log_p = _log_probs(s, t, inv_temp, state, work)
+    stat = state[:, 4, None]
     if kind == REVERSE_KL:
-        grad = log_q.exp() * (log_q - log_p).sub_(stat[:, None])
+        coef = torch.sub(log_q, log_p, out=log_p).sub_(stat)  # log q - log p - KL
+        grad = log_q.exp_().mul_(coef)
     elif kind == FORWARD_KL:
-        grad = log_q.exp_().sub_(log_p.exp_())
+        grad = log_q.exp_().sub_(log_p.exp_())  # q - p
     else:
-        log_m = log_mixture(log_q, log_p, beta)
-        grad = log_q.exp() * (log_q - log_m).sub_(stat[:, None]).mul_(1.0 - beta)
+        log_m = log_mixture(log_q, log_p, beta, work.like(2, s, state.dtype), log_p)
+        coef = torch.sub(log_q, log_m, out=log_m).sub_(stat).mul_(1.0 - beta)  # (1 - beta)(log q - log M - C)
+        grad = log_q.exp_().mul_(coef)
     out.copy_(grad.mul_(gscale[:, None]))

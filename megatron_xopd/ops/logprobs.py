@@ -45,28 +45,29 @@ class _VocabParallelLogprobs(torch.autograd.Function):
         sums[:, 1:2] = scale * (sums[:, 1:2] + shift * sums[:, 0:1])
         sums[:, 0:1] *= scale
         z, expect, target_logit = shard.all_reduce(sums).unbind(1)
-        log_z = z.log()
-        lse = m[:, 0] + log_z
+        m, log_z = m[:, 0], z.log()
         entropy = log_z - expect / z
-        ctx.save_for_backward(logits, targets, lse, entropy)
+        ctx.save_for_backward(logits, targets, m, log_z, entropy)
         ctx.spec = spec
         ctx.set_materialize_grads(False)
-        return target_logit - lse, entropy
+        # (x - max) - log Z rather than x - lse: exact for the argmax, whatever the logits' magnitude.
+        return (target_logit - m) - log_z, entropy
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_logprob, grad_entropy):
-        logits, targets, lse, entropy = ctx.saved_tensors
+        logits, targets, m, log_z, entropy = ctx.saved_tensors
         spec: _Spec = ctx.spec
         shard = spec.shard
         grad = torch.zeros_like(logits)
         if not shard.valid or (grad_logprob is None and grad_entropy is None):
             return grad, None, None
-        zeros = torch.zeros_like(lse)
+        zeros = torch.zeros_like(m)
         g_lp = zeros if grad_logprob is None else grad_logprob.to(spec.dtype)
         g_h = zeros if grad_entropy is None else grad_entropy.to(spec.dtype)
         for pos, _ in row_chunks(logits.shape[0], None, spec.chunk_size):
-            log_q = scaled(logits[pos, : shard.valid], spec.inv_temp, spec.dtype) - lse[pos, None]
+            s = scaled(logits[pos, : shard.valid], spec.inv_temp, spec.dtype)
+            log_q = (s - m[pos, None]).sub_(log_z[pos, None])
             # d logprob / ds = onehot - q;  d entropy / ds = -q (log q + H)
             coef = g_lp[pos, None] + g_h[pos, None] * (log_q + entropy[pos, None])
             w = log_q.exp_().mul_(coef).neg_()
@@ -98,8 +99,7 @@ def vocab_parallel_logprobs(
     check_common(temperature, chunk_size)
     shard = vocab_shard(logits.shape[1], group, vocab_size)
     check_token_ids(targets, (logits.shape[0],), "targets", shard.vocab_size)
-    spec = _Spec(
-        1.0 / temperature, default_chunk_size(chunk_size, shard.valid), shard, compute_dtype(logits), return_entropy
-    )
+    chunk_size = default_chunk_size(chunk_size, shard.valid, logits.device)
+    spec = _Spec(1.0 / temperature, chunk_size, shard, compute_dtype(logits), return_entropy)
     logprobs, entropy = _VocabParallelLogprobs.apply(logits, targets.to(torch.int64), spec)
     return (logprobs, entropy) if return_entropy else logprobs

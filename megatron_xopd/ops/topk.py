@@ -63,16 +63,18 @@ class _TopkStudentLogprobs(torch.autograd.Function):
         m, shift = global_max(maxes, shard)
         sums[:, :2] *= shift.exp()
         shard.all_reduce(sums)
-        lse = m[:, 0] + sums[:, 0].log()
-        lse_tail = m[:, 1] + sums[:, 1].log()
-        ctx.save_for_backward(student, ids, rows, lse, lse_tail)
+        norm = torch.stack([m[:, 0], sums[:, 0].log(), m[:, 1], sums[:, 1].log()], dim=1)  # max, log Z; tail's
+        ctx.save_for_backward(student, ids, rows, norm)
         ctx.spec = spec
-        return torch.cat([sums[:, 2:], lse_tail[:, None]], dim=1) - lse[:, None]
+        # (x - max) - log Z rather than x - lse: exact for the argmax, whatever the logits' magnitude.
+        log_q_ids = (sums[:, 2:] - norm[:, 0:1]) - norm[:, 1:2]
+        log_q_tail = (norm[:, 2:3] - norm[:, 0:1]) + (norm[:, 3:4] - norm[:, 1:2])
+        return torch.cat([log_q_ids, log_q_tail], dim=1)
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_out):
-        student, ids, rows, lse, lse_tail = ctx.saved_tensors
+        student, ids, rows, norm = ctx.saved_tensors
         spec: _Spec = ctx.spec
         shard = spec.shard
         grad = torch.zeros_like(student)
@@ -84,8 +86,9 @@ class _TopkStudentLogprobs(torch.autograd.Function):
             s = scaled(student[idx, : shard.valid], spec.inv_temp, spec.dtype)
             local, owned = local_columns(ids[pos], shard)
             # d log q_i / ds_j = [j = i] - q_j;  d log q_tail / ds_j = [j not in I] q_j / q_tail - q_j
-            w = (_without_ids(s, local, owned) - lse_tail[pos, None]).exp_().mul_(g_tail[pos, None])
-            w -= (s - lse[pos, None]).exp_().mul_(g_sum[pos, None])
+            m, log_z, m_tail, log_z_tail = (norm[pos, i, None] for i in range(4))
+            w = (_without_ids(s, local, owned) - m_tail).sub_(log_z_tail).exp_().mul_(g_tail[pos, None])
+            w -= (s - m).sub_(log_z).exp_().mul_(g_sum[pos, None])
             w.scatter_add_(1, local, g_ids[pos].masked_fill(~owned, 0.0))
             grad[idx, : shard.valid] = w.mul_(spec.inv_temp)
         return grad, None, None, None
@@ -156,7 +159,7 @@ def vocab_parallel_topk_divergence(
     if (ordered[:, 1:] == ordered[:, :-1]).any():
         raise ValueError("teacher_topk_ids must be distinct within each token")
     dtype = compute_dtype(student_logits, teacher_topk_logprobs)
-    spec = _Spec(1.0 / temperature, default_chunk_size(chunk_size, shard.valid), shard, dtype)
+    spec = _Spec(1.0 / temperature, default_chunk_size(chunk_size, shard.valid, student_logits.device), shard, dtype)
     log_q = _TopkStudentLogprobs.apply(student_logits, ids, rows, spec)
     value = bucket_divergence(log_q, teacher_buckets(log_p, dtype), kind, beta)
     return value if rows is None else value.new_zeros(n).index_put((rows,), value)

@@ -73,22 +73,30 @@ def _stats_kernel(
 
 
 @triton.jit
+def _log_probs(s_ptr, t_ptr, state_ptr, cols, valid, inv_temp):
+    # (x - max) - log Z, as the PyTorch path: exact where x is the max, whatever the logits' magnitude.
+    s = tl.load(s_ptr + cols, mask=valid, other=0.0).to(tl.float32) * inv_temp
+    t = tl.load(t_ptr + cols, mask=valid, other=0.0).to(tl.float32) * inv_temp
+    log_q = (s - tl.load(state_ptr)) - tl.load(state_ptr + 1)
+    log_p = (t - tl.load(state_ptr + 2)) - tl.load(state_ptr + 3)
+    return log_q, log_p
+
+
+@triton.jit
 def _jsd_kernel(
-    s_ptr, t_ptr, lse_s_ptr, lse_t_ptr, out_ptr, s_stride, t_stride, n_cols, inv_temp, beta, log_beta, log_1mbeta,
+    s_ptr, t_ptr, state_ptr, out_ptr, s_stride, t_stride, n_cols, inv_temp, beta, log_beta, log_1mbeta,
     BLOCK: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
     s_ptr += row * s_stride
     t_ptr += row * t_stride
-    lse_s = tl.load(lse_s_ptr + row)
-    lse_t = tl.load(lse_t_ptr + row)
+    state_ptr += row * 5
     acc_j = 0.0
     acc_c = 0.0
     for start in range(0, n_cols, BLOCK):
         cols = start + tl.arange(0, BLOCK)
         valid = cols < n_cols
-        log_q = tl.load(s_ptr + cols, mask=valid, other=0.0).to(tl.float32) * inv_temp - lse_s
-        log_p = tl.load(t_ptr + cols, mask=valid, other=0.0).to(tl.float32) * inv_temp - lse_t
+        log_q, log_p = _log_probs(s_ptr, t_ptr, state_ptr, cols, valid, inv_temp)
         log_m = _log_mixture(log_q, log_p, log_beta, log_1mbeta)
         kl_q = tl.exp(log_q) * (log_q - log_m)
         kl_p = tl.exp(log_p) * (log_p - log_m)
@@ -100,22 +108,20 @@ def _jsd_kernel(
 
 @triton.jit
 def _grad_kernel(
-    s_ptr, t_ptr, lse_s_ptr, lse_t_ptr, stat_ptr, g_ptr, out_ptr, s_stride, t_stride, out_stride, n_cols, inv_temp,
-    beta, log_beta, log_1mbeta, KIND: tl.constexpr, BLOCK: tl.constexpr,
+    s_ptr, t_ptr, state_ptr, g_ptr, out_ptr, s_stride, t_stride, out_stride, n_cols, inv_temp, beta, log_beta,
+    log_1mbeta, KIND: tl.constexpr, BLOCK: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
     s_ptr += row * s_stride
     t_ptr += row * t_stride
     out_ptr += row * out_stride
-    lse_s = tl.load(lse_s_ptr + row)
-    lse_t = tl.load(lse_t_ptr + row)
-    stat = tl.load(stat_ptr + row)
+    state_ptr += row * 5
+    stat = tl.load(state_ptr + 4)
     g = tl.load(g_ptr + row)
     for start in range(0, n_cols, BLOCK):
         cols = start + tl.arange(0, BLOCK)
         valid = cols < n_cols
-        log_q = tl.load(s_ptr + cols, mask=valid, other=0.0).to(tl.float32) * inv_temp - lse_s
-        log_p = tl.load(t_ptr + cols, mask=valid, other=0.0).to(tl.float32) * inv_temp - lse_t
+        log_q, log_p = _log_probs(s_ptr, t_ptr, state_ptr, cols, valid, inv_temp)
         q = tl.exp(log_q)
         if KIND == 0:
             grad = q * (log_q - log_p - stat)
@@ -148,16 +154,14 @@ def divergence_stats(s: torch.Tensor, t: torch.Tensor, inv_temp: float, kind: st
     return out
 
 
-def jsd_terms(
-    s: torch.Tensor, t: torch.Tensor, inv_temp: float, lse_s: torch.Tensor, lse_t: torch.Tensor, beta: float
-) -> torch.Tensor:
+def jsd_terms(s: torch.Tensor, t: torch.Tensor, inv_temp: float, state: torch.Tensor, beta: float) -> torch.Tensor:
     s, t = _rows(s), _rows(t)
     n, n_cols = s.shape
     out = torch.empty(n, 2, dtype=torch.float32, device=s.device)
     block = _block(n_cols)
     _jsd_kernel[(n,)](
-        s, t, lse_s.contiguous(), lse_t.contiguous(), out, s.stride(0), t.stride(0), n_cols, inv_temp, beta,
-        *_log_betas(beta), BLOCK=block, num_warps=_num_warps(block),
+        s, t, state.contiguous(), out, s.stride(0), t.stride(0), n_cols, inv_temp, beta, *_log_betas(beta),
+        BLOCK=block, num_warps=_num_warps(block),
     )
     return out
 
@@ -166,9 +170,7 @@ def divergence_grad(
     s: torch.Tensor,
     t: torch.Tensor,
     inv_temp: float,
-    lse_s: torch.Tensor,
-    lse_t: torch.Tensor,
-    stat: torch.Tensor,
+    state: torch.Tensor,
     gscale: torch.Tensor,
     kind: str,
     beta: float,
@@ -179,9 +181,8 @@ def divergence_grad(
     n, n_cols = s.shape
     block = _block(n_cols)
     _grad_kernel[(n,)](
-        s, t, lse_s.contiguous(), lse_t.contiguous(), stat.contiguous(), gscale.contiguous(), target, s.stride(0),
-        t.stride(0), target.stride(0), n_cols, inv_temp, beta, *_log_betas(beta), KIND=_KIND_IDS[kind], BLOCK=block,
-        num_warps=_num_warps(block),
+        s, t, state.contiguous(), gscale.contiguous(), target, s.stride(0), t.stride(0), target.stride(0), n_cols,
+        inv_temp, beta, *_log_betas(beta), KIND=_KIND_IDS[kind], BLOCK=block, num_warps=_num_warps(block),
     )
     if target is not out:
         out.copy_(target)
