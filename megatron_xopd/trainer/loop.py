@@ -74,6 +74,7 @@ class XOPDTrainer:
         self.data_stats = CutStats()
         self.step = 0
         self.epoch = 0
+        self._restored_position = False
         self._resume()
         self.logger = MetricsLogger(
             cfg.logging.dir, enabled=dist.get_rank() == 0, tensorboard=cfg.logging.tensorboard, resume_step=self.step
@@ -94,8 +95,11 @@ class XOPDTrainer:
         )
 
     def _batches(self) -> Iterator[dict[str, Any]]:
+        restored = self._restored_position  # the loader already sits inside an epoch
         while True:
-            self.loader.set_epoch(self.epoch)
+            if not restored:
+                self.loader.set_epoch(self.epoch)
+            restored = False
             for batch in self.loader:
                 yield batch
             self.epoch += 1
@@ -292,6 +296,7 @@ class XOPDTrainer:
         state = load_checkpoint(path, self.ddp, self.optimizer)
         self.step, self.epoch = state["step"], state["epoch"]
         self.loader.load_state_dict(state["loader"])
+        self._restored_position = True
         self.scheduler.load_state_dict(state["scheduler"])
         self.data_stats = state["data_stats"]
         if dist.get_rank() == 0:
