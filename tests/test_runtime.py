@@ -53,6 +53,7 @@ def _compat_checks() -> dict:
         "cuda_zeros_device": torch.zeros(2, device="cuda").device.type,
         "int_device": torch.ones(1, device=torch.cuda.current_device()).device.type,
         "buffer": (buf.shape, buf.device.type),
+        "type_name": torch.zeros(1).type(),
         "tp_rank": parallel_state.get_tensor_model_parallel_rank(),
     }
 
@@ -64,6 +65,7 @@ def test_cpu_compat_layer_on_two_tp_ranks():
         assert r["enabled"] and r["outer_untouched"] and r["stream_advances"]
         assert r["cuda_zeros_device"] == "cpu" and r["int_device"] == "cpu"
         assert r["buffer"] == (torch.Size([2, 3]), "cpu")
+        assert r["type_name"] == "torch.cuda.FloatTensor"  # megatron's optimizer asserts CUDA type names
     # megatron's model-parallel stream is seeded by the TP rank: distinct across TP ranks.
     assert not torch.equal(a["tp_draw"], b["tp_draw"])
 

@@ -41,6 +41,7 @@ class PerceptionConfig:
     nemo: dict[str, Any] = field(default_factory=dict)
     freeze_encoder: bool = True
     freeze_adapter: bool = True
+    init_seed: int = 0  # random init of whatever no checkpoint fills, the same under any TP/PP layout
 
     def __post_init__(self) -> None:
         if self.source not in ("audio", "features"):
@@ -116,7 +117,11 @@ class SpeechStudent(MegatronModule):
         self.model_type = language_model.model_type  # read by megatron's pipeline schedules
         self.pre_process = language_model.pre_process
         self.post_process = language_model.post_process
-        self.perception = build_perception(perception_cfg, llm_cfg.hidden_size) if self.pre_process else None
+        self.perception = None
+        if self.pre_process:
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(perception_cfg.init_seed)
+                self.perception = build_perception(perception_cfg, llm_cfg.hidden_size)
         if self.perception is not None:
             self._freeze(perception_cfg)
 

@@ -18,7 +18,11 @@ processes, which is how the project's parallel tests check TP/PP against single-
    ``transformer/attention.py``, ``models/gpt/gpt_model.py``) and ``Tensor.cuda()``: a
    :class:`~torch.overrides.TorchFunctionMode` maps CUDA devices (``"cuda"``, ``"cuda:i"``, ints) to CPU,
    and ``torch.cuda.current_device``/``synchronize`` become harmless (``0`` and a no-op), since
-   ``parallel_state.py`` and ``p2p_communication.py`` call them unconditionally.
+   ``parallel_state.py`` and ``p2p_communication.py`` call them unconditionally. The same mode answers
+   ``Tensor.type()`` (no arguments) with the CUDA type name, because the optimizer asserts it:
+   ``optimizer/clip_grads.py`` (``clip_grad_by_total_norm_fp32``: ``param.grad.type() ==
+   'torch.cuda.FloatTensor'``) and ``optimizer/optimizer.py`` (``Float16OptimizerWithFloat16Params``
+   sorts parameters by ``param.type()``).
 
 Enable with :func:`enable_cpu_compat`; it refuses to run when CUDA is available.
 """
@@ -52,6 +56,9 @@ class CudaToCpuMode(TorchFunctionMode):
         kwargs = kwargs or {}
         if func is torch.Tensor.cuda:
             return args[0]
+        if func is torch.Tensor.type and len(args) == 1 and not kwargs:
+            name = func(*args)
+            return name.replace("torch.", "torch.cuda.", 1) if not name.startswith("torch.cuda.") else name
         if "device" in kwargs and _is_cuda_device(kwargs["device"]):
             kwargs = {**kwargs, "device": "cpu"}
         if func is torch.Tensor.to and len(args) > 1 and _is_cuda_device(args[1]):

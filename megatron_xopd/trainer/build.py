@@ -15,6 +15,7 @@ from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 
 from ..models import (
     GPTModelConfig,
+    ModelConfigError,
     PerceptionConfig,
     SpeechStudent,
     audio_locator_id,
@@ -89,11 +90,25 @@ def build_models(cfg: RunConfig, tokenizer: Any) -> Models:
     locator = audio_locator_id(tokenizer, cfg.model.audio_locator)
     student_cfg = llm_config(cfg.model.student, "model.student.llm")
     teacher_cfg = llm_config(cfg.model.teacher, "model.teacher.llm")
-    text_vocab = min(student_cfg.text_vocab_size, locator)
-    student_cfg.text_vocab_size = text_vocab
-    student_cfg.vocab_size = max(student_cfg.vocab_size, len(tokenizer))
-    if teacher_cfg.text_vocab_size > text_vocab and teacher_cfg.text_vocab_size == teacher_cfg.vocab_size:
-        teacher_cfg.text_vocab_size = text_vocab  # HF rows beyond the tokenizer are padding
+    if cfg.model.teacher_tokenizer:
+        from ..data.tokenizer import check_vocab_compat, load_tokenizer
+
+        teacher_tok = load_tokenizer(str(resolve_path(cfg.model.teacher_tokenizer)), audio_locator=cfg.model.audio_locator)
+        try:
+            check_vocab_compat(tokenizer, teacher_tok, audio_locator=cfg.model.audio_locator)
+        except ValueError as err:
+            raise ModelConfigError(f"unequal vocab: model.tokenizer vs model.teacher_tokenizer: {err}") from err
+    # One tokenizer: its ids below the audio locator are the text vocabulary of both models; embedding rows
+    # beyond it (HF padding rows, the locator) are excluded from every loss and sampler.
+    text_vocab = locator
+    for name, llm in (("student", student_cfg), ("teacher", teacher_cfg)):
+        if llm.vocab_size < text_vocab:
+            raise ModelConfigError(
+                f"unequal vocab: model.{name} has {llm.vocab_size} embedding rows but the tokenizer has "
+                f"{text_vocab} text tokens"
+            )
+        llm.text_vocab_size = text_vocab
+    student_cfg.vocab_size = max(student_cfg.vocab_size, locator + 1)
     tp = parallel_state.get_tensor_model_parallel_world_size()
     padded = common_padded_vocab([student_cfg, teacher_cfg], tp)
     student_cfg.padded_vocab_size = teacher_cfg.padded_vocab_size = padded

@@ -101,7 +101,8 @@ def load_checkpoint(path: str | Path, model: torch.nn.Module, optimizer: Any) ->
 
     path = Path(path)
     model_sd = model.sharded_state_dict()
-    state = dist_checkpointing.load({"model": model_sd, "optimizer": optimizer.sharded_state_dict(model_sd)}, str(path))
+    optim_sd = optimizer.sharded_state_dict(model_sd, is_loading=True)  # creates the state to load into
+    state = dist_checkpointing.load({"model": model_sd, "optimizer": optim_sd}, str(path))
     model.load_state_dict(state["model"])
     optimizer.load_state_dict(state["optimizer"])
     rank_file = path / "trainer_state" / f"rank{dist.get_rank()}.pt"

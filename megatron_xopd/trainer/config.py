@@ -53,7 +53,8 @@ class StudentSection(LLMSection):
 
 @dataclass
 class ModelSection:
-    tokenizer: str = "builtin:smollm2"
+    tokenizer: str = "builtin:smollm2"  # the student's (and, unless teacher_tokenizer is set, the teacher's)
+    teacher_tokenizer: str | None = None  # checked id for id against ``tokenizer`` when given
     audio_locator: str = "<|audio|>"
     student: StudentSection = field(default_factory=StudentSection)
     teacher: LLMSection = field(default_factory=LLMSection)
@@ -71,6 +72,12 @@ class DataSection:
     on_bad_cut: str = "skip"  # skip (counted, logged) | raise
     scorer: str = "exact_match"  # or module:function(response, reference) -> float
     max_eval_prompts: int = 64
+
+    def __post_init__(self) -> None:
+        if self.num_buckets < 2:
+            raise ValueError(f"data.num_buckets must be >= 2 (lhotse's bucketing sampler), got {self.num_buckets}")
+        if self.on_bad_cut not in ("skip", "raise"):
+            raise ValueError(f"data.on_bad_cut: {self.on_bad_cut!r} is not 'skip' or 'raise'")
 
 
 @dataclass

@@ -14,8 +14,7 @@ from ..algo import CROSS_MODAL, IN_MODAL, rollout_weights
 from ..data.cuts import BadCutError, CutStats, load_prompt_cuts
 from ..data.dataset import PairedPromptDataset, build_dataloader
 from ..data.tokenizer import load_tokenizer
-from ..models import expand_audio_locators
-from ..rollout import SamplingParams, generate
+from ..rollout import RolloutBatch, RolloutEngine, SamplingParams
 from ..runtime import ParallelConfig, init_distributed, initialize_model_parallel, set_seed
 from .build import build_models, build_optimizer, resolve_path, wrap_ddp
 from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
@@ -57,6 +56,7 @@ class XOPDTrainer:
         self.models = build_models(cfg, self.tokenizer)
         self.student = self.models.student
         self.ddp = wrap_ddp(self.student)
+        self.engine = RolloutEngine(self.student, self.models.text_vocab_size)
         self.optimizer, self.scheduler = build_optimizer(self.ddp, cfg.optim, cfg.trainer.max_steps)
         self.scorer = load_scorer(cfg.data.scorer)
         max_prompt = min(
@@ -128,56 +128,52 @@ class XOPDTrainer:
         return embeds, frames.tolist()
 
     def _prompts(self, batch: dict[str, Any], modalities: tuple[int, ...]):
-        """Student prompts of every (prompt, modality), dropping speech prompts too long once expanded."""
+        """The student's prompts for every (prompt, modality): T ids, or S ids with one audio locator and its
+        perception output. Speech prompts too long once the locator is expanded are skipped and counted."""
         limit = self.models.student_cfg.max_position_embeddings - self.cfg.trainer.rollout.max_new_tokens
         embeds, frames = self._audio_embeddings(batch) if CROSS_MODAL in modalities else ([], [])
-        student, audio, modality, index = [], [], [], []
+        prompts, audio, modality, index = [], [], [], []
         for m in modalities:
             for i in range(len(batch["cut_ids"])):
-                if m == IN_MODAL:
-                    prompt, emb = batch["text_prompt_ids"][i], None
-                else:
-                    prompt = expand_audio_locators(batch["speech_prompt_ids"][i], frames[i], self.models.audio_locator_id)
-                    emb = embeds[i]
-                    if len(prompt) > limit:
+                if m == CROSS_MODAL:
+                    positions = len(batch["speech_prompt_ids"][i]) - 1 + frames[i]
+                    if positions > limit:
                         error = BadCutError(batch["cut_ids"][i], "speech_prompt_ids",
-                                            f"{len(prompt)} positions with the audio expanded; the limit is {limit}")
+                                            f"{positions} positions with the audio expanded; the limit is {limit}")
                         log.warning("%s; skipped", error)
                         self.data_stats.record_skip(error)
                         continue
-                student.append(prompt)
-                audio.append(emb)
+                prompts.append(batch["text_prompt_ids"][i] if m == IN_MODAL else batch["speech_prompt_ids"][i])
+                audio.append(embeds[i] if m == CROSS_MODAL else None)
                 modality.append(m)
                 index.append(i)
-        return student, audio, modality, index
+        return prompts, audio, modality, index
+
+    def _generate(self, prompts: list[list[int]], audio: list[torch.Tensor | None], params: SamplingParams) -> RolloutBatch:
+        speech = [a for a in audio if a is not None]
+        return self.engine.generate(prompts, params, audio_embeds=speech if parallel_state.is_pipeline_first_stage() else None)
 
     def _rollout(self, batch: dict[str, Any]) -> Rollouts | None:
         cfg = self.cfg
-        student_prompts, audio, modality, index = self._prompts(batch, cfg.xopd.modalities)
-        if not student_prompts:
+        prompts, audio, modality, index = self._prompts(batch, cfg.xopd.modalities)
+        if not prompts:
             return None
-        sampling = SamplingParams(
+        params = SamplingParams(
+            max_new_tokens=cfg.trainer.rollout.max_new_tokens,
             temperature=cfg.trainer.rollout.temperature,
             top_k=cfg.trainer.rollout.top_k,
             top_p=cfg.trainer.rollout.top_p,
-            max_new_tokens=cfg.trainer.rollout.max_new_tokens,
+            n=cfg.xopd.n_samples,
+            stop_ids=tuple(self._eos_ids()),
+            seed=cfg.trainer.seed * 1_000_003 + self.step * 1009 + parallel_state.get_data_parallel_rank(),
         )
-        seed = cfg.trainer.seed * 1_000_003 + self.step * 1009 + parallel_state.get_data_parallel_rank()
-        out = generate(
-            self.student,
-            student_prompts,
-            audio_embeds=audio,
-            sampling=sampling,
-            n_samples=cfg.xopd.n_samples,
-            eos_ids=self._eos_ids(),
-            vocab_size=self.models.text_vocab_size,
-            seed=seed,
-        )
-        src = out.prompt_index.tolist()
+        out = self._generate(prompts, audio, params)
+        src = out.sample_to_prompt.tolist()
+        expanded = [out.prompt_ids[p, : out.prompt_lengths[p]].tolist() for p in range(len(prompts))]
         return Rollouts(
             modality=torch.tensor([modality[p] for p in src]),
             prompt_index=torch.tensor([index[p] for p in src]),
-            student_prompts=[student_prompts[p] for p in src],
+            student_prompts=[expanded[p] for p in src],
             teacher_prompts=[batch["text_prompt_ids"][index[p]] for p in src],
             responses=out.tokens,
             lengths=out.lengths,
@@ -286,14 +282,14 @@ class XOPDTrainer:
 
     def save(self) -> None:
         if self.cfg.checkpoint.dir:
-            save_checkpoint(self.cfg.checkpoint.dir, self.step, self.ddp, self.optimizer, self._trainer_state(),
+            save_checkpoint(self.cfg.checkpoint.dir, self.step, self.student, self.optimizer, self._trainer_state(),
                             keep_last=self.cfg.checkpoint.keep_last)
 
     def _resume(self) -> None:
         path = latest_checkpoint(self.cfg.checkpoint.dir) if self.cfg.checkpoint.resume else None
         if path is None:
             return
-        state = load_checkpoint(path, self.ddp, self.optimizer)
+        state = load_checkpoint(path, self.student, self.optimizer)
         self.step, self.epoch = state["step"], state["epoch"]
         self.loader.load_state_dict(state["loader"])
         self._restored_position = True
@@ -309,15 +305,14 @@ class XOPDTrainer:
         if not self.cfg.data.validation:
             return {}
         loader = self._loader(self.cfg.data.validation, shuffle=False)
-        greedy = SamplingParams(temperature=0.0, max_new_tokens=self.cfg.trainer.eval_max_new_tokens)
+        greedy = SamplingParams(greedy=True, max_new_tokens=self.cfg.trainer.eval_max_new_tokens, stop_ids=tuple(self._eos_ids()))
         totals = {"acc_s": 0.0, "acc_t": 0.0, "n": 0.0}
         for batch in loader:
             if not batch["cut_ids"] or totals["n"] >= self.cfg.data.max_eval_prompts:
                 continue
             prompts, audio, modality, index = self._prompts(batch, (IN_MODAL, CROSS_MODAL))
-            out = generate(self.student, prompts, audio_embeds=audio, sampling=greedy, n_samples=1,
-                           eos_ids=self._eos_ids(), vocab_size=self.models.text_vocab_size, seed=0)
-            for row, p in enumerate(out.prompt_index.tolist()):
+            out = self._generate(prompts, audio, greedy)
+            for row, p in enumerate(out.sample_to_prompt.tolist()):
                 reference = batch["answers"][index[p]]
                 if reference is None:
                     continue
