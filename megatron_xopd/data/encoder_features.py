@@ -38,6 +38,7 @@ from tqdm import tqdm
 
 from megatron_xopd.data.cuts import ENCODER_FEATURES_FIELD, BadCutError, load_audio, load_prompt_cuts
 from megatron_xopd.data.synthesis import whisper_base_dir
+from megatron_xopd.data.progress import read_progress
 
 logger = logging.getLogger(__name__)
 
@@ -185,7 +186,7 @@ def cache_encoder_features(
     out_manifest.parent.mkdir(parents=True, exist_ok=True)
     storage_dir.mkdir(parents=True, exist_ok=True)
     progress_path = out_manifest.with_name(out_manifest.name + ".progress")
-    done = _read_progress(progress_path, settings)
+    done = {k: r[ENCODER_FEATURES_FIELD] for k, r in read_progress(progress_path, settings, "delete it").items()}
     tmp_manifest = out_manifest.with_name(".tmp-" + out_manifest.name)
     skipped = 0
     try:
@@ -256,21 +257,4 @@ def _cut_audio(cut: Cut) -> np.ndarray:
 def _stored(array_dict: dict[str, Any]) -> bool:
     array = array_dict["array"]
     return (Path(array["storage_path"]) / array["storage_key"]).is_file()
-
-
-def _read_progress(path: Path, settings: dict[str, Any]) -> dict[str, dict[str, Any]]:
-    """Arrays written by earlier runs, by cut id; a line cut short by a crash is dropped from the file."""
-    if not path.is_file():
-        return {}
-    data = path.read_bytes()
-    complete = data[: data.rfind(b"\n") + 1]
-    if len(complete) != len(data):
-        os.truncate(path, len(complete))
-    lines = complete.decode("utf-8").splitlines()
-    if not lines:
-        return {}
-    if json.loads(lines[0]).get("settings") != settings:
-        raise ValueError(f"{path} was written with other settings ({lines[0]}, now {json.dumps(settings)}); "
-                         "use the same settings to resume, or delete it to start over")
-    return {(record := json.loads(line))["id"]: record[ENCODER_FEATURES_FIELD] for line in lines[1:]}
 

@@ -32,6 +32,8 @@ from lhotse import CutSet, MonoCut, Recording, SupervisionSegment
 from lhotse.audio.utils import AudioLoadingError
 from tqdm import tqdm
 
+from megatron_xopd.data.progress import read_progress
+
 ESPEAK = "espeak-ng"
 ESPEAK_WPM = 175  # espeak-ng's default rate; a speed of 1.0
 DEFAULT_ESPEAK_VOICES = ("en-us", "en-gb", "en-us+f2", "en-us+m3", "en-gb+f4", "en-gb+m1")
@@ -180,7 +182,7 @@ def synthesize(items: list[PromptItem], cfg: SynthesisConfig, *, progress: bool 
         raise FileNotFoundError(f"TTS command {executable!r} not found on PATH{hint}")
     cfg.manifest.parent.mkdir(parents=True, exist_ok=True)
     progress_path = cfg.manifest.with_name(cfg.manifest.name + ".progress")
-    records = _read_progress(progress_path, cfg.settings())
+    records = read_progress(progress_path, cfg.settings(), "delete it and the WAVs")
     report = SynthesisReport(cfg.manifest)
     done = {i for i, r in records.items() if r["status"] == "dropped" or (wav_dir / f"{i}.wav").is_file()}
     report.resumed = sum(item.id in done for item in items)
@@ -201,23 +203,6 @@ def synthesize(items: list[PromptItem], cfg: SynthesisConfig, *, progress: bool 
     cuts.to_file(tmp)
     os.replace(tmp, cfg.manifest)
     return report
-
-
-def _read_progress(path: Path, settings: dict[str, Any]) -> dict[str, dict[str, Any]]:
-    """Records of items done by earlier runs; a line cut short by a crash is dropped from the file."""
-    if not path.is_file():
-        return {}
-    data = path.read_bytes()
-    complete = data[: data.rfind(b"\n") + 1]
-    if len(complete) != len(data):
-        os.truncate(path, len(complete))
-    lines = complete.decode("utf-8").splitlines()
-    if not lines:
-        return {}
-    if json.loads(lines[0]).get("settings") != settings:
-        raise ValueError(f"{path} was written with other settings ({lines[0]}, now {json.dumps(settings)}); "
-                         "use the same settings to resume, or delete it and the WAVs to start over")
-    return {(record := json.loads(line))["id"]: record for line in lines[1:]}
 
 
 def _synthesize_item(item: PromptItem, cfg: SynthesisConfig, wav_dir: Path, asr: WhisperASR | None) -> dict:
