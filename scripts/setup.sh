@@ -7,10 +7,10 @@ cd "$(dirname "$0")/.."
 EXTRAS=${EXTRAS:-dev,data}
 PIP="python -m pip install --disable-pip-version-check -q"
 
-# System packages: espeak-ng speaks the prompts; pocketsphinx-testdata ships real LibriVox clips.
+# System packages: espeak-ng speaks the prompts.
 if command -v apt-get >/dev/null && ! command -v espeak-ng >/dev/null; then
   SUDO=$([ "$(id -u)" = 0 ] && echo "" || echo sudo)
-  $SUDO apt-get update -qq && $SUDO apt-get install -y -qq espeak-ng pocketsphinx-testdata >/dev/null
+  $SUDO apt-get update -qq && $SUDO apt-get install -y -qq espeak-ng >/dev/null
 fi
 
 # torch first, pinned to the CPU build when there is no GPU: a bare "torch" would pull a multi-GB CUDA build.
