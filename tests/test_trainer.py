@@ -4,7 +4,6 @@ bad input."""
 import shutil
 
 import pytest
-import torch
 
 from megatron_xopd.testing import run_distributed
 from megatron_xopd.trainer.checkpoint import latest_checkpoint

@@ -361,7 +361,6 @@ class RolloutEngine:
         row_plen = plen[sample_to_prompt]
         seq = torch.full((rows, s_max), params.pad_id, dtype=torch.int64, device=device)
         seq[:, :p_max] = prompt_ids[sample_to_prompt]
-        row_ids = torch.arange(rows, device=device)
         prompt_rows = torch.arange(n_prompts, device=device)
 
         out_tok = torch.full((rows, max_new), params.pad_id, dtype=torch.int64, device=device)

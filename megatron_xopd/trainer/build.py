@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -21,7 +20,6 @@ from ..models import (
     audio_locator_id,
     build_teacher,
     common_padded_vocab,
-    load_canonical_state_dict,
 )
 from .config import LLMSection, OptimSection, RunConfig
 
@@ -174,11 +172,3 @@ def build_optimizer(ddp: DistributedDataParallel, optim: OptimSection, max_steps
     )
     return optimizer, scheduler
 
-
-def config_summary(models: Models) -> dict[str, Any]:
-    return {
-        "student": dataclasses.asdict(models.student_cfg),
-        "teacher": dataclasses.asdict(models.teacher_cfg),
-        "text_vocab_size": models.text_vocab_size,
-        "audio_locator_id": models.audio_locator_id,
-    }
