@@ -16,6 +16,7 @@ from megatron.core.transformer.enums import AttnBackend
 from megatron.core.transformer.spec_utils import ModuleSpec
 from megatron.core.transformer.transformer_config import TransformerConfig
 
+from .attention import InferenceSDPAttention, RotateOnceSelfAttention
 from .config import GPTModelConfig, ModelConfigError
 
 
@@ -96,7 +97,10 @@ def layer_spec(cfg: GPTModelConfig) -> ModuleSpec:
     common = dict(num_experts=cfg.num_moe_experts, moe_grouped_gemm=cfg.moe_grouped_gemm, qk_layernorm=cfg.qk_layernorm)
     if uses_transformer_engine(cfg):
         return get_gpt_layer_with_transformer_engine_spec(fp8=cfg.fp8, **common)
-    return get_gpt_layer_local_spec(normalization="RMSNorm", **common)
+    spec = get_gpt_layer_local_spec(normalization="RMSNorm", **common)
+    spec.submodules.self_attention.module = RotateOnceSelfAttention
+    spec.submodules.self_attention.submodules.core_attention = InferenceSDPAttention
+    return spec
 
 
 def build_gpt_model(
