@@ -210,8 +210,9 @@ def _tiny_suite(work: str, hf_dirs: dict[str, str], salm_dir: str, ids: torch.Te
 
 
 def _smollm2_suite(hf_dir: str, work: str, sequence: list[int]) -> dict:
-    """On 3 ranks: convert at TP=3; logits of ``sequence`` at TP=3 and (the checkpoint resharded) at TP=1."""
+    """Convert at the current TP; logits of ``sequence`` at that TP and (the checkpoint resharded) at TP=1."""
     import torch.distributed as dist
+    from megatron.core import parallel_state
 
     from megatron_xopd.convert.checkpoint import build_gpt_from_mcore, convert_hf_to_mcore
     from megatron_xopd.runtime import ParallelConfig, initialize_model_parallel, set_seed
@@ -222,7 +223,7 @@ def _smollm2_suite(hf_dir: str, work: str, sequence: list[int]) -> dict:
     out = {}
     set_seed(0)
     model, _ = build_gpt_from_mcore(ckpt)
-    out[3] = _gathered(model.eval(), ids, cfg.vocab_size)
+    out[parallel_state.get_tensor_model_parallel_world_size()] = _gathered(model.eval(), ids, cfg.vocab_size)
     del model
     initialize_model_parallel(ParallelConfig(tensor_model_parallel_size=1))
     set_seed(0)
@@ -518,3 +519,33 @@ def test_smollm2_mcore_matches_transformers_tp1_tp3(tmp_path):
         print(f"SmolLM2 TP={tp}: max |logits - transformers| = {diff:.3e}; greedy text {tokenizer.decode(ours)!r}")
         assert diff < 1e-4, (tp, diff)
         assert ours == generated and tokenizer.decode(ours) == want_text, tp
+
+
+@pytest.mark.real_model
+@pytest.mark.parity
+def test_smollm2_heads_padded_for_tp2_matches_transformers_at_tp2_and_tp1(tmp_path):
+    """SmolLM2 cannot split its 9 heads over TP=2; its exact 12-head padding can. Our megatron model of the padded
+    copy, at TP=2 and resharded to TP=1, matches transformers on the *original* model within 1e-4, and its greedy
+    choices are transformers' 20 greedy tokens (checked teacher-forced, as in the TP=3 test)."""
+    from transformers import AutoTokenizer, LlamaForCausalLM
+
+    from megatron_xopd.convert.gguf import ensure_smollm2_hf
+    from megatron_xopd.convert.heads import write_padded_copy
+    from megatron_xopd.data.tokenizer import format_prompt
+
+    hf_dir = ensure_smollm2_hf()
+    padded = write_padded_copy(hf_dir, tmp_path / "smollm2_tp2", 2)
+    tokenizer = AutoTokenizer.from_pretrained(str(hf_dir))
+    prompt = format_prompt(tokenizer, "Write a short poem about the sea.", audio=False)
+    model = LlamaForCausalLM.from_pretrained(str(hf_dir), dtype=torch.float32).eval()
+    with torch.no_grad():
+        sequence = model.generate(torch.tensor([prompt]), max_new_tokens=20, do_sample=False)[0].tolist()
+        ref = model(torch.tensor([sequence])).logits
+    del model
+    generated = sequence[len(prompt):]
+    assert len(generated) == 20 and tokenizer.eos_token_id not in generated
+    results = run_distributed(_smollm2_suite, 2, str(padded), str(tmp_path), sequence, tp=2)[0]
+    for tp in (2, 1):
+        diff = (results[tp] - ref).abs().max().item()
+        assert diff < 1e-4, (tp, diff)
+        assert results[tp][0, len(prompt) - 1:-1].argmax(-1).tolist() == generated, tp
