@@ -233,6 +233,23 @@ def _smollm2_suite(hf_dir: str, work: str, sequence: list[int]) -> dict:
     return out if dist.get_rank() == 0 else {}
 
 
+def _smollm2_greedy_reference(hf_dir):
+    """transformers' 20 greedy tokens after a chat prompt, and its logits over prompt + those tokens."""
+    from transformers import AutoTokenizer, LlamaForCausalLM
+
+    from megatron_xopd.data.tokenizer import format_prompt
+
+    tokenizer = AutoTokenizer.from_pretrained(str(hf_dir))
+    prompt = format_prompt(tokenizer, "Write a short poem about the sea.", audio=False)
+    model = LlamaForCausalLM.from_pretrained(str(hf_dir), dtype=torch.float32).eval()
+    with torch.no_grad():
+        sequence = model.generate(torch.tensor([prompt]), max_new_tokens=20, do_sample=False)[0].tolist()
+        ref = model(torch.tensor([sequence])).logits
+    generated = sequence[len(prompt):]
+    assert len(generated) == 20 and tokenizer.eos_token_id not in generated
+    return tokenizer, prompt, sequence, ref
+
+
 # --------------------------------------------------------------------------------------------- fixtures
 
 
@@ -489,25 +506,15 @@ def test_smollm2_mcore_matches_transformers_tp1_tp3(tmp_path):
     every step our model's argmax on the same prefix must be the token transformers chose. By induction our own
     greedy loop would then produce exactly these tokens (and text), without 20 forwards per TP layout.
     """
-    from transformers import AutoTokenizer, LlamaForCausalLM
-
     from megatron_xopd.convert.checkpoint import prepare_hf_conversion
     from megatron_xopd.convert.gguf import ensure_smollm2_hf
-    from megatron_xopd.data.tokenizer import format_prompt
 
     hf_dir = ensure_smollm2_hf()
     # 9 attention heads / 3 query groups: TP=2 cannot split them, and the error says so before any work.
     with pytest.raises(ModelConfigError, match=r"model\.num_attention_heads \(9\) is not divisible by tensor_model_parallel_size \(2\)"):
         prepare_hf_conversion(hf_dir, 2, 1)
-    tokenizer = AutoTokenizer.from_pretrained(str(hf_dir))
-    prompt = format_prompt(tokenizer, "Write a short poem about the sea.", audio=False)
-    model = LlamaForCausalLM.from_pretrained(str(hf_dir), dtype=torch.float32).eval()
-    with torch.no_grad():
-        sequence = model.generate(torch.tensor([prompt]), max_new_tokens=20, do_sample=False)[0].tolist()
-        ref = model(torch.tensor([sequence])).logits
-    del model
+    tokenizer, prompt, sequence, ref = _smollm2_greedy_reference(hf_dir)
     generated = sequence[len(prompt):]
-    assert len(generated) == 20 and tokenizer.eos_token_id not in generated
     assert torch.equal(ref[0, len(prompt) - 1:-1].argmax(-1), torch.tensor(generated))  # HF's own greedy, no cache
 
     results = run_distributed(_smollm2_suite, 3, str(hf_dir), str(tmp_path), sequence, tp=3)[0]
@@ -527,23 +534,13 @@ def test_smollm2_heads_padded_for_tp2_matches_transformers_at_tp2_and_tp1(tmp_pa
     """SmolLM2 cannot split its 9 heads over TP=2; its exact 12-head padding can. Our megatron model of the padded
     copy, at TP=2 and resharded to TP=1, matches transformers on the *original* model within 1e-4, and its greedy
     choices are transformers' 20 greedy tokens (checked teacher-forced, as in the TP=3 test)."""
-    from transformers import AutoTokenizer, LlamaForCausalLM
-
     from megatron_xopd.convert.gguf import ensure_smollm2_hf
     from megatron_xopd.convert.heads import write_padded_copy
-    from megatron_xopd.data.tokenizer import format_prompt
 
     hf_dir = ensure_smollm2_hf()
     padded = write_padded_copy(hf_dir, tmp_path / "smollm2_tp2", 2)
-    tokenizer = AutoTokenizer.from_pretrained(str(hf_dir))
-    prompt = format_prompt(tokenizer, "Write a short poem about the sea.", audio=False)
-    model = LlamaForCausalLM.from_pretrained(str(hf_dir), dtype=torch.float32).eval()
-    with torch.no_grad():
-        sequence = model.generate(torch.tensor([prompt]), max_new_tokens=20, do_sample=False)[0].tolist()
-        ref = model(torch.tensor([sequence])).logits
-    del model
+    tokenizer, prompt, sequence, ref = _smollm2_greedy_reference(hf_dir)
     generated = sequence[len(prompt):]
-    assert len(generated) == 20 and tokenizer.eos_token_id not in generated
     results = run_distributed(_smollm2_suite, 2, str(padded), str(tmp_path), sequence, tp=2)[0]
     for tp in (2, 1):
         diff = (results[tp] - ref).abs().max().item()
