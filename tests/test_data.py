@@ -19,8 +19,6 @@ import torch
 from lhotse import CutSet, Recording, SupervisionSegment
 from lhotse.cut import Cut
 from lhotse import NumpyFilesWriter
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-from transformers import PreTrainedTokenizerFast
 
 from megatron_xopd.data.cuts import BadCutError, CutStats, answer, load_prompt_cuts, text_prompt
 from megatron_xopd.data.dataset import PairedPromptDataset, build_dataloader
@@ -32,12 +30,9 @@ from megatron_xopd.data.synthesis import (
     synthesize,
     word_error_rate,
 )
-from megatron_xopd.data.tokenizer import AUDIO_LOCATOR, format_prompt, load_tokenizer
+from megatron_xopd.data.tokenizer import AUDIO_LOCATOR, format_prompt
+from tests._tokenizers import byte_tokenizer
 
-CHAT_TEMPLATE = (
-    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
-    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
-)
 TOOLS = Path(__file__).resolve().parents[1] / "tools"
 HAS_ESPEAK = shutil.which("espeak-ng") is not None
 needs_espeak = pytest.mark.skipif(not HAS_ESPEAK, reason="espeak-ng is not installed (apt-get install espeak-ng)")
@@ -46,17 +41,7 @@ needs_espeak = pytest.mark.skipif(not HAS_ESPEAK, reason="espeak-ng is not insta
 @pytest.fixture(scope="module")
 def tokenizer(tmp_path_factory):
     """A byte-level tokenizer (one token per UTF-8 byte) with a ChatML template and the audio locator."""
-    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
-    vocab = {tok: i for i, tok in enumerate(specials + sorted(pre_tokenizers.ByteLevel.alphabet()))}
-    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    tok.add_special_tokens(specials)
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>")
-    fast.chat_template = CHAT_TEMPLATE
-    path = tmp_path_factory.mktemp("tokenizer")
-    fast.save_pretrained(path)
-    return load_tokenizer(path)
+    return byte_tokenizer(tmp_path_factory.mktemp("tokenizer"))
 
 
 def make_cut(tmp_path, cut_id: str, seconds: float, *, sr: int = 16000, text: str | None = "what is two plus two",

@@ -17,8 +17,6 @@ import pytest
 import soundfile as sf
 import torch
 from lhotse import CutSet, MonoCut, Recording
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-from transformers import PreTrainedTokenizerFast
 
 from megatron_xopd.data.cuts import BadCutError, load_prompt_cuts
 from megatron_xopd.data.dataset import PairedPromptDataset
@@ -29,7 +27,8 @@ from megatron_xopd.data.encoder_features import (
     pool_frames,
 )
 from megatron_xopd.data.synthesis import PromptItem, SynthesisConfig, synthesize
-from megatron_xopd.data.tokenizer import AUDIO_LOCATOR, load_tokenizer
+from megatron_xopd.data.tokenizer import AUDIO_LOCATOR
+from tests._tokenizers import byte_tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
 HAS_ESPEAK = shutil.which("espeak-ng") is not None
@@ -101,7 +100,7 @@ def test_features_shape_dtype_and_determinism(speech_cuts, cached):
 @needs_espeak
 @needs_whisper
 def test_features_batch_through_dataset(cached, tmp_path):
-    dataset = PairedPromptDataset(_byte_tokenizer(tmp_path), AUDIO_LOCATOR, speech_input="features",
+    dataset = PairedPromptDataset(byte_tokenizer(tmp_path), AUDIO_LOCATOR, speech_input="features",
                                   on_bad_cut="raise")
     cuts = _load(cached[0])
     batch = dataset[cuts]
@@ -218,20 +217,3 @@ def test_prepare_quickstart_data_needs_espeak(tmp_path, monkeypatch):
 
 def _load(path) -> CutSet:
     return load_prompt_cuts(path).to_eager()
-
-
-def _byte_tokenizer(path: Path):
-    """A byte-level tokenizer with a ChatML template and the audio locator (as in test_data.py)."""
-    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
-    vocab = {tok: i for i, tok in enumerate(specials + sorted(pre_tokenizers.ByteLevel.alphabet()))}
-    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    tok.add_special_tokens(specials)
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>")
-    fast.chat_template = (
-        "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
-        "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
-    )
-    fast.save_pretrained(path)
-    return load_tokenizer(path)
