@@ -335,7 +335,7 @@ class XOPDTrainer:
                     continue
                 text = self.tokenizer.decode(out.tokens[row, : out.lengths[row]].tolist(), skip_special_tokens=True)
                 totals["acc_s" if modality[p] == CROSS_MODAL else "acc_t"] += self.scorer(text, reference)
-                totals["n"] += 0.5 if modality[p] == CROSS_MODAL else 0.5
+                totals["n"] += 0.5  # each prompt is asked twice, from S and from T
         g = _reduce(totals)
         n = max(g["n"], 1.0)
         return {"eval/acc_speech": g["acc_s"] / n, "eval/acc_text": g["acc_t"] / n,
