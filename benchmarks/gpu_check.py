@@ -1,0 +1,422 @@
+"""GPU check of the Triton kernels in ``megatron_xopd.ops``: correctness compiled on CUDA, and Triton vs PyTorch timing.
+
+    python3 benchmarks/gpu_check.py --out "$OUT/gpu_check.json"
+
+Needs only torch and triton (no Megatron; pytest only for the first section). Sections, in order, each recorded
+even if a later one fails or the ``--budget-s`` deadline skips it:
+
+1. ``pytest``: ``tests/test_ops_triton.py -k cuda`` in a subprocess (the kernel-level checks compiled on CUDA).
+2. ``unit``: the same checks (``tests.test_ops_triton._run_checks("cuda")``) in this process, errors recorded.
+3. ``logits``: ``vocab_parallel_divergence`` forward and forward+backward for each kind, float32 and bf16 inputs, on
+   a full vocabulary (``--tokens`` x ``--vocab``, one rank) and on a TP-style shard (``--vocab / --tp`` local
+   columns padded to a multiple of 128, the padding excluded via ``vocab_size``, so chunks are row-strided views).
+   Triton vs the chunked PyTorch path (the same op with the dispatch forced), both vs a float64 full-vocabulary
+   reference on the first ``--ref-rows`` rows; median time (CUDA events), peak memory above the inputs.
+4. ``fused_linear``: ``fused_linear_divergence`` (bf16 hidden states and weights), Triton vs PyTorch.
+5. ``naive``: plain ``log_softmax`` reverse KL over the full vocabulary (float32), for scale.
+6. ``logprobs``: ``vocab_parallel_logprobs`` with entropy (PyTorch only), vs float64.
+
+Prints ONE JSON line (last line of stdout); ``--out`` also gets it (rewritten after every section). Exit status 0 if
+every check passed, 1 if one failed or errored, 2 without CUDA. ``--allow-cpu`` runs a tiny smoke version on CPU
+(set ``TRITON_INTERPRET=1``), for testing this script without a GPU.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import statistics
+import subprocess
+import sys
+import time
+import traceback
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if ROOT not in sys.path:
+    sys.path.insert(0, ROOT)
+
+import torch  # noqa: E402
+
+KIND_BETAS = (("reverse_kl", 0.5), ("forward_kl", 0.5), ("jsd", 0.3))
+TEMPERATURE = 0.9
+
+
+class Ctx:
+    def __init__(self, args: argparse.Namespace, device: str) -> None:
+        self.args, self.device, self.cuda = args, device, device == "cuda"
+        self.deadline = time.monotonic() + args.budget_s
+        self.result: dict = {"ok": True, "sections": {}}
+        self.failures: list[str] = []
+
+    def fail(self, name: str) -> None:
+        self.result["ok"] = False
+        self.failures.append(name)
+
+    def save(self) -> None:
+        self.result["failures"] = self.failures
+        if self.args.out:
+            os.makedirs(os.path.dirname(os.path.abspath(self.args.out)), exist_ok=True)
+            with open(self.args.out, "w") as f:
+                f.write(json.dumps(self.result) + "\n")
+
+    def left(self) -> float:
+        """Seconds left before the ``--budget-s`` deadline."""
+        return self.deadline - time.monotonic()
+
+    def sync(self) -> None:
+        if self.cuda:
+            torch.cuda.synchronize()
+
+
+def _dispatch(use_triton: bool) -> None:
+    """Route ``kernels``' float32 compute path to Triton or to the PyTorch reference (process-wide)."""
+    from megatron_xopd.ops import kernels
+
+    kernels._use_triton = lambda x, dtype: use_triton and dtype == torch.float32
+
+
+def _r(x: float | None, digits: int = 4) -> float | None:
+    if x is None or not math.isfinite(x):
+        return x if x is None else str(x)
+    return float(f"{x:.{digits}g}")
+
+
+def compare(got: torch.Tensor, want: torch.Tensor, rtol: float, atol_rel_max: float) -> dict:
+    """[max abs error, relative L2 error, pass]: pass if all finite and |got - want| <= rtol |want| + atol_rel_max
+    max|want| elementwise."""
+    got, want = got.double(), want.double().to(got.device)
+    diff = (got - want).abs()
+    scale = want.abs().max().item()
+    finite = bool(torch.isfinite(got).all().item())
+    ok = finite and bool((diff <= rtol * want.abs() + atol_rel_max * scale).all().item())
+    rel_l2 = (diff.norm() / want.norm().clamp_min(1e-300)).item()
+    return [_r(diff.max().item(), 3), _r(rel_l2, 3), ok]
+
+
+def bench(ctx: Ctx, fn, reps: int) -> dict:
+    """[median ms, (max - min) / median in %, peak MiB above what was allocated before] of ``fn`` after a warm-up."""
+    fn()
+    ctx.sync()
+    peak = None
+    if ctx.cuda:
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        out = fn()
+        torch.cuda.synchronize()
+        peak = (torch.cuda.max_memory_allocated() - base) / 2**20
+        del out
+    times = []
+    for _ in range(reps):
+        if ctx.cuda:
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            out = fn()
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end))
+        else:
+            t0 = time.perf_counter()
+            out = fn()
+            times.append((time.perf_counter() - t0) * 1e3)
+        del out
+    med = statistics.median(times)
+    return [_r(med), _r(100 * (max(times) - min(times)) / med, 2), _r(peak, 5)]
+
+
+def _inputs(n: int, cols: int, dtype: torch.dtype, device: str, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Student ~ 3 N(0,1); teacher = student + 2 N(0,1) (correlated, as distillation logits are); random data."""
+    gen = torch.Generator(device=device).manual_seed(seed)
+    s = torch.randn(n, cols, generator=gen, device=device).mul_(3.0)
+    t = torch.randn(n, cols, generator=gen, device=device).mul_(2.0).add_(s)
+    return s.to(dtype), t.to(dtype)
+
+
+# -- sections ---------------------------------------------------------------------------------------------------
+
+
+def sec_pytest(ctx: Ctx) -> dict:
+    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "tests/test_ops_triton.py", "-k", "cuda"]
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=max(30, ctx.left()))
+    lines = [ln for ln in proc.stdout.strip().splitlines() if ln.strip()]
+    out = {"rc": proc.returncode, "summary": lines[-1] if lines else proc.stderr[-500:]}
+    if proc.returncode != 0:
+        out["tail"] = (proc.stdout + proc.stderr)[-1500:]
+        ctx.fail("pytest")
+    return out
+
+
+def sec_unit(ctx: Ctx) -> dict:
+    from tests.test_ops_triton import _run_checks
+
+    res = _run_checks(ctx.device)
+    failed = [name for name, (err, tol) in res.items() if not err <= tol]
+    for name in failed:
+        ctx.fail(f"unit:{name}")
+    # err = max(|got - want| - rtol |want|), passing when <= tol; the margin is the largest err / tol.
+    return {"n": len(res), "failed": failed, "worst": max(res, key=lambda k: res[k][0] / res[k][1]),
+            "err_tol": {k: [_r(e, 2), t] for k, (e, t) in res.items()}}
+
+
+def _op(kind, beta, vocab_size):
+    from megatron_xopd.ops import vocab_parallel_divergence
+
+    def run(s, t, g=None):
+        if g is None:
+            with torch.no_grad():
+                return vocab_parallel_divergence(s, t, kind, beta=beta, temperature=TEMPERATURE, vocab_size=vocab_size)
+        x = s.detach().requires_grad_()
+        value = vocab_parallel_divergence(x, t, kind, beta=beta, temperature=TEMPERATURE, vocab_size=vocab_size)
+        value.backward(g)
+        return value.detach(), x.grad
+
+    return run
+
+
+def _bytes_triton(n: int, cols: int, valid: int, in_bytes: int, kind: str) -> tuple[int, int]:
+    """Least device-memory traffic of the Triton path: forward reads s and t once (twice for JSD: the second pass
+    needs the global normalisers); backward zero-fills the gradient, reads s and t and writes the gradient."""
+    fwd = (2 if kind == "jsd" else 1) * 2 * n * valid * in_bytes
+    return fwd, fwd + n * cols * in_bytes + 2 * n * valid * in_bytes + n * valid * in_bytes
+
+
+def sec_logits(ctx: Ctx, name: str, n: int, cols: int, vocab_size: int, dtype: torch.dtype) -> dict:
+    from tests import _ops_reference as ref
+
+    args = ctx.args
+    s, t = _inputs(n, cols, dtype, ctx.device, seed=cols + n)
+    g = torch.randn(n, generator=torch.Generator(device=ctx.device).manual_seed(7), device=ctx.device)
+    rows = min(args.ref_rows, n)
+    grad_tol = (1e-2, 1e-2) if dtype == torch.bfloat16 else (1e-4, 1e-5)
+    out = {"shape": [n, cols], "vocab_size": vocab_size, "dtype": str(dtype).split(".")[1], "kinds": {}}
+    for kind, beta in KIND_BETAS:
+        if ctx.left() <= 0:
+            out["kinds"][kind] = "skipped (budget)"
+            continue
+        run = _op(kind, beta, vocab_size)
+        want_v, want_g = ref.reference_grad(
+            lambda x: ref.divergence(x, t[:rows], kind, beta=beta, temperature=TEMPERATURE, vocab_size=vocab_size),
+            s[:rows],
+            g[:rows],
+        )
+        res, got = {}, {}
+        for impl in ("triton", "torch"):
+            _dispatch(impl == "triton")
+            value, grad = run(s, t, g)
+            got[impl] = (value, grad)
+            res[f"{impl}_vs_f64_value"] = compare(value[:rows], want_v, 1e-4, 1e-5)
+            res[f"{impl}_vs_f64_grad"] = compare(grad[:rows], want_g, *grad_tol)
+            if vocab_size < cols:
+                res[f"{impl}_padding_grad_zero"] = bool((grad[:, vocab_size:] == 0).all().item())
+            res[f"{impl}_fwd"] = bench(ctx, lambda: run(s, t), args.reps)
+            res[f"{impl}_fwd_bwd"] = bench(ctx, lambda: run(s, t, g), args.reps)
+            del value, grad
+        res["triton_vs_torch_value"] = compare(got["triton"][0], got["torch"][0], 1e-4, 1e-5)
+        res["triton_vs_torch_grad"] = compare(got["triton"][1], got["torch"][1], *grad_tol)
+        del got
+        fwd_b, all_b = _bytes_triton(n, cols, vocab_size, s.element_size(), kind)
+        for key, b in (("fwd", fwd_b), ("fwd_bwd", all_b)):
+            ms = res[f"triton_{key}"][0]
+            res[f"triton_{key}_gb_s"] = _r(b / (ms * 1e-3) / 1e9) if ms else None
+            res[f"speedup_{key}"] = _r(res[f"torch_{key}"][0] / ms, 3) if ms else None
+        for key, val in res.items():
+            if isinstance(val, list) and len(val) == 3 and val[2] is False or val is False:
+                ctx.fail(f"{name}:{kind}:{key}")
+        out["kinds"][kind] = res
+        if ctx.cuda:
+            torch.cuda.empty_cache()
+    _dispatch(True)
+    return out
+
+
+def sec_fused_linear(ctx: Ctx, n: int, hidden: int, vocab: int) -> dict:
+    from megatron_xopd.ops import fused_linear_divergence
+
+    gen = torch.Generator(device=ctx.device).manual_seed(11)
+    dtype = torch.bfloat16
+
+    def rnd(*shape, scale=1.0):
+        return (torch.randn(*shape, generator=gen, device=ctx.device) * scale).to(dtype)
+
+    h_s, h_t = rnd(n, hidden), rnd(n, hidden)
+    w_s, w_t = rnd(vocab, hidden, scale=hidden**-0.5 * 3), rnd(vocab, hidden, scale=hidden**-0.5 * 3)
+    g = torch.randn(n, generator=gen, device=ctx.device)
+    out = {"shape": {"tokens": n, "hidden": hidden, "vocab": vocab}, "dtype": "bfloat16", "kind": "reverse_kl"}
+
+    def run():
+        hs, ws = h_s.detach().requires_grad_(), w_s.detach().requires_grad_()
+        value = fused_linear_divergence(hs, ws, h_t, w_t, "reverse_kl", temperature=TEMPERATURE)
+        value.backward(g)
+        return value.detach(), hs.grad, ws.grad
+
+    got = {}
+    for impl in ("triton", "torch"):
+        _dispatch(impl == "triton")
+        got[impl] = run()
+        out[f"{impl}_fwd_bwd"] = bench(ctx, run, max(1, ctx.args.reps // 2))
+    _dispatch(True)
+    for i, part in enumerate(("value", "grad_h", "grad_w")):
+        c = compare(got["triton"][i], got["torch"][i], 1e-4, 1e-5)
+        if part != "value":
+            # bf16 gradients of bf16 matrix products: rounding differs elementwise, so judge by the relative L2.
+            c[2] = isinstance(c[1], float) and c[1] <= 1e-2
+        out[f"triton_vs_torch_{part}"] = c
+        if not c[2]:
+            ctx.fail(f"fused_linear:{part}")
+    ms = out["triton_fwd_bwd"][0]
+    out["speedup_fwd_bwd"] = _r(out["torch_fwd_bwd"][0] / ms, 3) if ms else None
+    return out
+
+
+def sec_naive(ctx: Ctx, n: int, vocab: int) -> dict:
+    s, t = _inputs(n, vocab, torch.float32, ctx.device, seed=3)
+    g = torch.randn(n, generator=torch.Generator(device=ctx.device).manual_seed(7), device=ctx.device)
+
+    def run():
+        x = s.detach().requires_grad_()
+        log_q = torch.log_softmax(x / TEMPERATURE, -1)
+        log_p = torch.log_softmax(t / TEMPERATURE, -1)
+        value = (log_q.exp() * (log_q - log_p)).sum(-1)
+        value.backward(g)
+        return x.grad
+
+    return {"shape": [n, vocab], "kind": "reverse_kl", "dtype": "float32", "fwd_bwd": bench(ctx, run, ctx.args.reps)}
+
+
+def sec_logprobs(ctx: Ctx, n: int, vocab: int) -> dict:
+    from megatron_xopd.ops import vocab_parallel_logprobs
+    from tests import _ops_reference as ref
+
+    s, _ = _inputs(n, vocab, torch.float32, ctx.device, seed=5)
+    targets = torch.randint(0, vocab, (n,), generator=torch.Generator(device=ctx.device).manual_seed(1), device=ctx.device)
+    rows = min(ctx.args.ref_rows, n)
+
+    def run():
+        x = s.detach().requires_grad_()
+        lp, ent = vocab_parallel_logprobs(x, targets, temperature=TEMPERATURE, return_entropy=True)
+        (lp.sum() + ent.sum()).backward()
+        return lp.detach(), ent.detach(), x.grad
+
+    lp, ent, grad = run()
+    want_lp, want_ent = ref.logprobs(s[:rows], targets[:rows], TEMPERATURE)
+    out = {
+        "shape": [n, vocab],
+        "dtype": "float32",
+        "vs_f64_logprob": compare(lp[:rows], want_lp, 1e-4, 1e-5),
+        "vs_f64_entropy": compare(ent[:rows], want_ent, 1e-4, 1e-5),
+        "fwd_bwd": bench(ctx, run, ctx.args.reps),
+    }
+    for key in ("vs_f64_logprob", "vs_f64_entropy"):
+        if not out[key][2]:
+            ctx.fail(f"logprobs:{key}")
+    return out
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--out", default=None, help="also write the JSON line here")
+    p.add_argument("--tokens", type=int, default=4096)
+    p.add_argument("--vocab", type=int, default=151936)
+    p.add_argument("--tp", type=int, default=4, help="TP size of the partial-vocabulary shard case")
+    p.add_argument("--hidden", type=int, default=2048, help="hidden size of the fused-linear case")
+    p.add_argument("--reps", type=int, default=7)
+    p.add_argument("--ref-rows", type=int, default=64, help="rows checked against the float64 reference")
+    p.add_argument("--budget-s", type=float, default=240.0, help="skip sections not started by then")
+    p.add_argument("--skip", default="", help="comma-separated sections to skip")
+    p.add_argument("--allow-cpu", action="store_true", help="tiny smoke run on CPU (with TRITON_INTERPRET=1)")
+    args = p.parse_args()
+    t0 = time.monotonic()
+
+    cuda = torch.cuda.is_available()
+    if not cuda and not args.allow_cpu:
+        print(json.dumps({"ok": False, "error": "CUDA is not available (torch %s)" % torch.__version__}))
+        return 2
+    if not cuda:
+        if os.environ.get("TRITON_INTERPRET", "0") in ("", "0"):
+            print(json.dumps({"ok": False, "error": "--allow-cpu needs TRITON_INTERPRET=1"}))
+            return 2
+        args.tokens, args.vocab, args.hidden, args.reps, args.ref_rows = 6, 600, 32, 1, 4
+    ctx = Ctx(args, "cuda" if cuda else "cpu")
+    info = {"torch": torch.__version__, "python": sys.version.split()[0]}
+    try:
+        import triton
+
+        info["triton"] = triton.__version__
+    except Exception as exc:  # noqa: BLE001
+        ctx.result.update(info, ok=False, error=f"triton import failed: {exc!r}")
+        ctx.save()
+        print(json.dumps(ctx.result))
+        return 1
+    if cuda:
+        prop = torch.cuda.get_device_properties(0)
+        info.update(
+            device=prop.name, sms=prop.multi_processor_count, mem_gib=round(prop.total_memory / 2**30, 1),
+            cuda=torch.version.cuda,
+        )
+        from megatron_xopd.ops import kernels
+
+        info["default_dispatch_triton"] = bool(kernels._use_triton(torch.empty(1, device="cuda"), torch.float32))
+        if not info["default_dispatch_triton"]:
+            ctx.fail("default_dispatch")
+    else:
+        info["device"] = "cpu (TRITON_INTERPRET smoke run)"
+    ctx.result.update(info)
+    ctx.result["legend"] = {
+        "error": "[max_abs, rel_l2, ok]",
+        "time": "[median_ms, spread_pct, peak_mib_above_inputs]",
+        "gb_s": "least bytes the Triton path moves / median time",
+    }
+    ctx.result["config"] = {"tokens": args.tokens, "vocab": args.vocab, "tp": args.tp, "temperature": TEMPERATURE}
+
+    n, v = args.tokens, args.vocab
+    # The last rank's shard at TP = --tp: the vocabulary padded to a multiple of 128 per rank (8 in the CPU smoke
+    # run); its ``local`` columns end in padding, so only the first ``valid`` are real tokens.
+    align = 128 if cuda else 8
+    local = -(-v // (args.tp * align)) * align
+    valid = v - (args.tp - 1) * local
+    if not 0 < valid < local:
+        valid = max(1, local - align)
+    sections = [
+        ("pytest", lambda: sec_pytest(ctx)),
+        ("unit", lambda: sec_unit(ctx)),
+        ("logits_full_fp32", lambda: sec_logits(ctx, "logits_full_fp32", n, v, v, torch.float32)),
+        ("logits_full_bf16", lambda: sec_logits(ctx, "logits_full_bf16", n, v, v, torch.bfloat16)),
+        ("logits_tp_fp32", lambda: sec_logits(ctx, "logits_tp_fp32", n, local, valid, torch.float32)),
+        ("logits_tp_bf16", lambda: sec_logits(ctx, "logits_tp_bf16", n, local, valid, torch.bfloat16)),
+        ("fused_linear", lambda: sec_fused_linear(ctx, n, args.hidden, v)),
+        ("naive", lambda: sec_naive(ctx, n, v)),
+        ("logprobs", lambda: sec_logprobs(ctx, n, v)),
+    ]
+    skip = set(filter(None, args.skip.split(",")))
+    if not cuda:
+        skip.add("pytest")  # its checks skip without CUDA; the interpreted ones are the CPU test suite's
+    for name, fn in sections:
+        if name in skip:
+            ctx.result["sections"][name] = "skipped"
+            continue
+        if ctx.left() <= 0:
+            ctx.result["sections"][name] = "skipped (budget)"
+            continue
+        t1 = time.monotonic()
+        try:
+            res = fn()
+        except Exception as exc:  # noqa: BLE001 - record and go on with the next section
+            res = {"error": repr(exc)[:500], "trace": traceback.format_exc()[-1500:]}
+            ctx.fail(name)
+        if isinstance(res, dict):
+            res["wall_s"] = round(time.monotonic() - t1, 1)
+        ctx.result["sections"][name] = res
+        ctx.save()
+        if cuda:
+            torch.cuda.empty_cache()
+        print(f"[gpu_check] {name}: {time.monotonic() - t1:.1f}s", file=sys.stderr, flush=True)
+    ctx.result["wall_s"] = round(time.monotonic() - t0, 1)
+    ctx.save()
+    print(json.dumps(ctx.result), flush=True)
+    return 0 if ctx.result["ok"] else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
