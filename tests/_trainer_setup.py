@@ -99,3 +99,31 @@ def train(cfg: dict) -> list[dict]:
     XOPDTrainer(run).train()
     path = Path(run.logging.dir) / "metrics.jsonl"
     return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+
+
+def response_length_parity(response: str, reference: str) -> float:
+    """A test scorer that depends on the whole generated text (so equal scores mean equal generations)."""
+    return float(len(response) % 2)
+
+
+def snapshot(trainer) -> dict:
+    """Copies of the student's LLM and perception weights."""
+    return {
+        "llm": {k: v.detach().clone() for k, v in trainer.student.language_model.state_dict().items()
+                if not k.endswith("_extra_state")},
+        "perception": {k: v.detach().clone() for k, v in trainer.student.perception.state_dict().items()},
+    }
+
+
+def train_with_snapshots(cfg: dict) -> tuple[dict, dict, list[dict], dict]:
+    """Like :func:`train`, with the student's weights before and after, and the teacher's greedy answer cache."""
+    import json
+
+    from megatron_xopd.trainer import XOPDTrainer, to_run_config
+
+    run = to_run_config(cfg)
+    trainer = XOPDTrainer(run)
+    before = snapshot(trainer)
+    trainer.train()
+    rows = [json.loads(line) for line in (Path(run.logging.dir) / "metrics.jsonl").read_text().splitlines()]
+    return before, snapshot(trainer), rows, dict(trainer._teacher_answers)

@@ -70,8 +70,14 @@ def test_ratio_starts_at_one_and_clipping_bounds_it():
 
 @pytest.mark.parametrize("field,value,message", [
     ("lam", 1.5, "xopd.lam"), ("loss", "kl", "xopd.loss"), ("normalization", "batch", "xopd.normalization"),
-    ("beta", -0.1, "xopd.beta"), ("clip_ratio", 0.0, "xopd.clip_ratio"),
+    ("beta", -0.1, "xopd.beta"), ("clip_ratio", 0.0, "xopd.clip_ratio"), ("responses", "replay", "xopd.responses"),
+    ("loss", "sft", "xopd.responses=teacher_greedy"), ("responses", "teacher_greedy", "xopd.responses=on_policy"),
 ])
 def test_bad_xopd_config_names_the_field(field, value, message):
     with pytest.raises(ValueError, match=message):
         XOPDConfig(**{field: value})
+
+
+def test_baselines_are_valid_configs():
+    assert XOPDConfig(loss="sft", responses="teacher_greedy", lam=0.0).modalities == (1,)
+    assert XOPDConfig(loss="jsd", beta=0.0, responses="teacher_greedy").modalities == (0, 1)

@@ -210,7 +210,9 @@ def test_prepare_quickstart_data_needs_espeak(tmp_path, monkeypatch):
     spec = importlib.util.spec_from_file_location("quickstart_prepare", ROOT / "examples/quickstart/prepare_data.py")
     prepare = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(prepare)
-    monkeypatch.setattr(prepare.shutil, "which", lambda name: None)
+    from megatron_xopd.data import paired_features
+
+    monkeypatch.setattr(paired_features.shutil, "which", lambda name: None)
     with pytest.raises(RuntimeError, match="apt-get install espeak-ng"):
         prepare.prepare_quickstart_data(tmp_path)
 

@@ -1,13 +1,15 @@
 """The X-OPD trainer end to end on tiny models: metrics, TP=2 parity, exact resume, crash-safe checkpoints,
 bad input."""
 
+import math
 import shutil
 
 import pytest
+import torch
 
 from megatron_xopd.testing import run_distributed
 from megatron_xopd.trainer.checkpoint import latest_checkpoint
-from tests._trainer_setup import PROMPTS, run_config, train, write_feature_cuts
+from tests._trainer_setup import PROMPTS, run_config, train, train_with_snapshots, write_feature_cuts
 
 REQUIRED = {"kl_cm", "kl_im", "loss", "L_im", "L_cm", "ratio_mean", "ratio_max", "response_len_cm", "response_len_im",
             "time_rollout_s", "time_teacher_s", "time_train_s", "tokens_per_s", "lr", "grad_norm"}
@@ -87,3 +89,46 @@ def test_unknown_config_key_and_unequal_vocab_are_clear_errors(tmp_path):
     bad_vocab = run_config(tmp_path / "run", manifest, model={"teacher": {"llm": {"vocab_size": 1000}}})
     with pytest.raises(RuntimeError, match="unequal vocab: model.teacher has 1000 embedding rows"):
         run_distributed(train, 1, bad_vocab)
+
+
+def _changed(before: dict, after: dict) -> set[str]:
+    return {k for k in before if not torch.equal(before[k], after[k])}
+
+
+def test_alignment_stage_then_offline_kd_from_its_checkpoint(tmp_path):
+    """The study's stages: SFT of the perception alone on the teacher's greedy answers from S (the LLM frozen),
+    then offline KD of the LLM from that checkpoint, evaluated first with the teacher's own accuracy."""
+    manifest = write_feature_cuts(tmp_path)
+    sft = {"loss": "sft", "responses": "teacher_greedy"}
+    align_cfg = run_config(tmp_path / "align", manifest, hf=True, trainer={"max_steps": 2}, xopd={**sft, "lam": 0.0},
+                           model={"student": {"freeze_llm": True}})
+    before, after, rows, answers = run_distributed(train_with_snapshots, 1, align_cfg)[0]
+    assert _changed(before["llm"], after["llm"]) == set()
+    assert _changed(before["perception"], after["perception"]) == set(before["perception"])
+    assert [r["step"] for r in rows] == [1, 2] and rows[0]["L_im"] == 0.0 and rows[0]["L_cm"] < 0.0
+    assert math.isnan(rows[0]["kl_cm"])  # no student samples: the sampled-token KL estimate does not apply
+    assert len(answers) == 4 and all(0 < len(a) <= 6 for a in answers.values())  # 2 steps x 2 prompts, cached
+
+    # Offline KD from the aligned student: the teacher is the student's own LLM here, so from T they answer alike.
+    teacher_hf = align_cfg["model"]["student"]["hf_path"]
+    kd_cfg = run_config(tmp_path / "kd", manifest, hf=True, trainer={"max_steps": 1, "eval_at_start": True,
+                                                                       "eval_max_new_tokens": 4},
+                        xopd={**sft, "lam": 0.5},
+                        model={"teacher": {"hf_path": teacher_hf}, "student": {"perception": {"freeze_adapter": True}}},
+                        data={"validation": str(manifest), "scorer": "tests._trainer_setup:response_length_parity"},
+                        checkpoint={"init_from": str(latest_checkpoint(tmp_path / "align" / "ckpt"))})
+    start, end, kd_rows, _ = run_distributed(train_with_snapshots, 1, kd_cfg)[0]
+    for k in after["perception"]:
+        torch.testing.assert_close(start["perception"][k], after["perception"][k], rtol=0, atol=0)
+    assert _changed(start["llm"], end["llm"]) and not _changed(start["perception"], end["perception"])
+    first = kd_rows[0]
+    assert first["step"] == 0 and first["eval/prompts"] == len(PROMPTS)
+    assert first["eval/acc_teacher_text"] == first["eval/acc_text"]
+    assert kd_rows[1]["L_im"] < 0.0 and kd_rows[1]["L_cm"] < 0.0
+
+
+def test_init_from_a_missing_checkpoint_is_a_clear_error(tmp_path):
+    manifest = write_feature_cuts(tmp_path)
+    cfg = run_config(tmp_path / "run", manifest, checkpoint={"init_from": str(tmp_path)})
+    with pytest.raises(RuntimeError, match="checkpoint.init_from: .* is not a checkpoint directory"):
+        run_distributed(train, 1, cfg)

@@ -23,13 +23,15 @@ def _configs():
     return student, teacher
 
 
-def _models():
+def _models(train_perception: bool = False):
     from megatron_xopd.models import SpeechStudent, build_teacher, load_canonical_state_dict
     from megatron_xopd.runtime import set_seed
 
     set_seed(0)
     student_cfg, teacher_cfg = _configs()
-    student = SpeechStudent(student_cfg, tiny_perception_config(), LOCATOR)
+    perception = tiny_perception_config()
+    perception.freeze_adapter = not train_perception
+    student = SpeechStudent(student_cfg, perception, LOCATOR)
     load_canonical_state_dict(student.language_model, canonical_weights(student_cfg, seed=1))
     teacher = build_teacher(teacher_cfg, student_cfg)
     load_canonical_state_dict(teacher, canonical_weights(teacher_cfg, seed=2))
@@ -41,7 +43,7 @@ def _models():
     return student, teacher
 
 
-def _rollouts(student):
+def _rollouts(student, train_perception: bool = False):
     from megatron_xopd.models import expand_audio_locators
     from megatron_xopd.trainer.passes import Rollouts
 
@@ -58,26 +60,35 @@ def _rollouts(student):
             audio.append(None)
         else:
             student_prompts.append(speech[k])
-            audio.append(embeds[k].detach() if embeds[k] is not None else None)
+            audio.append(embeds[k].detach() if embeds[k] is not None and not train_perception else embeds[k])
             k += 1
     lengths = torch.tensor(LENGTHS)
     responses = torch.randint(0, VOCAB, (4, 5), generator=g) * (torch.arange(5) < lengths.unsqueeze(1))
     old = -3.0 - torch.rand(4, 5, generator=g)
     old = old * (torch.arange(5) < lengths.unsqueeze(1))
+    inputs = [None, features[0], None, features[1, :2]] if train_perception else None
     return Rollouts(
         modality=torch.tensor(MODALITY), prompt_index=torch.arange(4), student_prompts=student_prompts,
         teacher_prompts=text_prompts, responses=responses, lengths=lengths, old_logprobs=old, audio_embeds=audio,
+        audio_inputs=inputs,
     )
 
 
-def _hand_reference(lam: float, loss_kind: str):
+def _perception_grads(student) -> dict[str, torch.Tensor]:
+    if student.perception is None:
+        return {}
+    return {n: (p.main_grad if getattr(p, "main_grad", None) is not None else p.grad).clone()
+            for n, p in student.perception.named_parameters()}
+
+
+def _hand_reference(lam: float, loss_kind: str, train_perception: bool = False):
     """Single process, full vocabulary, the formulas written out."""
     import torch.nn.functional as F
 
     from megatron_xopd.models import gather_canonical_state_dict
 
-    student, teacher = _models()
-    r = _rollouts(student)
+    student, teacher = _models(train_perception)
+    r = _rollouts(student, train_perception)
     per_modality = {IN_MODAL: [], CROSS_MODAL: []}
     teacher_lp = torch.zeros(4, 5)
     for j in range(4):
@@ -98,15 +109,20 @@ def _hand_reference(lam: float, loss_kind: str):
             old = r.old_logprobs[j, :n]
             adv = teacher_lp[j, :n] - old
             per_modality[MODALITY[j]].append((torch.exp(new - old) * adv).sum() / n)
+        elif loss_kind == "sft":  # log-likelihood of the given responses
+            per_modality[MODALITY[j]].append(s_lp.gather(1, resp.unsqueeze(1)).sum() / n)
         else:  # reverse KL(student || teacher), per token, full vocabulary
             kl = (s_lp.exp() * (s_lp - t_lp)).sum(-1)
             per_modality[MODALITY[j]].append(-kl.sum() / n)  # as an objective
     objective = sum(w * torch.stack(per_modality[m]).mean() for m, w in ((IN_MODAL, lam), (CROSS_MODAL, 1 - lam)) if w > 0)
     (-objective).backward()
-    return float(-objective), gather_canonical_state_dict(student.language_model, VOCAB + 1, grads=True), teacher_lp
+    grads = gather_canonical_state_dict(student.language_model, VOCAB + 1, grads=True)
+    if train_perception:
+        return float(-objective), grads, teacher_lp, _perception_grads(student)
+    return float(-objective), grads, teacher_lp
 
 
-def _pipeline(lam: float, loss_kind: str, micro_batch_size: int):
+def _pipeline(lam: float, loss_kind: str, micro_batch_size: int, train_perception: bool = False):
     from megatron.core import parallel_state
 
     from megatron_xopd.models import gather_canonical_state_dict
@@ -114,9 +130,9 @@ def _pipeline(lam: float, loss_kind: str, micro_batch_size: int):
     from megatron_xopd.trainer.passes import TrainStats, score_with_teacher, train_pass
     from megatron_xopd.algo import rollout_weights
 
-    student, teacher = _models()
-    r = _rollouts(student)
-    cfg = XOPDConfig(lam=lam, loss=loss_kind)
+    student, teacher = _models(train_perception)
+    r = _rollouts(student, train_perception)
+    cfg = XOPDConfig(lam=lam, loss=loss_kind, responses="on_policy" if loss_kind == "sampled_token" else "teacher_greedy")
     ddp = wrap_ddp(student)
     score_with_teacher(teacher, r, micro_batch_size, VOCAB, keep_logits=loss_kind != "sampled_token")
     counts = {m: float((r.modality == m).sum()) for m in (IN_MODAL, CROSS_MODAL)}
@@ -127,6 +143,8 @@ def _pipeline(lam: float, loss_kind: str, micro_batch_size: int):
     train_pass(ddp, r, torch.arange(4), cfg, micro_batch_size, VOCAB, stats)
     grads = gather_canonical_state_dict(student.language_model, VOCAB + 1, grads=True)
     last = parallel_state.is_pipeline_last_stage()
+    if train_perception:
+        return (stats.loss if last else None), grads, (r.teacher_logprobs if last else None), _perception_grads(student)
     return (stats.loss if last else None), grads, (r.teacher_logprobs if last else None), stats.objective
 
 
@@ -145,7 +163,7 @@ def _assert_matches(result, reference):
 
 @pytest.mark.parity
 @pytest.mark.parametrize("lam,loss_kind", [(0.5, "sampled_token"), (0.0, "sampled_token"), (1.0, "sampled_token"),
-                                           (0.5, "reverse_kl")])
+                                           (0.5, "reverse_kl"), (0.5, "sft")])
 def test_step_loss_and_gradient_equal_hand_computation_tp1(lam, loss_kind):
     reference = run_distributed(_hand_reference, 1, lam, loss_kind, tp=1)[0]
     # micro-batches of 3 rows: two micro-batches, the second padded with a zero-weight row
@@ -167,3 +185,16 @@ def test_step_at_tp2_and_pp2_equals_tp1():
         if "pp" in layout:  # gradients of both stages are gathered on every rank
             assert results[0][0] is None
         _assert_matches(last, reference)
+
+
+@pytest.mark.parity
+def test_a_trainable_perception_gets_the_gradient_of_the_step():
+    """With ``audio_inputs`` the training pass reruns the perception inside the forward: its gradient (the
+    alignment stage's) equals autograd through the perception in one process."""
+    reference = run_distributed(_hand_reference, 1, 0.0, "sft", True, tp=1)[0]
+    result = run_distributed(_pipeline, 1, 0.0, "sft", 3, True, tp=1)[0]
+    _assert_matches(result[:3] + (None,), reference[:3])
+    assert result[3].keys() == reference[3].keys() == {"proj.weight", "proj.bias"}
+    for name, grad in reference[3].items():
+        assert grad.abs().sum() > 0
+        torch.testing.assert_close(result[3][name], grad, atol=1e-5, rtol=1e-4, msg=name)

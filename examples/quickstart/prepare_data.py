@@ -16,56 +16,24 @@ no ASR filter by default) and its frozen Whisper-base encoder outputs are cached
     OUT_DIR/<split>/cuts_audio.jsonl.gz the synthesised cuts (no features)
     OUT_DIR/<split>/features/           cached encoder outputs (.npy)
 
-Validation and training prompts are distinct. Rerunning reuses what exists (prompt ids are derived from the
-prompt text, so a changed prompt is never served a stale WAV or feature file); a different ``--seed`` needs a
-fresh OUT_DIR.
+Validation and training prompts are distinct (``megatron_xopd.data.paired_features`` writes them). Rerunning
+reuses what exists (prompt ids are derived from the prompt text, so a changed prompt is never served a stale
+WAV or feature file); a different ``--seed`` needs a fresh OUT_DIR.
 """
 
 from __future__ import annotations
 
 import argparse
-import hashlib
 import os
-import shutil
 import sys
 import time
 from pathlib import Path
-from typing import Any
 
-from megatron_xopd.data.encoder_features import WhisperEncoder, cache_encoder_features
-from megatron_xopd.data.reasoning_gym_prompts import write_prompts_jsonl
-from megatron_xopd.data.synthesis import ESPEAK, SynthesisConfig, read_prompt_items, synthesize
+from megatron_xopd.data.encoder_features import WhisperEncoder
+from megatron_xopd.data.paired_features import ESPEAK_MISSING, prepare_feature_splits
+from megatron_xopd.data.reasoning_gym_prompts import arithmetic_prompts
 
-TASK = "basic_arithmetic"
-PROMPT_TEMPLATE = "What is {expression}? Answer with only the number."
 DEFAULT_OUT_DIR = Path(__file__).resolve().parents[2] / "runs" / "quickstart" / "data"  # runs/ is git-ignored
-ESPEAK_MISSING = "espeak-ng is not installed; the quickstart speaks its prompts with it: apt-get install espeak-ng"
-
-
-def arithmetic_prompts(num: int, seed: int, *, max_digits: int = 1, exclude: set[str] = frozenset()) -> list[dict]:
-    """``num`` distinct two-term addition prompts ``{"id", "prompt", "answer", "metadata"}`` not in ``exclude``.
-
-    Ids are ``add-<hash of the prompt>``, stable across runs and sizes.
-    """
-    import reasoning_gym
-
-    cfg = {"min_terms": 2, "max_terms": 2, "min_digits": 1, "max_digits": max_digits, "operators": ("+",),
-           "allow_parentheses": False, "allow_negation": False}
-    draws = 20 * (num + len(exclude)) + 100
-    dataset = reasoning_gym.create_dataset(TASK, size=draws, seed=seed, **cfg)
-    records: list[dict[str, Any]] = []
-    seen = set(exclude)
-    for entry in dataset:
-        prompt = PROMPT_TEMPLATE.format(expression=entry["metadata"]["expression"])
-        if prompt in seen:
-            continue
-        seen.add(prompt)
-        item_id = "add-" + hashlib.sha1(prompt.encode()).hexdigest()[:12]
-        records.append({"id": item_id, "prompt": prompt, "answer": entry["answer"], "metadata": entry["metadata"]})
-        if len(records) == num:
-            return records
-    raise ValueError(f"only {len(records)} distinct {max_digits}-digit additions left for {num} prompts; "
-                     "ask for fewer or raise max_digits")
 
 
 def prepare_quickstart_data(
@@ -88,26 +56,11 @@ def prepare_quickstart_data(
     (default: Whisper base with ``compute_type`` on ``num_threads`` CPU threads, 0: CTranslate2's default, which
     follows ``OMP_NUM_THREADS``) makes the features.
     """
-    if shutil.which(ESPEAK) is None:
-        raise RuntimeError(ESPEAK_MISSING)
-    out_dir = Path(out_dir)
     validation = arithmetic_prompts(num_val, seed, max_digits=max_digits)
     train = arithmetic_prompts(num_train, seed + 1, max_digits=max_digits, exclude={r["prompt"] for r in validation})
-    if encoder is None:
-        # loaded only if some cut still needs encoding
-        encoder = WhisperEncoder(compute_type=compute_type, num_threads=num_threads)
-    manifests: dict[str, Path] = {}
-    for split, records in (("train", train), ("validation", validation)):
-        split_dir = out_dir / split
-        prompts = split_dir / "prompts.jsonl"
-        write_prompts_jsonl(records, prompts)
-        cfg = SynthesisConfig(out_dir=split_dir, manifest=split_dir / "cuts_audio.jsonl.gz", seed=seed,
-                              max_wer=max_wer)
-        synthesize(read_prompt_items(prompts), cfg, progress=progress)
-        manifests[split] = cache_encoder_features(cfg.manifest, out_dir / f"{split}_features.jsonl.gz",
-                                                  split_dir / "features", pool=pool, encoder=encoder,
-                                                  progress=progress)
-    return manifests
+    return prepare_feature_splits({"train": train, "validation": validation}, out_dir, seed=seed, max_wer=max_wer,
+                                  pool=pool, compute_type=compute_type, num_threads=num_threads, encoder=encoder,
+                                  progress=progress)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -11,6 +11,11 @@ data-parallel ranks reproduces the per-modality means exactly: the loss is -sum_
 ``normalization="token"`` replaces the per-sequence mean by a mean over all tokens of the modality.
 The variants replace r*A by an exact per-token divergence of the student from the teacher over the whole
 (vocab-parallel) vocabulary: ``reverse_kl`` (KL(student || teacher)) or ``jsd`` (generalised JSD, TRL's beta).
+
+The paper's baselines run through the same weights: ``loss="sft"`` maximises log p_theta(y_t) of given responses,
+and ``responses="teacher_greedy"`` takes those responses from the teacher's greedy answer to T instead of student
+samples. Together they are "offline KD" (SFT on the teacher's responses); with only the perception trainable and
+lam = 0 they are the speech-alignment stage.
 """
 
 from __future__ import annotations
@@ -19,7 +24,8 @@ from dataclasses import dataclass
 
 import torch
 
-LOSSES = ("sampled_token", "reverse_kl", "jsd")
+LOSSES = ("sampled_token", "reverse_kl", "jsd", "sft")
+RESPONSES = ("on_policy", "teacher_greedy")
 IN_MODAL, CROSS_MODAL = 0, 1  # modality of a rollout: prompted with T, or with S
 
 
@@ -29,7 +35,8 @@ class XOPDConfig:
 
     lam: float = 0.5  # weight of the in-modal (text-prompted) term; 1 - lam for the cross-modal one
     n_samples: int = 4  # responses sampled per prompt and modality
-    loss: str = "sampled_token"  # sampled_token (paper) | reverse_kl | jsd
+    loss: str = "sampled_token"  # sampled_token (paper) | reverse_kl | jsd | sft (log-likelihood of the responses)
+    responses: str = "on_policy"  # on_policy: n student samples | teacher_greedy: the teacher's greedy answer to T
     beta: float = 0.5  # JSD mixture weight of the teacher (TRL convention); 0 = forward KL, 1 = reverse KL
     kl_temperature: float = 1.0  # temperature of the full-vocabulary divergences
     coef: float = 1.0  # scales the whole loss
@@ -42,6 +49,13 @@ class XOPDConfig:
             raise ValueError(f"xopd.lam must lie in [0, 1], got {self.lam}")
         if self.loss not in LOSSES:
             raise ValueError(f"xopd.loss: {self.loss!r} is not one of {LOSSES}")
+        if self.responses not in RESPONSES:
+            raise ValueError(f"xopd.responses: {self.responses!r} is not one of {RESPONSES}")
+        if self.loss == "sft" and self.responses != "teacher_greedy":
+            raise ValueError("xopd.loss=sft trains on the teacher's answers: set xopd.responses=teacher_greedy")
+        if self.loss == "sampled_token" and self.responses != "on_policy":
+            raise ValueError("xopd.loss=sampled_token is the on-policy X-OPD loss: set xopd.responses=on_policy "
+                             "(or use loss=sft / reverse_kl / jsd on the teacher's answers)")
         if self.normalization not in ("sequence", "token"):
             raise ValueError(f"xopd.normalization: {self.normalization!r} is not 'sequence' or 'token'")
         if not 0.0 <= self.beta <= 1.0:

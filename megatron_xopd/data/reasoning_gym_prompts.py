@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import hashlib
 import json
 import os
 from collections.abc import Callable, Mapping
@@ -26,6 +27,40 @@ def generate_prompts(task_name: str, num: int, seed: int) -> list[dict[str, Any]
          "metadata": entry["metadata"]}
         for index, entry in enumerate(dataset)
     ]
+
+
+ARITHMETIC_TEMPLATE = "What is {expression}? Answer with only the number."
+
+
+def arithmetic_prompts(
+    num: int,
+    seed: int,
+    *,
+    max_digits: int = 1,
+    operators: tuple[str, ...] = ("+",),
+    exclude: set[str] = frozenset(),
+) -> list[dict[str, Any]]:
+    """``num`` distinct two-term prompts of reasoning-gym's ``basic_arithmetic`` (operands with up to
+    ``max_digits`` digits, one of ``operators``) as records ``{"id", "prompt", "answer", "metadata"}``, none in
+    ``exclude`` (a set of prompt texts). Ids are ``arith-<hash of the prompt>``: stable across runs and sizes.
+    """
+    cfg = {"min_terms": 2, "max_terms": 2, "min_digits": 1, "max_digits": max_digits, "operators": tuple(operators),
+           "allow_parentheses": False, "allow_negation": False}
+    draws = 20 * (num + len(exclude)) + 100
+    dataset = _reasoning_gym().create_dataset("basic_arithmetic", size=draws, seed=seed, **cfg)
+    records: list[dict[str, Any]] = []
+    seen = set(exclude)
+    for entry in dataset:
+        prompt = ARITHMETIC_TEMPLATE.format(expression=entry["metadata"]["expression"])
+        if prompt in seen:
+            continue
+        seen.add(prompt)
+        item_id = "arith-" + hashlib.sha1(prompt.encode()).hexdigest()[:12]
+        records.append({"id": item_id, "prompt": prompt, "answer": entry["answer"], "metadata": entry["metadata"]})
+        if len(records) == num:
+            return records
+    raise ValueError(f"only {len(records)} distinct {max_digits}-digit prompts with operators {operators} left for "
+                     f"{num}; ask for fewer or raise max_digits")
 
 
 def write_prompts_jsonl(records: list[dict[str, Any]], path: str | Path) -> None:

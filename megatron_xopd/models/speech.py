@@ -171,6 +171,8 @@ class SpeechStudent(MegatronModule):
         attention_mask: torch.Tensor | None,
         *,
         audio_embeds: torch.Tensor | None = None,
+        audio: torch.Tensor | None = None,
+        audio_lens: torch.Tensor | None = None,
         inference_context: Any = None,
         labels: torch.Tensor | None = None,
         runtime_gather_output: bool | None = None,
@@ -178,8 +180,12 @@ class SpeechStudent(MegatronModule):
         """Vocab-parallel logits [B, S, V/TP] (last stage) or hidden states (other stages).
 
         ``audio_embeds``: the concatenated perception outputs of the batch's audio positions, in row-major
-        order of the locator positions. Without them the student is a plain text LLM.
+        order of the locator positions. Or ``audio`` / ``audio_lens`` (the inputs of :meth:`embed_audio`, one per
+        locator in row-major order): the perception runs inside this forward, so a trainable perception
+        gets gradients. Without either the student is a plain text LLM.
         """
+        if self.pre_process and audio is not None:
+            audio_embeds = torch.cat(self.embed_audio(audio, audio_lens))
         decoder_input = None
         if self.pre_process and audio_embeds is not None:
             decoder_input = self.splice(input_ids, position_ids, audio_embeds)

@@ -95,6 +95,17 @@ def save_checkpoint(
     return final
 
 
+def load_model_weights(path: str | Path, model: torch.nn.Module) -> None:
+    """Only the model weights of a checkpoint (any TP/PP layout); optimizer, schedule and data position start fresh."""
+    from megatron.core import dist_checkpointing
+
+    path = Path(path)
+    if not (path / "metadata.json").exists():
+        raise FileNotFoundError(f"checkpoint.init_from: {path} is not a checkpoint directory (no metadata.json)")
+    state = dist_checkpointing.load({"model": model.sharded_state_dict()}, str(path))
+    model.load_state_dict(state["model"])
+
+
 def load_checkpoint(path: str | Path, model: torch.nn.Module, optimizer: Any) -> dict[str, Any]:
     """Load model and optimizer (resharding if the layout changed) and return this rank's trainer state."""
     from megatron.core import dist_checkpointing

@@ -27,6 +27,7 @@ class TrainerSection:
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
     offload_teacher: bool = False  # keep teacher weights on CPU outside the teacher phase (GPU only)
     eval_every: int = 0  # 0: no evaluation during training
+    eval_at_start: bool = False  # evaluate (student from S and T, and the teacher from T) before the first step
     eval_max_new_tokens: int = 64
 
 
@@ -96,6 +97,7 @@ class OptimSection:
 @dataclass
 class CheckpointSection:
     dir: str | None = None
+    init_from: str | None = None  # a checkpoint dir (step_*) whose student weights start a run with nothing to resume
     save_every: int = 0  # 0: only at the end
     resume: bool = True
     keep_last: int = 2

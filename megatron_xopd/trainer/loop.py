@@ -1,10 +1,16 @@
-"""The X-OPD trainer: rollout -> old log-probs -> teacher -> advantages -> forward/backward -> optimizer step."""
+"""The X-OPD trainer: rollout -> old log-probs -> teacher -> advantages -> forward/backward -> optimizer step.
+
+The same loop runs the paper's baselines (``xopd.responses=teacher_greedy`` with ``xopd.loss=sft``: offline KD, or
+the speech-alignment stage when only the perception trains): the responses are then the teacher's greedy answers
+to T, generated once per prompt, and the teacher pass is skipped for ``sft``.
+"""
 
 from __future__ import annotations
 
 import contextlib
 import logging
 import time
+from dataclasses import dataclass
 from typing import Any, Iterator
 
 import torch
@@ -15,10 +21,11 @@ from ..algo import CROSS_MODAL, IN_MODAL, rollout_weights
 from ..data.cuts import BadCutError, CutStats, load_prompt_cuts
 from ..data.dataset import PairedPromptDataset, build_dataloader
 from ..data.tokenizer import load_tokenizer
+from ..models.speech import expand_audio_locators
 from ..rollout import RolloutBatch, RolloutEngine, SamplingParams
 from ..runtime import ParallelConfig, init_distributed, initialize_model_parallel, set_seed
 from .build import build_models, build_optimizer, resolve_path, wrap_ddp
-from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from .checkpoint import latest_checkpoint, load_checkpoint, load_model_weights, save_checkpoint
 from .config import RunConfig
 from .metrics import MetricsLogger
 from .passes import Rollouts, TrainStats, score_with_teacher, train_pass
@@ -38,6 +45,18 @@ def _reduce(values: dict[str, float], op: dist.ReduceOp = dist.ReduceOp.SUM) -> 
     tensor = torch.tensor([values[k] if own else 0.0 for k in keys], dtype=torch.float64)
     dist.all_reduce(tensor, op=op)
     return dict(zip(keys, tensor.tolist()))
+
+
+@dataclass
+class StudentPrompts:
+    """A batch's student prompts, one entry per (prompt, modality) kept."""
+
+    prompts: list[list[int]]  # T ids, or S ids with one audio locator
+    audio: list[torch.Tensor | None]  # perception output (first PP stage) for S prompts
+    inputs: list[torch.Tensor | None]  # the perception's input (features or audio) for S prompts
+    num_frames: list[int]  # perception frames for S prompts, 0 for T
+    modality: list[int]
+    index: list[int]  # the prompt's position in the batch
 
 
 class XOPDTrainer:
@@ -60,6 +79,8 @@ class XOPDTrainer:
         self.student = self.models.student
         self.ddp = wrap_ddp(self.student)
         self.engine = RolloutEngine(self.student, self.models.text_vocab_size)
+        self.teacher_engine = RolloutEngine(self.models.teacher, self.models.text_vocab_size)
+        self._teacher_answers: dict[str, list[int]] = {}  # cut id -> the teacher's greedy answer to T
         self.optimizer, self.scheduler = build_optimizer(self.ddp, cfg.optim, cfg.trainer.max_steps)
         self.scorer = load_scorer(cfg.data.scorer)
         max_prompt = min(
@@ -113,6 +134,10 @@ class XOPDTrainer:
             return batch["features"], batch["feature_lens"]
         return batch["audio"], batch["audio_lens"]
 
+    def _trains_perception(self) -> bool:
+        perception = self.student.perception
+        return perception is not None and any(p.requires_grad for p in perception.parameters())
+
     def _audio_embeddings(self, batch: dict[str, Any]) -> tuple[list[torch.Tensor | None], list[int]]:
         """Perception output per prompt (first PP stage) and its frame counts (every stage)."""
         n = len(batch["cut_ids"])
@@ -130,12 +155,13 @@ class XOPDTrainer:
             )
         return embeds, frames.tolist()
 
-    def _prompts(self, batch: dict[str, Any], modalities: tuple[int, ...]):
+    def _prompts(self, batch: dict[str, Any], modalities: tuple[int, ...]) -> StudentPrompts:
         """The student's prompts for every (prompt, modality): T ids, or S ids with one audio locator and its
         perception output. Speech prompts too long once the locator is expanded are skipped and counted."""
         limit = self.models.student_cfg.max_position_embeddings - self.cfg.trainer.rollout.max_new_tokens
         embeds, frames = self._audio_embeddings(batch) if CROSS_MODAL in modalities else ([], [])
-        prompts, audio, modality, index = [], [], [], []
+        speech, speech_lens = self._speech_inputs(batch)
+        out = StudentPrompts([], [], [], [], [], [])
         for m in modalities:
             for i in range(len(batch["cut_ids"])):
                 if m == CROSS_MODAL:
@@ -146,11 +172,14 @@ class XOPDTrainer:
                         log.warning("%s; skipped", error)
                         self.data_stats.record_skip(error)
                         continue
-                prompts.append(batch["text_prompt_ids"][i] if m == IN_MODAL else batch["speech_prompt_ids"][i])
-                audio.append(embeds[i] if m == CROSS_MODAL else None)
-                modality.append(m)
-                index.append(i)
-        return prompts, audio, modality, index
+                speech_prompt = m == CROSS_MODAL
+                out.prompts.append(batch["speech_prompt_ids"][i] if speech_prompt else batch["text_prompt_ids"][i])
+                out.audio.append(embeds[i] if speech_prompt else None)
+                out.inputs.append(speech[i, : int(speech_lens[i])] if speech_prompt else None)
+                out.num_frames.append(frames[i] if speech_prompt else 0)
+                out.modality.append(m)
+                out.index.append(i)
+        return out
 
     def _generate(self, prompts: list[list[int]], audio: list[torch.Tensor | None], params: SamplingParams) -> RolloutBatch:
         speech = [a for a in audio if a is not None]
@@ -158,9 +187,17 @@ class XOPDTrainer:
 
     def _rollout(self, batch: dict[str, Any]) -> Rollouts | None:
         cfg = self.cfg
-        prompts, audio, modality, index = self._prompts(batch, cfg.xopd.modalities)
-        if not prompts:
+        student_prompts = self._prompts(batch, cfg.xopd.modalities)
+        if not student_prompts.prompts:
             return None
+        if cfg.xopd.responses == "teacher_greedy":
+            return self._teacher_rollouts(batch, student_prompts)
+        return self._sampled_rollouts(batch, student_prompts)
+
+    def _sampled_rollouts(self, batch: dict[str, Any], student_prompts: StudentPrompts) -> Rollouts:
+        cfg = self.cfg
+        prompts, audio, modality, index = (student_prompts.prompts, student_prompts.audio, student_prompts.modality,
+                                           student_prompts.index)
         params = SamplingParams(
             max_new_tokens=cfg.trainer.rollout.max_new_tokens,
             temperature=cfg.trainer.rollout.temperature,
@@ -182,6 +219,46 @@ class XOPDTrainer:
             lengths=out.lengths,
             old_logprobs=out.logprobs.float(),
             audio_embeds=[audio[p] for p in src],
+            audio_inputs=[student_prompts.inputs[p] for p in src] if self._trains_perception() else None,
+        )
+
+    def _greedy(self, max_new_tokens: int) -> SamplingParams:
+        return SamplingParams(greedy=True, max_new_tokens=max_new_tokens, stop_ids=tuple(self._eos_ids()))
+
+    def _teacher_greedy_answers(self, batch: dict[str, Any]) -> list[list[int]]:
+        """The teacher's greedy answer to each prompt's T (ending with its stop token), generated once per cut."""
+        missing = [i for i, cut in enumerate(batch["cut_ids"]) if cut not in self._teacher_answers]
+        if missing:
+            with self._teacher_on_device():
+                out = self.teacher_engine.generate([batch["text_prompt_ids"][i] for i in missing],
+                                                   self._greedy(self.cfg.trainer.rollout.max_new_tokens))
+            for row, i in enumerate(missing):
+                self._teacher_answers[batch["cut_ids"][i]] = out.tokens[row, : out.lengths[row]].tolist()
+        return [self._teacher_answers[cut] for cut in batch["cut_ids"]]
+
+    def _teacher_rollouts(self, batch: dict[str, Any], student_prompts: StudentPrompts) -> Rollouts:
+        """Rows for ``responses=teacher_greedy``: every student prompt (S or T) paired with the teacher's answer."""
+        prompts, audio, modality, index, num_frames = (student_prompts.prompts, student_prompts.audio,
+                                                       student_prompts.modality, student_prompts.index,
+                                                       student_prompts.num_frames)
+        answers = self._teacher_greedy_answers(batch)
+        responses = [answers[i] for i in index]
+        longest = max(len(r) for r in responses)
+        tokens = torch.zeros(len(responses), longest, dtype=torch.long)
+        for row, response in enumerate(responses):
+            tokens[row, : len(response)] = torch.tensor(response, dtype=torch.long)
+        locator = self.models.audio_locator_id
+        return Rollouts(
+            modality=torch.tensor(modality),
+            prompt_index=torch.tensor(index),
+            student_prompts=[expand_audio_locators(p, f, locator) if m == CROSS_MODAL else p
+                             for p, f, m in zip(prompts, num_frames, modality)],
+            teacher_prompts=[batch["text_prompt_ids"][i] for i in index],
+            responses=tokens,
+            lengths=torch.tensor([len(r) for r in responses]),
+            old_logprobs=torch.zeros(len(responses), longest),
+            audio_embeds=audio,
+            audio_inputs=student_prompts.inputs if self._trains_perception() else None,
         )
 
     def _eos_ids(self) -> list[int]:
@@ -227,11 +304,12 @@ class XOPDTrainer:
         t_rollout = time.perf_counter() - t0
         if rollouts is None:
             raise RuntimeError(f"step {self.step}: no usable prompt in the batch (cuts {batch['cut_ids']})")
-        with self._teacher_on_device():
-            score_with_teacher(
-                self.models.teacher, rollouts, cfg.trainer.micro_batch_size, self.models.text_vocab_size,
-                keep_logits=cfg.xopd.loss != "sampled_token",
-            )
+        if cfg.xopd.loss != "sft":
+            with self._teacher_on_device():
+                score_with_teacher(
+                    self.models.teacher, rollouts, cfg.trainer.micro_batch_size, self.models.text_vocab_size,
+                    keep_logits=cfg.xopd.loss != "sampled_token",
+                )
         t_teacher = time.perf_counter() - t0 - t_rollout
         self._set_weights(rollouts)
         stats = TrainStats()
@@ -254,7 +332,7 @@ class XOPDTrainer:
         for m, name in ((IN_MODAL, "im"), (CROSS_MODAL, "cm")):
             sel = (rollouts.modality == m).unsqueeze(1) & mask
             rows = rollouts.modality == m
-            if rollouts.teacher_logprobs is not None:
+            if rollouts.teacher_logprobs is not None and self.cfg.xopd.responses == "on_policy":
                 adv = rollouts.teacher_logprobs - rollouts.old_logprobs
                 sums[f"adv_{name}"] = float(adv[sel].sum())
             else:
@@ -266,10 +344,11 @@ class XOPDTrainer:
         g = _reduce(sums)
         ratio_max = _reduce({"ratio_max": stats.ratio_max}, op=dist.ReduceOp.MAX)["ratio_max"]
         step_time = t_rollout + t_teacher + t_train
+        on_policy = self.cfg.xopd.responses == "on_policy"  # the sampled-token KL estimate needs student samples
         self.data_stats.update(batch["stats"])
         metrics = {
-            "kl_cm": -g["adv_cm"] / g["tok_cm"] if g["tok_cm"] else float("nan"),
-            "kl_im": -g["adv_im"] / g["tok_im"] if g["tok_im"] else float("nan"),
+            "kl_cm": -g["adv_cm"] / g["tok_cm"] if g["tok_cm"] and on_policy else float("nan"),
+            "kl_im": -g["adv_im"] / g["tok_im"] if g["tok_im"] and on_policy else float("nan"),
             "loss": g["loss"],
             "L_im": g["L_im"],
             "L_cm": g["L_cm"],
@@ -305,6 +384,10 @@ class XOPDTrainer:
     def _resume(self) -> None:
         path = latest_checkpoint(self.cfg.checkpoint.dir) if self.cfg.checkpoint.resume else None
         if path is None:
+            if self.cfg.checkpoint.init_from:
+                load_model_weights(resolve_path(self.cfg.checkpoint.init_from), self.student)
+                if dist.get_rank() == 0:
+                    log.info("student initialised from %s", self.cfg.checkpoint.init_from)
             return
         state = load_checkpoint(path, self.student, self.optimizer)
         self.step, self.epoch = state["step"], state["epoch"]
@@ -316,30 +399,43 @@ class XOPDTrainer:
             log.info("resumed from %s at step %d", path, self.step)
 
     # ---------------------------------------------------------------------------------------- evaluation
+    def _score(self, tokens: torch.Tensor, lengths: torch.Tensor, row: int, reference: str) -> float:
+        return self.scorer(self.tokenizer.decode(tokens[row, : lengths[row]].tolist(), skip_special_tokens=True), reference)
+
     @torch.no_grad()
-    def evaluate(self) -> dict[str, float]:
-        """Greedy answers from S and from T on the validation set, scored against the references."""
+    def evaluate(self, *, with_teacher: bool = False) -> dict[str, float]:
+        """Greedy answers from S and from T on the validation set, scored against the references (prompts
+        without a reference are not counted); ``with_teacher`` adds the text teacher's accuracy from T."""
         if not self.cfg.data.validation:
             return {}
         loader = self._loader(self.cfg.data.validation, shuffle=False)
-        greedy = SamplingParams(greedy=True, max_new_tokens=self.cfg.trainer.eval_max_new_tokens, stop_ids=tuple(self._eos_ids()))
-        totals = {"acc_s": 0.0, "acc_t": 0.0, "n": 0.0}
+        greedy = self._greedy(self.cfg.trainer.eval_max_new_tokens)
+        totals = {"acc_s": 0.0, "acc_t": 0.0, "acc_teacher": 0.0, "n": 0.0}
         for batch in loader:
             if not batch["cut_ids"] or totals["n"] >= self.cfg.data.max_eval_prompts:
                 continue
-            prompts, audio, modality, index = self._prompts(batch, (IN_MODAL, CROSS_MODAL))
-            out = self._generate(prompts, audio, greedy)
+            answers = batch["answers"]
+            student_prompts = self._prompts(batch, (IN_MODAL, CROSS_MODAL))
+            modality, index = student_prompts.modality, student_prompts.index
+            out = self._generate(student_prompts.prompts, student_prompts.audio, greedy)
             for row, p in enumerate(out.sample_to_prompt.tolist()):
-                reference = batch["answers"][index[p]]
-                if reference is None:
-                    continue
-                text = self.tokenizer.decode(out.tokens[row, : out.lengths[row]].tolist(), skip_special_tokens=True)
-                totals["acc_s" if modality[p] == CROSS_MODAL else "acc_t"] += self.scorer(text, reference)
-                totals["n"] += 0.5  # each prompt is asked twice, from S and from T
+                if answers[index[p]] is not None:
+                    score = self._score(out.tokens, out.lengths, row, answers[index[p]])
+                    totals["acc_s" if modality[p] == CROSS_MODAL else "acc_t"] += score
+            totals["n"] += sum(a is not None for a in answers)
+            if with_teacher:
+                with self._teacher_on_device():
+                    out = self.teacher_engine.generate(batch["text_prompt_ids"], greedy)
+                for row, reference in enumerate(answers):
+                    if reference is not None:
+                        totals["acc_teacher"] += self._score(out.tokens, out.lengths, row, reference)
         g = _reduce(totals)
         n = max(g["n"], 1.0)
-        return {"eval/acc_speech": g["acc_s"] / n, "eval/acc_text": g["acc_t"] / n,
-                "eval/gap": (g["acc_t"] - g["acc_s"]) / n, "eval/prompts": g["n"]}
+        metrics = {"eval/acc_speech": g["acc_s"] / n, "eval/acc_text": g["acc_t"] / n,
+                   "eval/gap": (g["acc_t"] - g["acc_s"]) / n, "eval/prompts": g["n"]}
+        if with_teacher:
+            metrics["eval/acc_teacher_text"] = g["acc_teacher"] / n
+        return metrics
 
     # --------------------------------------------------------------------------------------------- loop
     def train(self) -> None:
@@ -351,6 +447,8 @@ class XOPDTrainer:
             progress = tqdm(total=cfg.trainer.max_steps, initial=self.step, desc="x-opd", unit="step")
         batches = self._batches()
         try:
+            if cfg.trainer.eval_at_start and self.step == 0:
+                self.logger.log(0, self.evaluate(with_teacher=True))
             while self.step < cfg.trainer.max_steps:
                 batch = next(batches)
                 if not batch["cut_ids"]:

@@ -31,6 +31,9 @@ class Rollouts:
     lengths: torch.Tensor  # [R]
     old_logprobs: torch.Tensor  # [R, L] log p_old of each sampled token (0 past the length)
     audio_embeds: list[torch.Tensor | None]  # [frames, H] per speech rollout
+    # the perception's inputs per speech rollout ([frames, D] features or [samples] audio), set when the
+    # perception trains: the training pass then reruns it with gradients instead of using ``audio_embeds``
+    audio_inputs: list[torch.Tensor | None] | None = None
     teacher_logprobs: torch.Tensor | None = None  # [R, L], last stage, after the teacher pass
     teacher_logits: list[torch.Tensor] | None = None  # per row [L, V/TP], for the divergence losses
     weights: torch.Tensor | None = None  # [R] c_j of the loss
@@ -44,7 +47,7 @@ class MicroBatch:
     rows: torch.Tensor  # indices into the Rollouts; -1 marks padding rows (weight 0)
     packed: PackedSequences
     audio_embeds: torch.Tensor | None  # [n_locators, H] in row-major order
-    extras: dict[str, Any] = field(default_factory=dict)
+    audio: tuple[torch.Tensor, torch.Tensor] | None = None  # padded perception inputs and lengths, row-major
 
 
 def micro_batches(rollouts: Rollouts, rows: torch.Tensor, size: int, *, teacher: bool) -> list[MicroBatch]:
@@ -60,18 +63,35 @@ def micro_batches(rollouts: Rollouts, rows: torch.Tensor, size: int, *, teacher:
         packed = pack_sequences(
             [prompts[r] for r in src], rollouts.responses[src], rollouts.lengths[src], seq_len=seq_len
         )
-        audio = None
-        if not teacher:
+        embeds, inputs = None, None
+        if not teacher and rollouts.audio_inputs is not None:
+            inputs = _pad_inputs([rollouts.audio_inputs[r] for r in src if rollouts.audio_inputs[r] is not None])
+        elif not teacher:
             parts = [rollouts.audio_embeds[r] for r in src if rollouts.audio_embeds[r] is not None]
-            audio = torch.cat(parts) if parts else None
-        out.append(MicroBatch(torch.tensor(chunk + fill), packed, audio))
+            embeds = torch.cat(parts) if parts else None
+        out.append(MicroBatch(torch.tensor(chunk + fill), packed, embeds, inputs))
     return out
+
+
+def _pad_inputs(inputs: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """Zero-pad perception inputs along time into a batch, with their lengths."""
+    if not inputs:
+        return None
+    lengths = torch.tensor([x.shape[0] for x in inputs])
+    padded = inputs[0].new_zeros((len(inputs), int(lengths.max()), *inputs[0].shape[1:]))
+    for i, x in enumerate(inputs):
+        padded[i, : x.shape[0]] = x
+    return padded, lengths
 
 
 def _run(model: torch.nn.Module, batches: list[MicroBatch], forward_only: bool, loss_fn: Callable, student: bool) -> None:
     def forward_step(data_iterator, model):
         mb: MicroBatch = next(data_iterator)
-        kwargs = {"audio_embeds": mb.audio_embeds} if student else {}
+        kwargs = {}
+        if student and mb.audio is not None:
+            kwargs = {"audio": mb.audio[0], "audio_lens": mb.audio[1]}
+        elif student:
+            kwargs = {"audio_embeds": mb.audio_embeds}
         output = model(mb.packed.input_ids, mb.packed.position_ids, None, **kwargs)
         return output, lambda out: loss_fn(mb, out)
 
@@ -136,7 +156,8 @@ def train_pass(
 ) -> None:
     """Forward and backward of the X-OPD loss over ``rows`` (gradients accumulate in megatron's DDP buffers).
 
-    The loss of a micro-batch is -sum_j c_j sum_t r_jt A_jt (or +sum_j c_j sum_t D_jt for the divergences),
+    The loss of a micro-batch is -sum_j c_j sum_t r_jt A_jt (+sum_j c_j sum_t D_jt for the divergences,
+    -sum_j c_j sum_t log p_theta(y_jt) for sft),
     multiplied by the number of micro-batches and the DP size, which megatron's schedule and DDP divide by:
     the gradient is that of the whole step's loss. With ``minibatches`` > 1 optimizer steps per rollout batch,
     each mini-batch's loss is scaled up to a full-batch mean.
@@ -150,7 +171,10 @@ def train_pass(
         src = mb.rows.clamp(min=0)
         mask = mb.packed.response_mask.to(output.device) * real.unsqueeze(1).to(output.device)
         weights = rollouts.weights[src].to(output.device) * real.to(output.device)
-        if cfg.loss == "sampled_token":
+        if cfg.loss == "sft":
+            terms = response_logprobs(output, mb.packed, text_vocab_size)
+            loss = weighted_loss(terms, mask, weights, maximise=True)
+        elif cfg.loss == "sampled_token":
             new_lp = response_logprobs(output, mb.packed, text_vocab_size)
             advantages = (rollouts.teacher_logprobs[src] - rollouts.old_logprobs[src]).to(output.device)
             terms, ratio = policy_gradient_terms(new_lp, rollouts.old_logprobs[src].to(output.device), advantages, mask, cfg.clip_ratio)
