@@ -72,6 +72,7 @@ def test_ratio_starts_at_one_and_clipping_bounds_it():
     ("lam", 1.5, "xopd.lam"), ("loss", "kl", "xopd.loss"), ("normalization", "batch", "xopd.normalization"),
     ("beta", -0.1, "xopd.beta"), ("clip_ratio", 0.0, "xopd.clip_ratio"), ("responses", "replay", "xopd.responses"),
     ("loss", "sft", "xopd.responses=teacher_greedy"), ("responses", "teacher_greedy", "xopd.responses=on_policy"),
+    ("responses", "transcript", "set xopd.loss=sft"),
 ])
 def test_bad_xopd_config_names_the_field(field, value, message):
     with pytest.raises(ValueError, match=message):

@@ -96,18 +96,19 @@ def _changed(before: dict, after: dict) -> set[str]:
 
 
 def test_alignment_stage_then_offline_kd_from_its_checkpoint(tmp_path):
-    """The study's stages: SFT of the perception alone on the teacher's greedy answers from S (the LLM frozen),
-    then offline KD of the LLM from that checkpoint, evaluated first with the teacher's own accuracy."""
+    """The study's stages: SFT of the perception alone (the LLM frozen) on the transcripts from S, then offline KD
+    of the LLM on the teacher's greedy answers from that checkpoint, evaluated first with the teacher's accuracy."""
     manifest = write_feature_cuts(tmp_path)
     sft = {"loss": "sft", "responses": "teacher_greedy"}
-    align_cfg = run_config(tmp_path / "align", manifest, hf=True, trainer={"max_steps": 2}, xopd={**sft, "lam": 0.0},
+    align_cfg = run_config(tmp_path / "align", manifest, hf=True, trainer={"max_steps": 2},
+                           xopd={"loss": "sft", "responses": "transcript", "lam": 0.0},
                            model={"student": {"freeze_llm": True}})
     before, after, rows, answers = run_distributed(train_with_snapshots, 1, align_cfg)[0]
     assert _changed(before["llm"], after["llm"]) == set()
     assert _changed(before["perception"], after["perception"]) == set(before["perception"])
     assert [r["step"] for r in rows] == [1, 2] and rows[0]["L_im"] == 0.0 and rows[0]["L_cm"] < 0.0
     assert math.isnan(rows[0]["kl_cm"])  # no student samples: the sampled-token KL estimate does not apply
-    assert len(answers) == 4 and all(0 < len(a) <= 6 for a in answers.values())  # 2 steps x 2 prompts, cached
+    assert answers == {} and rows[0]["response_len_cm"] > 6  # transcripts: longer than any sampled response
 
     # Offline KD from the aligned student: the teacher is the student's own LLM here, so from T they answer alike.
     teacher_hf = align_cfg["model"]["student"]["hf_path"]
@@ -116,8 +117,9 @@ def test_alignment_stage_then_offline_kd_from_its_checkpoint(tmp_path):
                         xopd={**sft, "lam": 0.5},
                         model={"teacher": {"hf_path": teacher_hf}, "student": {"perception": {"freeze_adapter": True}}},
                         data={"validation": str(manifest), "scorer": "tests._trainer_setup:response_length_parity"},
-                        checkpoint={"init_from": str(latest_checkpoint(tmp_path / "align" / "ckpt"))})
-    start, end, kd_rows, _ = run_distributed(train_with_snapshots, 1, kd_cfg)[0]
+                        checkpoint={"init_from": str(tmp_path / "align" / "ckpt")})  # its newest step
+    start, end, kd_rows, answers = run_distributed(train_with_snapshots, 1, kd_cfg)[0]
+    assert len(answers) == 2 and all(0 < len(a) <= 6 for a in answers.values())  # 1 step x 2 prompts, cached
     for k in after["perception"]:
         torch.testing.assert_close(start["perception"][k], after["perception"][k], rtol=0, atol=0)
     assert _changed(start["llm"], end["llm"]) and not _changed(start["perception"], end["perception"])
@@ -130,5 +132,5 @@ def test_alignment_stage_then_offline_kd_from_its_checkpoint(tmp_path):
 def test_init_from_a_missing_checkpoint_is_a_clear_error(tmp_path):
     manifest = write_feature_cuts(tmp_path)
     cfg = run_config(tmp_path / "run", manifest, checkpoint={"init_from": str(tmp_path)})
-    with pytest.raises(RuntimeError, match="checkpoint.init_from: .* is not a checkpoint directory"):
+    with pytest.raises(RuntimeError, match="checkpoint.init_from: .* is neither a checkpoint"):
         run_distributed(train, 1, cfg)

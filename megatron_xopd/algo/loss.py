@@ -15,7 +15,8 @@ The variants replace r*A by an exact per-token divergence of the student from th
 The paper's baselines run through the same weights: ``loss="sft"`` maximises log p_theta(y_t) of given responses,
 and ``responses="teacher_greedy"`` takes those responses from the teacher's greedy answer to T instead of student
 samples. Together they are "offline KD" (SFT on the teacher's responses); with only the perception trainable and
-lam = 0 they are the speech-alignment stage.
+lam = 0 they align a speech adapter to the LLM's behaviour. ``responses="transcript"`` (the text of T as the
+answer to S) is speech-recognition alignment.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from dataclasses import dataclass
 import torch
 
 LOSSES = ("sampled_token", "reverse_kl", "jsd", "sft")
-RESPONSES = ("on_policy", "teacher_greedy")
+RESPONSES = ("on_policy", "teacher_greedy", "transcript")
 IN_MODAL, CROSS_MODAL = 0, 1  # modality of a rollout: prompted with T, or with S
 
 
@@ -36,7 +37,9 @@ class XOPDConfig:
     lam: float = 0.5  # weight of the in-modal (text-prompted) term; 1 - lam for the cross-modal one
     n_samples: int = 4  # responses sampled per prompt and modality
     loss: str = "sampled_token"  # sampled_token (paper) | reverse_kl | jsd | sft (log-likelihood of the responses)
-    responses: str = "on_policy"  # on_policy: n student samples | teacher_greedy: the teacher's greedy answer to T
+    # on_policy: n student samples | teacher_greedy: the teacher's greedy answer to T | transcript: T's text itself
+    # (with loss=sft and lam=0: speech recognition, the usual first alignment of a speech adapter)
+    responses: str = "on_policy"
     beta: float = 0.5  # JSD mixture weight of the teacher (TRL convention); 0 = forward KL, 1 = reverse KL
     kl_temperature: float = 1.0  # temperature of the full-vocabulary divergences
     coef: float = 1.0  # scales the whole loss
@@ -51,8 +54,10 @@ class XOPDConfig:
             raise ValueError(f"xopd.loss: {self.loss!r} is not one of {LOSSES}")
         if self.responses not in RESPONSES:
             raise ValueError(f"xopd.responses: {self.responses!r} is not one of {RESPONSES}")
-        if self.loss == "sft" and self.responses != "teacher_greedy":
-            raise ValueError("xopd.loss=sft trains on the teacher's answers: set xopd.responses=teacher_greedy")
+        if self.loss == "sft" and self.responses == "on_policy":
+            raise ValueError("xopd.loss=sft trains on given responses: set xopd.responses=teacher_greedy or transcript")
+        if self.responses == "transcript" and self.loss != "sft":
+            raise ValueError("xopd.responses=transcript (speech recognition) has no teacher to match: set xopd.loss=sft")
         if self.loss == "sampled_token" and self.responses != "on_policy":
             raise ValueError("xopd.loss=sampled_token is the on-policy X-OPD loss: set xopd.responses=on_policy "
                              "(or use loss=sft / reverse_kl / jsd on the teacher's answers)")

@@ -95,15 +95,23 @@ def save_checkpoint(
     return final
 
 
-def load_model_weights(path: str | Path, model: torch.nn.Module) -> None:
-    """Only the model weights of a checkpoint (any TP/PP layout); optimizer, schedule and data position start fresh."""
+def load_model_weights(path: str | Path, model: torch.nn.Module) -> Path:
+    """Only the model weights of a checkpoint (any TP/PP layout); optimizer, schedule and data position start fresh.
+
+    ``path`` is a ``step_*`` directory or a run's checkpoint root (its newest complete step); returns the one loaded.
+    """
     from megatron.core import dist_checkpointing
 
     path = Path(path)
     if not (path / "metadata.json").exists():
-        raise FileNotFoundError(f"checkpoint.init_from: {path} is not a checkpoint directory (no metadata.json)")
+        newest = latest_checkpoint(path)
+        if newest is None:
+            raise FileNotFoundError(f"checkpoint.init_from: {path} is neither a checkpoint (no metadata.json) "
+                                    "nor a directory of step_* checkpoints")
+        path = newest
     state = dist_checkpointing.load({"model": model.sharded_state_dict()}, str(path))
     model.load_state_dict(state["model"])
+    return path
 
 
 def load_checkpoint(path: str | Path, model: torch.nn.Module, optimizer: Any) -> dict[str, Any]:

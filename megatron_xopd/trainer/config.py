@@ -97,7 +97,8 @@ class OptimSection:
 @dataclass
 class CheckpointSection:
     dir: str | None = None
-    init_from: str | None = None  # a checkpoint dir (step_*) whose student weights start a run with nothing to resume
+    init_from: str | None = None  # student weights to start from when there is nothing to resume: a step_* dir or a
+    # checkpoint root (its newest step); optimizer and data position start fresh
     save_every: int = 0  # 0: only at the end
     resume: bool = True
     keep_last: int = 2

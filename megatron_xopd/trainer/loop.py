@@ -144,8 +144,14 @@ class XOPDTrainer:
         embeds: list[torch.Tensor | None] = [None] * n
         frames = torch.zeros(n, dtype=torch.long)
         if parallel_state.is_pipeline_first_stage():
-            with torch.no_grad():
-                embeds = list(self.student.embed_audio(*self._speech_inputs(batch)))
+            perception = self.student.perception
+            training = perception.training
+            perception.eval()  # no dropout in the embeddings that rollouts and evaluation read
+            try:
+                with torch.no_grad():
+                    embeds = list(self.student.embed_audio(*self._speech_inputs(batch)))
+            finally:
+                perception.train(training)
             frames = torch.tensor([e.shape[0] for e in embeds], dtype=torch.long)
         if parallel_state.get_pipeline_model_parallel_world_size() > 1:
             dist.broadcast(
@@ -190,9 +196,9 @@ class XOPDTrainer:
         student_prompts = self._prompts(batch, cfg.xopd.modalities)
         if not student_prompts.prompts:
             return None
-        if cfg.xopd.responses == "teacher_greedy":
-            return self._teacher_rollouts(batch, student_prompts)
-        return self._sampled_rollouts(batch, student_prompts)
+        if cfg.xopd.responses == "on_policy":
+            return self._sampled_rollouts(batch, student_prompts)
+        return self._given_rollouts(batch, student_prompts)
 
     def _sampled_rollouts(self, batch: dict[str, Any], student_prompts: StudentPrompts) -> Rollouts:
         cfg = self.cfg
@@ -236,12 +242,19 @@ class XOPDTrainer:
                 self._teacher_answers[batch["cut_ids"][i]] = out.tokens[row, : out.lengths[row]].tolist()
         return [self._teacher_answers[cut] for cut in batch["cut_ids"]]
 
-    def _teacher_rollouts(self, batch: dict[str, Any], student_prompts: StudentPrompts) -> Rollouts:
-        """Rows for ``responses=teacher_greedy``: every student prompt (S or T) paired with the teacher's answer."""
+    def _transcripts(self, batch: dict[str, Any]) -> list[list[int]]:
+        """The text of each prompt's T, ending the turn: the responses of speech-recognition alignment."""
+        end = self._end_of_turn_id()
+        return [self.tokenizer.encode(text, add_special_tokens=False) + [end] for text in batch["text_prompts"]]
+
+    def _given_rollouts(self, batch: dict[str, Any], student_prompts: StudentPrompts) -> Rollouts:
+        """Rows whose responses are given, not sampled: every student prompt (S or T) paired with the teacher's
+        greedy answer to T (``responses=teacher_greedy``) or with T's text (``responses=transcript``)."""
         prompts, audio, modality, index, num_frames = (student_prompts.prompts, student_prompts.audio,
                                                        student_prompts.modality, student_prompts.index,
                                                        student_prompts.num_frames)
-        answers = self._teacher_greedy_answers(batch)
+        teacher = self.cfg.xopd.responses == "teacher_greedy"
+        answers = self._teacher_greedy_answers(batch) if teacher else self._transcripts(batch)
         responses = [answers[i] for i in index]
         longest = max(len(r) for r in responses)
         tokens = torch.zeros(len(responses), longest, dtype=torch.long)
@@ -261,12 +274,15 @@ class XOPDTrainer:
             audio_inputs=student_prompts.inputs if self._trains_perception() else None,
         )
 
-    def _eos_ids(self) -> list[int]:
-        ids = {self.tokenizer.eos_token_id}
+    def _end_of_turn_id(self) -> int:
+        """ChatML's ``<|im_end|>`` when the tokenizer has it, else EOS."""
         end_of_turn = self.tokenizer.convert_tokens_to_ids("<|im_end|>")
         if isinstance(end_of_turn, int) and end_of_turn != self.tokenizer.unk_token_id:
-            ids.add(end_of_turn)
-        return sorted(i for i in ids if i is not None)
+            return end_of_turn
+        return self.tokenizer.eos_token_id
+
+    def _eos_ids(self) -> list[int]:
+        return sorted(i for i in {self.tokenizer.eos_token_id, self._end_of_turn_id()} if i is not None)
 
     # ------------------------------------------------------------------------------------------ the step
     def _set_weights(self, rollouts: Rollouts) -> None:
@@ -385,9 +401,9 @@ class XOPDTrainer:
         path = latest_checkpoint(self.cfg.checkpoint.dir) if self.cfg.checkpoint.resume else None
         if path is None:
             if self.cfg.checkpoint.init_from:
-                load_model_weights(resolve_path(self.cfg.checkpoint.init_from), self.student)
+                loaded = load_model_weights(resolve_path(self.cfg.checkpoint.init_from), self.student)
                 if dist.get_rank() == 0:
-                    log.info("student initialised from %s", self.cfg.checkpoint.init_from)
+                    log.info("student initialised from %s", loaded)
             return
         state = load_checkpoint(path, self.student, self.optimizer)
         self.step, self.epoch = state["step"], state["epoch"]
@@ -461,7 +477,8 @@ class XOPDTrainer:
                 self.logger.log(self.step, metrics)
                 if progress is not None:
                     progress.update(1)
-                    progress.set_postfix(kl_cm=f"{metrics['kl_cm']:.3f}", kl_im=f"{metrics['kl_im']:.3f}")
+                    shown = ("kl_cm", "kl_im") if cfg.xopd.responses == "on_policy" else ("loss",)
+                    progress.set_postfix({k: f"{metrics[k]:.3f}" for k in shown})
                 if cfg.checkpoint.save_every and self.step % cfg.checkpoint.save_every == 0:
                     self.save()
             if cfg.checkpoint.dir and not (cfg.checkpoint.save_every and self.step % cfg.checkpoint.save_every == 0):
