@@ -20,9 +20,9 @@ cd "$(dirname "$0")/../.."
 OUT=${OUT:-runs/mini_replication}
 SEED=${SEED:-1234}
 DATA_SEED=${DATA_SEED:-0}
-CTC_STEPS=${CTC_STEPS:-300}
-ALIGN_STEPS=${ALIGN_STEPS:-32}
-STEPS=${STEPS:-24}
+CTC_STEPS=${CTC_STEPS:-40}
+ALIGN_STEPS=${ALIGN_STEPS:-8}
+STEPS=${STEPS:-12}  # one epoch of the train split at 8 prompts a step (the paper trains 1 epoch)
 NPROC=${NPROC:-1}
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-$(( $(nproc) / NPROC ))}
 DATA=$OUT/data
