@@ -28,8 +28,8 @@ import os
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
-from megatron_xopd.data.encoder_features import WhisperEncoder
 from megatron_xopd.data.paired_features import ESPEAK_MISSING, prepare_feature_splits
 from megatron_xopd.data.reasoning_gym_prompts import arithmetic_prompts
 
@@ -43,24 +43,16 @@ def prepare_quickstart_data(
     seed: int = 0,
     *,
     max_digits: int = 1,
-    max_wer: float | None = None,
-    pool: int = 4,
-    compute_type: str = "float32",
-    num_threads: int = 0,
-    encoder: WhisperEncoder | None = None,
-    progress: bool = True,
+    **options: Any,
 ) -> dict[str, Path]:
     """Synthesise and encode the quickstart prompts; returns ``{"train": manifest, "validation": manifest}``.
 
-    ``max_wer`` switches on the Whisper ASR filter of the synthesis (so a split may come out smaller); ``encoder``
-    (default: Whisper base with ``compute_type`` on ``num_threads`` CPU threads, 0: CTranslate2's default, which
-    follows ``OMP_NUM_THREADS``) makes the features.
+    ``options`` go to :func:`~megatron_xopd.data.paired_features.prepare_feature_splits` (``max_wer``, ``pool``,
+    ``compute_type``, ``num_threads``, ``encoder``, ``progress``).
     """
     validation = arithmetic_prompts(num_val, seed, max_digits=max_digits)
     train = arithmetic_prompts(num_train, seed + 1, max_digits=max_digits, exclude={r["prompt"] for r in validation})
-    return prepare_feature_splits({"train": train, "validation": validation}, out_dir, seed=seed, max_wer=max_wer,
-                                  pool=pool, compute_type=compute_type, num_threads=num_threads, encoder=encoder,
-                                  progress=progress)
+    return prepare_feature_splits({"train": train, "validation": validation}, out_dir, seed=seed, **options)
 
 
 def main(argv: list[str] | None = None) -> None:

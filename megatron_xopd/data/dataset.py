@@ -101,13 +101,19 @@ class PairedPromptDataset(torch.utils.data.Dataset):
         }
 
 
-def _pad(arrays: list[np.ndarray], speech_input: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """Zero-pad along time: ``[B, T]`` for audio, ``[B, F, D]`` for features; lengths ``[B]``."""
+def pad_along_time(arrays: list[np.ndarray] | list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Zero-pad ``[T]`` (audio) or ``[T, D]`` (features) arrays along time: ``[B, T_max(, D)]`` and lengths ``[B]``."""
     lens = torch.tensor([a.shape[0] for a in arrays], dtype=torch.long)
-    if not arrays:
-        return torch.zeros((0, 0) if speech_input == "audio" else (0, 0, 0)), lens
-    collate = collate_vectors if speech_input == "audio" else collate_matrices
+    collate = collate_vectors if arrays[0].ndim == 1 else collate_matrices
     return collate(arrays, padding_value=0.0), lens
+
+
+def _pad(arrays: list[np.ndarray], speech_input: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """A batch's speech inputs padded along time (an empty batch keeps the rank of its kind)."""
+    if not arrays:
+        empty = (0, 0) if speech_input == "audio" else (0, 0, 0)
+        return torch.zeros(empty), torch.zeros(0, dtype=torch.long)
+    return pad_along_time(arrays)
 
 
 class PromptDataLoader:

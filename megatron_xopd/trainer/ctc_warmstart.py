@@ -20,6 +20,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from ..data.dataset import pad_along_time
 from ..models.speech import FeaturePerception
 
 log = logging.getLogger("megatron_xopd")
@@ -35,10 +36,7 @@ class CTCWarmStartConfig:
 
 
 def _batch(examples: list[tuple[torch.Tensor, list[int]]], classes: dict[int, int]):
-    lengths = torch.tensor([f.shape[0] for f, _ in examples])
-    features = torch.zeros(len(examples), int(lengths.max()), examples[0][0].shape[1])
-    for i, (f, _) in enumerate(examples):
-        features[i, : f.shape[0]] = f
+    features, lengths = pad_along_time([f for f, _ in examples])
     targets = torch.tensor([classes[t] for _, ids in examples for t in ids])
     target_lengths = torch.tensor([len(ids) for _, ids in examples])
     return features, lengths, targets, target_lengths

@@ -22,7 +22,7 @@ from ..data.cuts import BadCutError, CutStats, load_prompt_cuts
 from ..data.dataset import PairedPromptDataset, build_dataloader
 from ..data.tokenizer import load_tokenizer
 from ..models.speech import expand_audio_locators
-from ..rollout import RolloutBatch, RolloutEngine, SamplingParams
+from ..rollout import RolloutBatch, RolloutEngine, SamplingParams, rollout_mode
 from ..runtime import ParallelConfig, init_distributed, initialize_model_parallel, set_seed
 from .build import build_models, build_optimizer, resolve_path, wrap_ddp
 from .checkpoint import latest_checkpoint, load_checkpoint, load_model_weights, save_checkpoint
@@ -144,14 +144,8 @@ class XOPDTrainer:
         embeds: list[torch.Tensor | None] = [None] * n
         frames = torch.zeros(n, dtype=torch.long)
         if parallel_state.is_pipeline_first_stage():
-            perception = self.student.perception
-            training = perception.training
-            perception.eval()  # no dropout in the embeddings that rollouts and evaluation read
-            try:
-                with torch.no_grad():
-                    embeds = list(self.student.embed_audio(*self._speech_inputs(batch)))
-            finally:
-                perception.train(training)
+            with rollout_mode(self.student):  # no dropout in the embeddings that rollouts and evaluation read
+                embeds = list(self.student.embed_audio(*self._speech_inputs(batch)))
             frames = torch.tensor([e.shape[0] for e in embeds], dtype=torch.long)
         if parallel_state.get_pipeline_model_parallel_world_size() > 1:
             dist.broadcast(
@@ -344,11 +338,12 @@ class XOPDTrainer:
 
     def _metrics(self, rollouts: Rollouts, stats: TrainStats, batch, grad_norm, t_rollout, t_teacher, t_train) -> dict[str, float]:
         mask = torch.arange(rollouts.responses.shape[1]).unsqueeze(0) < rollouts.lengths.unsqueeze(1)
+        on_policy = self.cfg.xopd.responses == "on_policy"  # the sampled-token KL estimate needs student samples
         sums: dict[str, float] = {}
         for m, name in ((IN_MODAL, "im"), (CROSS_MODAL, "cm")):
             sel = (rollouts.modality == m).unsqueeze(1) & mask
             rows = rollouts.modality == m
-            if rollouts.teacher_logprobs is not None and self.cfg.xopd.responses == "on_policy":
+            if rollouts.teacher_logprobs is not None and on_policy:
                 adv = rollouts.teacher_logprobs - rollouts.old_logprobs
                 sums[f"adv_{name}"] = float(adv[sel].sum())
             else:
@@ -360,7 +355,6 @@ class XOPDTrainer:
         g = _reduce(sums)
         ratio_max = _reduce({"ratio_max": stats.ratio_max}, op=dist.ReduceOp.MAX)["ratio_max"]
         step_time = t_rollout + t_teacher + t_train
-        on_policy = self.cfg.xopd.responses == "on_policy"  # the sampled-token KL estimate needs student samples
         self.data_stats.update(batch["stats"])
         metrics = {
             "kl_cm": -g["adv_cm"] / g["tok_cm"] if g["tok_cm"] and on_policy else float("nan"),

@@ -8,13 +8,14 @@ last pipeline stage from vocab-parallel logits: nothing gathers the vocabulary.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Callable
 
 import torch
 from megatron.core import parallel_state
 from megatron.core.pipeline_parallel import get_forward_backward_func
 
 from ..algo import CROSS_MODAL, IN_MODAL, XOPDConfig, policy_gradient_terms, weighted_loss
+from ..data.dataset import pad_along_time
 from ..ops import vocab_parallel_divergence
 from .sequences import PackedSequences, pack_sequences, response_logits, response_logprobs
 
@@ -65,23 +66,13 @@ def micro_batches(rollouts: Rollouts, rows: torch.Tensor, size: int, *, teacher:
         )
         embeds, inputs = None, None
         if not teacher and rollouts.audio_inputs is not None:
-            inputs = _pad_inputs([rollouts.audio_inputs[r] for r in src if rollouts.audio_inputs[r] is not None])
+            parts = [rollouts.audio_inputs[r] for r in src if rollouts.audio_inputs[r] is not None]
+            inputs = pad_along_time(parts) if parts else None
         elif not teacher:
             parts = [rollouts.audio_embeds[r] for r in src if rollouts.audio_embeds[r] is not None]
             embeds = torch.cat(parts) if parts else None
         out.append(MicroBatch(torch.tensor(chunk + fill), packed, embeds, inputs))
     return out
-
-
-def _pad_inputs(inputs: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor] | None:
-    """Zero-pad perception inputs along time into a batch, with their lengths."""
-    if not inputs:
-        return None
-    lengths = torch.tensor([x.shape[0] for x in inputs])
-    padded = inputs[0].new_zeros((len(inputs), int(lengths.max()), *inputs[0].shape[1:]))
-    for i, x in enumerate(inputs):
-        padded[i, : x.shape[0]] = x
-    return padded, lengths
 
 
 def _run(model: torch.nn.Module, batches: list[MicroBatch], forward_only: bool, loss_fn: Callable, student: bool) -> None:
