@@ -190,11 +190,16 @@ def test_step_at_tp2_and_pp2_equals_tp1():
 @pytest.mark.parity
 def test_a_trainable_perception_gets_the_gradient_of_the_step():
     """With ``audio_inputs`` the training pass reruns the perception inside the forward: its gradient (the
-    alignment stage's) equals autograd through the perception in one process."""
+    alignment stage's) equals autograd through the perception in one process, at TP=1, TP=2 and PP=2."""
     reference = run_distributed(_hand_reference, 1, 0.0, "sft", True, tp=1)[0]
-    result = run_distributed(_pipeline, 1, 0.0, "sft", 3, True, tp=1)[0]
-    _assert_matches(result[:3] + (None,), reference[:3])
-    assert result[3].keys() == reference[3].keys() == {"proj.weight", "proj.bias"}
-    for name, grad in reference[3].items():
-        assert grad.abs().sum() > 0
-        torch.testing.assert_close(result[3][name], grad, atol=1e-5, rtol=1e-4, msg=name)
+    assert reference[3].keys() == {"proj.weight", "proj.bias"}
+    for world, layout in ((1, {"tp": 1}), (2, {"tp": 2}), (2, {"tp": 1, "pp": 2})):
+        results = run_distributed(_pipeline, world, 0.0, "sft", 3, True, **layout)
+        _assert_matches(results[-1][:3] + (None,), reference[:3])
+        with_perception = results if "pp" not in layout else results[:1]  # the first stage holds the perception
+        for result in with_perception:
+            for name, grad in reference[3].items():
+                assert grad.abs().sum() > 0
+                torch.testing.assert_close(result[3][name], grad, atol=1e-5, rtol=1e-4, msg=f"{layout} {name}")
+        if "pp" in layout:
+            assert results[1][3] == {}
