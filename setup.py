@@ -10,8 +10,6 @@ setup(
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
     packages=find_packages(include=["megatron_xopd", "megatron_xopd.*"]),
-    include_package_data=True,
-    package_data={"megatron_xopd": ["conf/*.yaml", "conf/**/*.yaml"]},
     install_requires=[
         # 2.13 is the CPU build on disk here; any CUDA build >= 2.6 elsewhere.
         "torch>=2.6",

@@ -14,7 +14,10 @@ import traceback
 from typing import Any, Callable
 
 import torch
+import torch.distributed as dist
 import torch.multiprocessing as mp
+
+from .runtime import ParallelConfig, init_distributed, initialize_model_parallel
 
 
 def _free_port() -> int:
@@ -29,14 +32,9 @@ def _child(rank: int, world_size: int, port: int, tp: int | None, pp: int, fn: C
     )
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     try:
-
         torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
-        from megatron_xopd.runtime import init_distributed
-
         init_distributed(timeout_minutes=5)
         if tp is not None:
-            from megatron_xopd.runtime import ParallelConfig, initialize_model_parallel
-
             initialize_model_parallel(ParallelConfig(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp))
         buffer = io.BytesIO()
         torch.save(fn(*args), buffer)  # bytes, not shared-memory handles that die with this process
@@ -44,8 +42,6 @@ def _child(rank: int, world_size: int, port: int, tp: int | None, pp: int, fn: C
     except BaseException:  # noqa: BLE001 - the parent re-raises with the child's traceback
         queue.put((rank, "error", traceback.format_exc()))
     finally:
-        import torch.distributed as dist
-
         if dist.is_initialized():
             dist.destroy_process_group()
 

@@ -126,4 +126,4 @@ def train_with_snapshots(cfg: dict) -> tuple[dict, dict, list[dict], dict]:
     before = snapshot(trainer)
     trainer.train()
     rows = [json.loads(line) for line in (Path(run.logging.dir) / "metrics.jsonl").read_text().splitlines()]
-    return before, snapshot(trainer), rows, dict(trainer._teacher_answers)
+    return before, snapshot(trainer), rows, dict(trainer.collector._teacher_answers)

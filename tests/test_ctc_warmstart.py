@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from megatron_xopd.models.speech import FeaturePerception, PerceptionConfig
-from megatron_xopd.trainer.ctc_warmstart import CTCWarmStartConfig, ctc_warmstart, greedy_ctc_decode
+from megatron_xopd.prep.ctc_warmstart import CTCWarmStartConfig, ctc_warmstart, greedy_ctc_decode
 
 IDENTITY = {"modality_adapter": {"_target_": "nemo.collections.speechlm2.modules.perception.IdentityConnector"}}
 

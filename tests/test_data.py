@@ -22,7 +22,7 @@ from lhotse import NumpyFilesWriter
 
 from megatron_xopd.data.cuts import BadCutError, CutStats, answer, load_prompt_cuts, text_prompt
 from megatron_xopd.data.dataset import PairedPromptDataset, build_dataloader
-from megatron_xopd.data.synthesis import (
+from megatron_xopd.prep.synthesis import (
     PromptItem,
     SynthesisConfig,
     read_prompt_items,
@@ -339,7 +339,7 @@ def test_asr_filter_drops_mismatched_pairs(tmp_path):
 
 @pytest.mark.skipif(importlib.util.find_spec("reasoning_gym") is None, reason="reasoning-gym is not installed")
 def test_reasoning_gym_prompts_and_scorer(tmp_path):
-    from megatron_xopd.data.reasoning_gym_prompts import score_answer
+    from megatron_xopd.prep.reasoning_gym_prompts import score_answer
 
     prompts = tmp_path / "arith.jsonl"
     run_cli("--from-reasoning-gym", "basic_arithmetic", "--num", "3", "--seed", "5", "--prompts", str(prompts))

@@ -20,13 +20,13 @@ from lhotse import CutSet, MonoCut, Recording
 
 from megatron_xopd.data.cuts import BadCutError, load_prompt_cuts
 from megatron_xopd.data.dataset import PairedPromptDataset
-from megatron_xopd.data.encoder_features import (
+from megatron_xopd.prep.encoder_features import (
     WhisperEncoder,
     cache_encoder_features,
     num_encoder_frames,
     pool_frames,
 )
-from megatron_xopd.data.synthesis import PromptItem, SynthesisConfig, synthesize
+from megatron_xopd.prep.synthesis import PromptItem, SynthesisConfig, synthesize
 from megatron_xopd.data.tokenizer import AUDIO_LOCATOR
 from tests._tokenizers import byte_tokenizer
 
@@ -210,7 +210,7 @@ def test_prepare_quickstart_data_needs_espeak(tmp_path, monkeypatch):
     spec = importlib.util.spec_from_file_location("quickstart_prepare", ROOT / "examples/quickstart/prepare_data.py")
     prepare = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(prepare)
-    from megatron_xopd.data import paired_features
+    from megatron_xopd.prep import paired_features
 
     monkeypatch.setattr(paired_features.shutil, "which", lambda name: None)
     with pytest.raises(RuntimeError, match="apt-get install espeak-ng"):

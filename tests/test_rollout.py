@@ -10,7 +10,7 @@ import math
 import pytest
 import torch
 
-from megatron_xopd.rollout import SamplingParams, row_keys, sample_vocab_parallel
+from megatron_xopd.ops.sampling import SamplingParams, row_keys, sample_vocab_parallel
 from megatron_xopd.testing import run_distributed
 from tests._models import VOCAB, tiny_gpt_config, tiny_perception_config
 

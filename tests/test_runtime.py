@@ -77,3 +77,21 @@ def test_cpu_compat_refuses_cuda(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     with pytest.raises(RuntimeError, match="CUDA is available"):
         cpu_compat.enable_cpu_compat()
+
+
+def test_megatron_overrides_match_the_installed_megatron_core():
+    """Every megatron-core internal we override still exists with the parameters we rely on."""
+    from megatron_xopd.runtime.mcore_overrides import check_overrides
+
+    assert check_overrides() == []
+
+
+def test_override_check_reports_a_changed_signature(monkeypatch):
+    """A recorded parameter list that differs from the installed method is reported with the target named."""
+    from megatron_xopd.runtime import mcore_overrides
+
+    changed = mcore_overrides.Override("megatron.core.utils.GlobalMemoryBuffer.get_tensor", "replaced", "x.py", "y",
+                                       ("self", "tensor_shape", "dtype"))
+    monkeypatch.setattr(mcore_overrides, "OVERRIDES", (changed,))
+    [problem] = mcore_overrides.check_overrides()
+    assert "GlobalMemoryBuffer.get_tensor" in problem and "mem_alloc_context" in problem

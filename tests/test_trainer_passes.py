@@ -45,7 +45,7 @@ def _models(train_perception: bool = False):
 
 def _rollouts(student, train_perception: bool = False):
     from megatron_xopd.models import expand_audio_locators
-    from megatron_xopd.trainer.passes import Rollouts
+    from megatron_xopd.algo import Rollouts
 
     g = torch.Generator().manual_seed(4)
     text_prompts = [[5, 6, 7], [9, 10, 11, 12, 13], [20, 21], [30, 31, 32, 33]]
@@ -127,7 +127,8 @@ def _pipeline(lam: float, loss_kind: str, micro_batch_size: int, train_perceptio
 
     from megatron_xopd.models import gather_canonical_state_dict
     from megatron_xopd.trainer.build import wrap_ddp
-    from megatron_xopd.trainer.passes import TrainStats, score_with_teacher, train_pass
+    from megatron_xopd.algo import LossStats
+    from megatron_xopd.trainer.passes import score_with_teacher, train_pass
     from megatron_xopd.algo import rollout_weights
 
     student, teacher = _models(train_perception)
@@ -138,7 +139,7 @@ def _pipeline(lam: float, loss_kind: str, micro_batch_size: int, train_perceptio
     counts = {m: float((r.modality == m).sum()) for m in (IN_MODAL, CROSS_MODAL)}
     tokens = {m: float(r.lengths[r.modality == m].sum()) for m in (IN_MODAL, CROSS_MODAL)}
     r.weights = rollout_weights(r.lengths, r.modality, cfg, global_rollouts=counts, global_tokens=tokens)
-    stats = TrainStats()
+    stats = LossStats()
     ddp.zero_grad_buffer()
     train_pass(ddp, r, torch.arange(4), cfg, micro_batch_size, VOCAB, stats)
     grads = gather_canonical_state_dict(student.language_model, VOCAB + 1, grads=True)

@@ -15,7 +15,7 @@ import argparse
 import logging
 from pathlib import Path
 
-from megatron_xopd.data.encoder_features import cache_encoder_features
+from megatron_xopd.prep.encoder_features import cache_encoder_features
 
 
 def main(argv: list[str] | None = None) -> None:

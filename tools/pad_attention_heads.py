@@ -17,7 +17,7 @@ def main() -> None:
     args = parser.parse_args()
 
     from megatron_xopd.convert.heads import write_padded_copy
-    from megatron_xopd.trainer.build import resolve_path
+    from megatron_xopd.convert.sources import resolve_path
 
     print(write_padded_copy(resolve_path(args.hf), args.out, args.tp))
 

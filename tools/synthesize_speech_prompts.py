@@ -15,7 +15,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from megatron_xopd.data.synthesis import SynthesisConfig, read_prompt_items, synthesize
+from megatron_xopd.prep.synthesis import SynthesisConfig, read_prompt_items, synthesize
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -36,7 +36,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
 
     if args.from_reasoning_gym:
-        from megatron_xopd.data.reasoning_gym_prompts import generate_prompts, write_prompts_jsonl
+        from megatron_xopd.prep.reasoning_gym_prompts import generate_prompts, write_prompts_jsonl
 
         write_prompts_jsonl(generate_prompts(args.from_reasoning_gym, args.num, args.seed), args.prompts)
         print(f"wrote {args.num} prompts to {args.prompts}")

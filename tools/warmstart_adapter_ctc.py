@@ -1,4 +1,4 @@
-"""CTC warm start of the speech student's adapter and projection (``megatron_xopd.trainer.ctc_warmstart``).
+"""CTC warm start of the speech student's adapter and projection (``megatron_xopd.prep.ctc_warmstart``).
 
     python tools/warmstart_adapter_ctc.py --cuts data/alignment_features.jsonl.gz \\
         --config examples/conf/mini_replication.yaml --out runs/ctc/perception.safetensors
@@ -39,8 +39,8 @@ def main(argv: list[str] | None = None) -> None:
     from megatron_xopd.data.cuts import load_encoder_features, load_prompt_cuts, text_prompt
     from megatron_xopd.data.tokenizer import load_tokenizer
     from megatron_xopd.models.speech import FeaturePerception, PerceptionConfig
-    from megatron_xopd.trainer.build import resolve_path
-    from megatron_xopd.trainer.ctc_warmstart import CTCWarmStartConfig, ctc_warmstart
+    from megatron_xopd.convert.sources import resolve_path
+    from megatron_xopd.prep.ctc_warmstart import CTCWarmStartConfig, ctc_warmstart
 
     start = time.perf_counter()
     model = OmegaConf.to_container(OmegaConf.load(args.config).model, resolve=True)

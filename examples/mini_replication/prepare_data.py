@@ -10,7 +10,7 @@ The alignment stage reads ``alignment_features.jsonl.gz``: ``align`` and ``train
 numbers of the task too); ``test`` stays unheard until evaluation.
 
 No prompt appears in two splits. Each prompt is spoken with espeak-ng (a voice and speed drawn per prompt) and its
-frozen Whisper-base encoder outputs are cached (``megatron_xopd.data.paired_features``); reruns reuse what exists.
+frozen Whisper-base encoder outputs are cached (``megatron_xopd.prep.paired_features``); reruns reuse what exists.
 """
 
 from __future__ import annotations
@@ -21,8 +21,8 @@ import sys
 import time
 from pathlib import Path
 
-from megatron_xopd.data.paired_features import ESPEAK_MISSING, prepare_feature_splits
-from megatron_xopd.data.reasoning_gym_prompts import arithmetic_prompts
+from megatron_xopd.prep.paired_features import ESPEAK_MISSING, prepare_feature_splits
+from megatron_xopd.prep.reasoning_gym_prompts import arithmetic_prompts
 
 DEFAULT_OUT_DIR = Path(__file__).resolve().parents[2] / "runs" / "mini_replication" / "data"
 OPERATORS = ("+", "-")

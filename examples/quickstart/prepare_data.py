@@ -6,9 +6,9 @@ OUT_DIR defaults to runs/quickstart/data (git-ignored).
 
 Text prompts T are two-term additions of small numbers (0-10 by default) from reasoning-gym's ``basic_arithmetic``
 ("What is 5 + 3? Answer with only the number.", answer "8"), small enough that SmolLM2-135M-Instruct gets
-some right. Each is spoken with espeak-ng (``megatron_xopd.data.synthesis``; a voice and speed drawn per prompt,
+some right. Each is spoken with espeak-ng (``megatron_xopd.prep.synthesis``; a voice and speed drawn per prompt,
 no ASR filter by default) and its frozen Whisper-base encoder outputs are cached (pool 4: 12.5 Hz, 512-dim;
-``megatron_xopd.data.encoder_features``). Layout, per split (``train``, ``validation``)::
+``megatron_xopd.prep.encoder_features``). Layout, per split (``train``, ``validation``)::
 
     OUT_DIR/<split>_features.jsonl.gz   the cuts with ``encoder_features`` (and audio): what the quickstart uses
     OUT_DIR/<split>/prompts.jsonl       the text prompts, answers and reasoning-gym metadata
@@ -16,7 +16,7 @@ no ASR filter by default) and its frozen Whisper-base encoder outputs are cached
     OUT_DIR/<split>/cuts_audio.jsonl.gz the synthesised cuts (no features)
     OUT_DIR/<split>/features/           cached encoder outputs (.npy)
 
-Validation and training prompts are distinct (``megatron_xopd.data.paired_features`` writes them). Rerunning
+Validation and training prompts are distinct (``megatron_xopd.prep.paired_features`` writes them). Rerunning
 reuses what exists (prompt ids are derived from the prompt text, so a changed prompt is never served a stale
 WAV or feature file); a different ``--seed`` needs a fresh OUT_DIR.
 """
@@ -30,8 +30,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from megatron_xopd.data.paired_features import ESPEAK_MISSING, prepare_feature_splits
-from megatron_xopd.data.reasoning_gym_prompts import arithmetic_prompts
+from megatron_xopd.prep.paired_features import ESPEAK_MISSING, prepare_feature_splits
+from megatron_xopd.prep.reasoning_gym_prompts import arithmetic_prompts
 
 DEFAULT_OUT_DIR = Path(__file__).resolve().parents[2] / "runs" / "quickstart" / "data"  # runs/ is git-ignored
 
@@ -47,7 +47,7 @@ def prepare_quickstart_data(
 ) -> dict[str, Path]:
     """Synthesise and encode the quickstart prompts; returns ``{"train": manifest, "validation": manifest}``.
 
-    ``options`` go to :func:`~megatron_xopd.data.paired_features.prepare_feature_splits` (``max_wer``, ``pool``,
+    ``options`` go to :func:`~megatron_xopd.prep.paired_features.prepare_feature_splits` (``max_wer``, ``pool``,
     ``compute_type``, ``num_threads``, ``encoder``, ``progress``).
     """
     validation = arithmetic_prompts(num_val, seed, max_digits=max_digits)

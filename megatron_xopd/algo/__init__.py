@@ -1,25 +1,46 @@
-"""The X-OPD objective: advantages, rollout weights, the sampled-token loss and the divergence variants."""
+"""The X-OPD objective: the rollout batch type, its sequences, one function per loss kind, weights, metrics."""
 
+from .config import CROSS_MODAL, IN_MODAL, LOSSES, RESPONSES, XOPDConfig
 from .loss import (
-    CROSS_MODAL,
-    IN_MODAL,
-    LOSSES,
-    RESPONSES,
-    XOPDConfig,
+    LOSS_FUNCTIONS,
+    LossInputs,
+    LossOutput,
+    divergence_loss,
+    needs_teacher_logits,
     policy_gradient_terms,
     rollout_weights,
+    sampled_token_loss,
+    sft_loss,
     token_advantages,
     weighted_loss,
 )
+from .metrics import LossStats, rollout_sums, step_metrics
+from .rollouts import Rollouts
+from .sequences import PackedSequences, pack_sequences, response_logits, response_logprobs
 
 __all__ = [
     "CROSS_MODAL",
     "IN_MODAL",
     "LOSSES",
+    "LOSS_FUNCTIONS",
+    "LossInputs",
+    "LossOutput",
+    "LossStats",
+    "PackedSequences",
     "RESPONSES",
+    "Rollouts",
     "XOPDConfig",
+    "divergence_loss",
+    "needs_teacher_logits",
+    "pack_sequences",
     "policy_gradient_terms",
+    "response_logits",
+    "response_logprobs",
+    "rollout_sums",
     "rollout_weights",
+    "sampled_token_loss",
+    "sft_loss",
+    "step_metrics",
     "token_advantages",
     "weighted_loss",
 ]

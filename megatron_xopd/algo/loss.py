@@ -22,58 +22,13 @@ answer to S) is speech-recognition alignment.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 
-LOSSES = ("sampled_token", "reverse_kl", "jsd", "sft")
-RESPONSES = ("on_policy", "teacher_greedy", "transcript")
-IN_MODAL, CROSS_MODAL = 0, 1  # modality of a rollout: prompted with T, or with S
-
-
-@dataclass
-class XOPDConfig:
-    """The ``xopd`` config group."""
-
-    lam: float = 0.5  # weight of the in-modal (text-prompted) term; 1 - lam for the cross-modal one
-    n_samples: int = 4  # responses sampled per prompt and modality
-    loss: str = "sampled_token"  # sampled_token (paper) | reverse_kl | jsd | sft (log-likelihood of the responses)
-    # on_policy: n student samples | teacher_greedy: the teacher's greedy answer to T | transcript: T's text itself
-    # (with loss=sft and lam=0: speech recognition, the usual first alignment of a speech adapter)
-    responses: str = "on_policy"
-    beta: float = 0.5  # JSD mixture weight of the teacher (TRL convention); 0 = forward KL, 1 = reverse KL
-    kl_temperature: float = 1.0  # temperature of the full-vocabulary divergences
-    coef: float = 1.0  # scales the whole loss
-    normalization: str = "sequence"  # sequence: (1/|y|) sum_t (paper) | token: mean over all tokens
-    clip_ratio: float | None = None  # PPO-style clip of r to [1 - eps, 1 + eps]; None in the paper
-    minibatches: int = 1  # optimizer steps per rollout batch
-
-    def __post_init__(self) -> None:
-        if not 0.0 <= self.lam <= 1.0:
-            raise ValueError(f"xopd.lam must lie in [0, 1], got {self.lam}")
-        if self.loss not in LOSSES:
-            raise ValueError(f"xopd.loss: {self.loss!r} is not one of {LOSSES}")
-        if self.responses not in RESPONSES:
-            raise ValueError(f"xopd.responses: {self.responses!r} is not one of {RESPONSES}")
-        if self.loss == "sft" and self.responses == "on_policy":
-            raise ValueError("xopd.loss=sft trains on given responses: set xopd.responses=teacher_greedy or transcript")
-        if self.responses == "transcript" and self.loss != "sft":
-            raise ValueError("xopd.responses=transcript (speech recognition) has no teacher to match: set xopd.loss=sft")
-        if self.loss == "sampled_token" and self.responses != "on_policy":
-            raise ValueError("xopd.loss=sampled_token is the on-policy X-OPD loss: set xopd.responses=on_policy "
-                             "(or use loss=sft / reverse_kl / jsd on the teacher's answers)")
-        if self.normalization not in ("sequence", "token"):
-            raise ValueError(f"xopd.normalization: {self.normalization!r} is not 'sequence' or 'token'")
-        if not 0.0 <= self.beta <= 1.0:
-            raise ValueError(f"xopd.beta must lie in [0, 1], got {self.beta}")
-        if self.clip_ratio is not None and self.clip_ratio <= 0:
-            raise ValueError(f"xopd.clip_ratio must be positive or null, got {self.clip_ratio}")
-        if self.n_samples < 1 or self.minibatches < 1:
-            raise ValueError("xopd.n_samples and xopd.minibatches must be >= 1")
-
-    @property
-    def modalities(self) -> tuple[int, ...]:
-        """The rollout modalities with a non-zero weight (lam = 1 or 0 drops the other term)."""
-        return tuple(m for m, w in ((IN_MODAL, self.lam), (CROSS_MODAL, 1.0 - self.lam)) if w > 0)
+from ..ops import vocab_parallel_divergence
+from .config import XOPDConfig
+from .sequences import PackedSequences, response_logits, response_logprobs
 
 
 def token_advantages(teacher_logprobs: torch.Tensor, old_logprobs: torch.Tensor) -> torch.Tensor:
@@ -94,9 +49,8 @@ def rollout_weights(
     sequence: c_j = w_x / (N_x * |y_j|); token: c_j = w_x / T_x, where w_im = lam, w_cm = 1 - lam, N_x is the
     number of rollouts and T_x the number of response tokens of modality x over the whole step (all ranks).
     """
-    lam_of = {IN_MODAL: cfg.lam, CROSS_MODAL: 1.0 - cfg.lam}
     weights = torch.zeros(lengths.shape, dtype=torch.float64)
-    for m, w in lam_of.items():
+    for m, w in cfg.modality_weights.items():
         sel = modality == m
         if not bool(sel.any()) or w == 0.0:
             continue
@@ -130,3 +84,76 @@ def weighted_loss(per_token: torch.Tensor, mask: torch.Tensor, weights: torch.Te
     """-sum_j c_j sum_t x_jt for an objective (``maximise``), +sum_j c_j sum_t x_jt for a divergence."""
     total = ((per_token * mask).sum(dim=-1) * weights.to(per_token.dtype)).sum()
     return -total if maximise else total
+
+
+@dataclass
+class LossInputs:
+    """What one micro-batch's loss reads, on the last pipeline stage and this rank's vocabulary shard.
+
+    Rows are rollouts; padding rows (filling the last micro-batch) have weight 0 and an all-zero mask.
+    """
+
+    logits: torch.Tensor  # [b, S, V/TP] the student's vocab-parallel logits of prompt + response
+    packed: PackedSequences  # where each response token sits in the sequence
+    mask: torch.Tensor  # [b, L] float: real response tokens of real rows
+    weights: torch.Tensor  # [b] c_j (0 for padding rows)
+    old_logprobs: torch.Tensor  # [b, L] log p_old(y_t), recorded at sampling time
+    teacher_logprobs: torch.Tensor | None  # [b, L] log p_teacher(y_t | T, y<t)
+    teacher_logits: torch.Tensor | None  # [b, L, V/TP] the teacher's logits at the response positions
+    text_vocab_size: int
+
+
+@dataclass
+class LossOutput:
+    loss: torch.Tensor  # scalar to minimise: the micro-batch's share of the step loss
+    terms: torch.Tensor  # [b, L] per-token terms of the objective (or divergence), masked
+    ratio: torch.Tensor | None = None  # [b, L] r_t = p_theta / p_old (sampled-token loss only), detached
+
+
+def sft_loss(x: LossInputs, cfg: XOPDConfig) -> LossOutput:
+    """Supervised fine-tuning on given responses (offline KD, speech alignment), maximised:
+    x_jt = log p_theta(y_jt),  loss = -sum_j c_j sum_t x_jt."""
+    terms = response_logprobs(x.logits, x.packed, x.text_vocab_size) * x.mask
+    return LossOutput(weighted_loss(terms, x.mask, x.weights, maximise=True), terms)
+
+
+def sampled_token_loss(x: LossInputs, cfg: XOPDConfig) -> LossOutput:
+    """The paper's X-OPD loss (Eqs. 1-5), maximised:
+    x_jt = r_jt * A_jt,  r_jt = p_theta(y_jt) / p_old(y_jt),  A_jt = log p_teacher(y_jt | T) - log p_old(y_jt),
+    loss = -sum_j c_j sum_t x_jt (PPO-clipped with ``xopd.clip_ratio``)."""
+    new_logprobs = response_logprobs(x.logits, x.packed, x.text_vocab_size)
+    advantages = token_advantages(x.teacher_logprobs, x.old_logprobs)
+    terms, ratio = policy_gradient_terms(new_logprobs, x.old_logprobs, advantages, x.mask, cfg.clip_ratio)
+    return LossOutput(weighted_loss(terms, x.mask, x.weights, maximise=True), terms, ratio)
+
+
+def divergence_loss(x: LossInputs, cfg: XOPDConfig) -> LossOutput:
+    """Exact full-vocabulary divergence of the student from the teacher at every response position, minimised:
+    reverse_kl: D_jt = KL(p_theta || p_teacher);  jsd: D_jt = beta KL(p_T || M) + (1 - beta) KL(p_theta || M),
+    M = beta p_T + (1 - beta) p_theta (TRL's GKD; beta = 0 / 1 are the forward / reverse KL);  loss = +sum_j c_j sum_t D_jt.
+    Both on temperature-scaled vocab-parallel logits (``xopd.kl_temperature``), nothing gathered."""
+    student = response_logits(x.logits, x.packed)
+    b, length, v_local = student.shape
+    terms = vocab_parallel_divergence(
+        student.reshape(b * length, v_local),
+        x.teacher_logits.reshape(b * length, v_local),
+        cfg.loss,
+        beta=cfg.beta,
+        temperature=cfg.kl_temperature,
+        mask=x.mask.reshape(-1).bool(),
+        vocab_size=x.text_vocab_size,
+    ).view(b, length)
+    return LossOutput(weighted_loss(terms, x.mask, x.weights, maximise=False), terms)
+
+
+LOSS_FUNCTIONS: dict[str, Callable[[LossInputs, XOPDConfig], LossOutput]] = {
+    "sft": sft_loss,
+    "sampled_token": sampled_token_loss,
+    "reverse_kl": divergence_loss,
+    "jsd": divergence_loss,
+}
+
+
+def needs_teacher_logits(cfg: XOPDConfig) -> bool:
+    """Whether the teacher pass must keep its response logits (the full-vocabulary losses)."""
+    return LOSS_FUNCTIONS[cfg.loss] is divergence_loss

@@ -25,9 +25,10 @@ import torch
 import torch.distributed as dist
 from megatron.core import dist_checkpointing, parallel_state
 
-from megatron_xopd.models.config import GPTModelConfig
-from megatron_xopd.models.gpt import build_gpt_model, uses_transformer_engine
-from megatron_xopd.models.sharding import gather_canonical_state_dict, load_canonical_state_dict, local_to_global_name
+from ..models.config import GPTModelConfig
+from ..models.gpt import build_gpt_model, uses_transformer_engine
+from ..models.sharding import gather_canonical_state_dict, load_canonical_state_dict, local_to_global_name
+from ..runtime import set_seed
 
 from .hf import (
     HFCheckpoint,
@@ -185,8 +186,6 @@ def convert_hf_to_mcore(
     Each rank builds its shard, reads the HF tensors of its own parameters and saves its part; rank 0 writes
     ``model_config.yaml``, ``hf_config.json`` and the tokenizer files.
     """
-    from megatron_xopd.runtime import set_seed
-
     tp = parallel_state.get_tensor_model_parallel_world_size()
     pp = parallel_state.get_pipeline_model_parallel_world_size()
     cfg, reader = prepare_hf_conversion(hf_dir, tp, pp, params_dtype=params_dtype)
@@ -238,8 +237,6 @@ def export_mcore_to_hf(
     ``meta_dir`` holds ``model_config.yaml``, ``hf_config.json`` and the tokenizer when ``ckpt_dir`` (e.g. a
     training checkpoint) has only the ``dist_checkpointing`` files; defaults to ``ckpt_dir``.
     """
-    from megatron_xopd.runtime import set_seed
-
     meta_dir = ckpt_dir if meta_dir is None else meta_dir
     set_seed(seed)
     cfg = load_model_config(meta_dir)

@@ -6,6 +6,10 @@ import argparse
 import contextlib
 from collections.abc import Iterator
 
+import torch.distributed as dist
+
+from ..runtime import ParallelConfig, destroy_model_parallel, init_distributed, initialize_model_parallel
+
 # Errors that describe a bad input: printed as one line, not as a traceback.
 USER_ERRORS = (ValueError, FileNotFoundError, FileExistsError, NotImplementedError)
 
@@ -18,10 +22,6 @@ def add_parallel_args(parser: argparse.ArgumentParser) -> None:
 @contextlib.contextmanager
 def model_parallel(tp: int, pp: int) -> Iterator[int]:
     """Initialise torch.distributed (torchrun, SLURM or a single process) and megatron's TP/PP; yields the rank."""
-    import torch.distributed as dist
-
-    from megatron_xopd.runtime import ParallelConfig, destroy_model_parallel, init_distributed, initialize_model_parallel
-
     init_distributed()
     try:
         initialize_model_parallel(ParallelConfig(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp))

@@ -15,10 +15,15 @@ more key/value work. ``head_dim`` is written explicitly, since ``hidden_size / H
 
 from __future__ import annotations
 
+import os
+import shutil
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
 import torch
+
+from .hf import HFCheckpoint, copy_tokenizer_files, save_hf_checkpoint
 
 
 def pad_attention_heads(
@@ -55,12 +60,6 @@ def write_padded_copy(src_dir, out_dir, tensor_parallel_size: int):
 
     Safe to call from several ranks at once: each writes a private temporary copy, the first rename wins.
     """
-    import os
-    import shutil
-    from pathlib import Path
-
-    from .hf import HFCheckpoint, copy_tokenizer_files, save_hf_checkpoint
-
     out = Path(out_dir)
     if (out / "config.json").is_file():
         return out

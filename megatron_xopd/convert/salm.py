@@ -40,9 +40,10 @@ import yaml
 from megatron.core import parallel_state
 from safetensors.torch import load_file, save_file
 
-from megatron_xopd.models.config import GPTModelConfig
-from megatron_xopd.models.sharding import gather_canonical_state_dict, load_canonical_state_dict
-from megatron_xopd.models.speech import PerceptionConfig, SpeechStudent
+from ..models.config import GPTModelConfig
+from ..models.sharding import gather_canonical_state_dict, load_canonical_state_dict
+from ..models.speech import PerceptionConfig, SpeechStudent
+from ..runtime import set_seed
 
 from .checkpoint import (
     HF_CONFIG,
@@ -230,8 +231,6 @@ def convert_salm_to_mcore(
     ``hf_config.json`` and the tokenizer files; with ``perception_source="features"`` also the perception
     weights the student does not hold (``perception_frozen.safetensors``). Returns the built student.
     """
-    from megatron_xopd.runtime import set_seed
-
     salm = read_salm(salm_dir)
     llm_cfg, pcfg, meta = salm_student_configs(salm, perception_source=perception_source, params_dtype=params_dtype)
     llm_cfg.validate_parallel(
@@ -336,8 +335,6 @@ def export_mcore_student_to_salm(
     ``meta_dir``: the directory :func:`convert_salm_to_mcore` wrote, when ``ckpt_dir`` (e.g. a training
     checkpoint) holds only the ``dist_checkpointing`` files; defaults to ``ckpt_dir``.
     """
-    from megatron_xopd.runtime import set_seed
-
     meta_dir = ckpt_dir if meta_dir is None else meta_dir
     set_seed(seed)
     llm_cfg, pcfg, meta = load_student_configs(meta_dir)

@@ -1,1 +1,1 @@
-"""Paired speech/text prompt data: lhotse CutSets, tokenizers and prompt formats, batching, synthesis."""
+"""Training input: lhotse CutSets of paired speech/text prompts, the tokenizer and prompt format, batching."""

@@ -15,8 +15,8 @@ from lhotse.dataset import DynamicBucketingSampler
 from lhotse.dataset.collation import collate_matrices, collate_vectors
 from torch.utils.data import DataLoader
 
-from megatron_xopd.data.cuts import BadCutError, CutStats, answer, load_audio, load_encoder_features, text_prompt
-from megatron_xopd.data.tokenizer import format_prompt
+from .cuts import BadCutError, CutStats, answer, load_audio, load_encoder_features, text_prompt
+from .tokenizer import format_prompt
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase

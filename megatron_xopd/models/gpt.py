@@ -16,6 +16,7 @@ from megatron.core.transformer.enums import AttnBackend
 from megatron.core.transformer.spec_utils import ModuleSpec
 from megatron.core.transformer.transformer_config import TransformerConfig
 
+from ..ops.sharding import vocab_shard
 from .attention import InferenceSDPAttention, RotateOnceSelfAttention
 from .config import GPTModelConfig, ModelConfigError
 
@@ -142,6 +143,5 @@ def build_gpt_model(
 def vocab_shard_range(cfg: GPTModelConfig) -> tuple[int, int]:
     """The global vocabulary columns [start, end) this TP rank holds."""
     tp = parallel_state.get_tensor_model_parallel_world_size()
-    rank = parallel_state.get_tensor_model_parallel_rank()
-    per_rank = cfg.padded_vocab(tp) // tp
-    return rank * per_rank, (rank + 1) * per_rank
+    shard = vocab_shard(cfg.padded_vocab(tp) // tp, None, None)
+    return shard.offset, shard.offset + shard.local_size

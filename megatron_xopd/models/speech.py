@@ -16,11 +16,13 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+from megatron.core import parallel_state
 from megatron.core.models.gpt import GPTModel
 from megatron.core.transformer.module import MegatronModule
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
+from ..runtime.device import current_device
 from .config import GPTModelConfig, ModelConfigError
 from .gpt import build_gpt_model
 
@@ -120,9 +122,11 @@ class SpeechStudent(MegatronModule):
         if self.pre_process:
             with torch.random.fork_rng(devices=[]):
                 torch.manual_seed(perception_cfg.init_seed)
-                self.perception = build_perception(perception_cfg, llm_cfg.hidden_size)
+                # built on the CPU by NeMo; megatron builds the GPT on this rank's device already
+                self.perception = build_perception(perception_cfg, llm_cfg.hidden_size).to(current_device())
         if self.perception is not None:
             self._freeze(perception_cfg)
+            self.mark_sequence_parallel()
 
     def _freeze(self, cfg: PerceptionConfig) -> None:
         for name in ("preprocessor", "encoder"):
@@ -153,16 +157,34 @@ class SpeechStudent(MegatronModule):
         return [emb[i, : int(n)] for i, n in enumerate(lens)]
 
     def splice(self, input_ids: torch.Tensor, position_ids: torch.Tensor | None, audio_embeds: torch.Tensor) -> torch.Tensor:
-        """Token embeddings with locator positions replaced, row-major, by ``audio_embeds`` [n, H] -> [S, B, H]."""
+        """Token embeddings with locator positions replaced, row-major, by ``audio_embeds`` [n, H] -> [S, B, H].
+
+        With sequence parallelism the embedding returns this rank's slice of the sequence, [S/TP, B, H]; each
+        rank splices the audio frames that fall in its slice (so the perception's gradient is partial per rank
+        and summed over TP by megatron's ``finalize_model_grads``: see :meth:`mark_sequence_parallel`).
+        """
         is_audio = input_ids == self.audio_locator_id
         count = int(is_audio.sum())
         if count != audio_embeds.shape[0]:
             raise ValueError(f"{count} audio-locator positions but {audio_embeds.shape[0]} audio embeddings")
         text_ids = input_ids.masked_fill(is_audio, 0)
-        embeds = self.language_model.embedding(input_ids=text_ids, position_ids=position_ids)  # [S, B, H]
+        embeds = self.language_model.embedding(input_ids=text_ids, position_ids=position_ids)  # [S(/TP), B, H]
+        order = (is_audio.flatten().cumsum(0) - 1).view_as(input_ids)  # row-major index of each audio position
+        local = embeds.shape[0]
+        start = parallel_state.get_tensor_model_parallel_rank() * local if local != input_ids.shape[1] else 0
+        here = is_audio[:, start : start + local]
         embeds = embeds.transpose(0, 1).clone()
-        embeds[is_audio] = audio_embeds.to(embeds.dtype)
+        embeds[here] = audio_embeds[order[:, start : start + local][here]].to(embeds.dtype)
         return embeds.transpose(0, 1).contiguous()
+
+    def mark_sequence_parallel(self) -> None:
+        """Under sequence parallelism each TP rank splices only its slice of the audio frames, so the trainable
+        perception's gradients are partial sums: mark them, as megatron marks its norms, for the TP all-reduce
+        in ``finalize_model_grads``."""
+        if self.perception is not None and self.config.sequence_parallel:
+            for param in self.perception.parameters():
+                if param.requires_grad:
+                    param.sequence_parallel = True
 
     def forward(
         self,

@@ -15,9 +15,9 @@ import torch
 from torch.autograd.function import once_differentiable
 from torch.distributed import ProcessGroup
 
-from megatron_xopd.ops import kernels
-from megatron_xopd.ops.kernels import FORWARD_KL, JSD, KINDS, REVERSE_KL
-from megatron_xopd.ops.sharding import VocabShard, global_max, vocab_shard
+from . import kernels
+from .kernels import FORWARD_KL, JSD, KINDS, REVERSE_KL
+from .sharding import VocabShard, global_max, vocab_shard
 
 # Default chunk_size: these many elements of [chunk, V_local] over V_local. With the logits given, a CPU chunk is
 # sized for its float32 temporaries to stay in cache, a GPU chunk to amortise kernel launches. The fused-linear

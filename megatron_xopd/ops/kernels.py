@@ -20,7 +20,7 @@ KINDS = (REVERSE_KL, FORWARD_KL, JSD)
 @functools.cache
 def _triton() -> ModuleType | None:
     try:
-        from megatron_xopd.ops import triton_kernels
+        from . import triton_kernels
     except ImportError:
         return None
     return triton_kernels

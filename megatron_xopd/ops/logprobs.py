@@ -9,9 +9,9 @@ import torch
 from torch.autograd.function import once_differentiable
 from torch.distributed import ProcessGroup
 
-from megatron_xopd.ops.divergence import check_common, compute_dtype, default_chunk_size, row_chunks
-from megatron_xopd.ops.kernels import scaled
-from megatron_xopd.ops.sharding import VocabShard, check_token_ids, global_max, local_columns, vocab_shard
+from .divergence import check_common, compute_dtype, default_chunk_size, row_chunks
+from .kernels import scaled
+from .sharding import VocabShard, check_token_ids, global_max, local_columns, vocab_shard
 
 
 @dataclass(frozen=True)

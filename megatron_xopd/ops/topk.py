@@ -14,7 +14,7 @@ import torch
 from torch.autograd.function import once_differentiable
 from torch.distributed import ProcessGroup
 
-from megatron_xopd.ops.divergence import (
+from .divergence import (
     check_common,
     compute_dtype,
     default_chunk_size,
@@ -22,8 +22,8 @@ from megatron_xopd.ops.divergence import (
     row_chunks,
     selected_rows,
 )
-from megatron_xopd.ops.kernels import FORWARD_KL, REVERSE_KL, log_mixture, scaled
-from megatron_xopd.ops.sharding import VocabShard, check_token_ids, global_max, local_columns, vocab_shard
+from .kernels import FORWARD_KL, REVERSE_KL, log_mixture, scaled
+from .sharding import VocabShard, check_token_ids, global_max, local_columns, vocab_shard
 
 
 @dataclass(frozen=True)

@@ -1,14 +1,16 @@
-"""On-policy rollouts: TP/PP generation with a KV cache on the live student (text or speech prompts)."""
+"""On-policy rollouts: TP/PP generation with a KV cache on the live student (text or speech prompts), and the
+collection of a step's rollouts from a batch of paired prompts."""
 
+from ..ops.sampling import SamplingParams
+from .collect import RolloutCollector, StudentPrompts, speech_inputs
 from .engine import RolloutBatch, RolloutEngine, rollout_mode
-from .sampling import SampleOutput, SamplingParams, row_keys, sample_vocab_parallel
 
 __all__ = [
     "RolloutBatch",
+    "RolloutCollector",
     "RolloutEngine",
-    "SampleOutput",
     "SamplingParams",
+    "StudentPrompts",
     "rollout_mode",
-    "row_keys",
-    "sample_vocab_parallel",
+    "speech_inputs",
 ]

@@ -56,9 +56,9 @@ from megatron.core.inference.utils import get_attention_mask
 from megatron.core.transformer.enums import AttnBackend
 from megatron.core.utils import get_model_config
 
-from megatron_xopd.models.speech import SpeechStudent, expand_audio_locators
+from ..models.speech import SpeechStudent, expand_audio_locators
 
-from .sampling import SamplingParams, row_keys, sample_vocab_parallel
+from ..ops.sampling import SamplingParams, row_keys, sample_vocab_parallel
 
 
 @dataclass

@@ -1,4 +1,5 @@
-"""Make megatron-core 0.16 run on CPU (gloo): the only place in the project that patches a dependency.
+"""Make megatron-core 0.16 run on CPU (gloo): the CPU-only patches of megatron-core (all overrides, CPU or not,
+are listed in ``runtime/mcore_overrides.py``).
 
 megatron-core hard-codes CUDA in a few places that are on the path of a ``GPTModel`` forward/backward,
 the pipeline schedules and ``dist_checkpointing``. Three shims make the *real* megatron code run on CPU

@@ -6,6 +6,8 @@ from dataclasses import dataclass
 
 import torch.distributed as dist
 
+from .cpu_compat import maybe_enable_cpu_compat
+
 
 @dataclass
 class ParallelConfig:
@@ -39,8 +41,6 @@ def initialize_model_parallel(cfg: ParallelConfig, timeout_minutes: int = 30) ->
     Re-initialising with a different layout destroys the previous groups.
     """
     from megatron.core import parallel_state
-
-    from .cpu_compat import maybe_enable_cpu_compat
 
     if not dist.is_initialized():
         raise RuntimeError("initialize_model_parallel: call megatron_xopd.runtime.init_distributed() first")

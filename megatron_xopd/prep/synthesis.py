@@ -32,7 +32,7 @@ from lhotse import CutSet, MonoCut, Recording, SupervisionSegment
 from lhotse.audio.utils import AudioLoadingError
 from tqdm import tqdm
 
-from megatron_xopd.data.progress import read_progress
+from .progress import read_progress
 
 ESPEAK = "espeak-ng"
 ESPEAK_WPM = 175  # espeak-ng's default rate; a speed of 1.0

@@ -33,6 +33,8 @@ import torch
 import torch.distributed as dist
 from torch.distributed import ProcessGroup
 
+from .sharding import vocab_shard
+
 _M32 = 0xFFFFFFFF
 
 
@@ -134,17 +136,6 @@ class SampleOutput:
     sampling_logprobs: torch.Tensor  # [N] float32, log-prob under the distribution sampled from (0: greedy)
 
 
-def _tp_geometry(group: ProcessGroup | None) -> tuple[ProcessGroup | None, int, int]:
-    if group is None:
-        from megatron.core import parallel_state
-
-        if parallel_state.model_parallel_is_initialized():
-            group = parallel_state.get_tensor_model_parallel_group()
-    if group is None or not dist.is_initialized() or dist.get_world_size(group) == 1:
-        return None, 0, 1
-    return group, dist.get_rank(group), dist.get_world_size(group)
-
-
 def _first_max(values: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
     """Column of each row's max; ties go to the smallest token id (as ``argmax`` over the full vocabulary)."""
     best = values.amax(dim=1, keepdim=True)
@@ -166,10 +157,9 @@ def sample_vocab_parallel(
     ``keys`` [N] are :func:`row_keys` (ignored by greedy decoding). ``group`` is the tensor-parallel group
     (default: megatron's, when initialised). Every rank of the group returns the same tokens and log-probs.
     """
-    group, rank, world = _tp_geometry(group)
     n, local = logits.shape
-    start = rank * local
-    valid = min(max(text_vocab_size - start, 0), local)
+    shard = vocab_shard(local, group, text_vocab_size)
+    start, valid = shard.offset, shard.valid
     x = logits[:, :valid].to(torch.float32)
     dev = logits.device
     inv_t = 1.0 if params.greedy else 1.0 / params.temperature
@@ -210,9 +200,9 @@ def sample_vocab_parallel(
     gid = col + start
 
     pack = torch.cat([m[:, None], s1[:, None], s_t[:, None], val, gid.to(torch.float32)], dim=1).to(torch.float64)
-    if group is not None:
-        parts = [torch.empty_like(pack) for _ in range(world)]
-        dist.all_gather(parts, pack.contiguous(), group=group)
+    if shard.group is not None:
+        parts = [torch.empty_like(pack) for _ in range(dist.get_world_size(shard.group))]
+        dist.all_gather(parts, pack.contiguous(), group=shard.group)
         allp = torch.stack(parts, dim=1)  # [N, TP, C]
     else:
         allp = pack[:, None]

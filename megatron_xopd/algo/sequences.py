@@ -7,7 +7,7 @@ lengths; responses are aligned by this offset from the end of each prompt.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 import torch
 
@@ -23,6 +23,9 @@ class PackedSequences:
     response_positions: torch.Tensor  # [b, L]: position of the logits that predict response token t
     response_tokens: torch.Tensor  # [b, L]
     response_mask: torch.Tensor  # [b, L] float: 1 for real response tokens
+
+    def to(self, device: torch.device) -> "PackedSequences":
+        return PackedSequences(*(getattr(self, f.name).to(device) for f in fields(self)))
 
 
 def pack_sequences(

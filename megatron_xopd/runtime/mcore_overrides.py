@@ -1,0 +1,90 @@
+"""Every place where megatron_xopd replaces, subclasses past a private method, or hooks into megatron-core.
+
+Each entry names the megatron-core object, the module of ours that overrides it, why, and the parameter names
+we rely on, as checked against megatron-core :data:`CHECKED_AGAINST`. :func:`check_overrides` (run by
+``tests/test_runtime.py``) resolves every target and compares its parameters, so moving to a megatron-core
+whose overridden internals changed fails loudly in one test instead of deep in a forward pass.
+Add a line here with every new override.
+"""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+from dataclasses import dataclass
+from typing import Any
+
+CHECKED_AGAINST = "0.16.1"
+
+
+@dataclass(frozen=True)
+class Override:
+    target: str  # dotted path of the megatron-core object
+    kind: str  # replaced | subclassed | hooked | attribute
+    where: str  # our module
+    why: str
+    params: tuple[str, ...] | None = None  # parameter names we rely on (None: an attribute, checked to exist)
+
+
+OVERRIDES: tuple[Override, ...] = (
+    # The CPU layer (runtime/cpu_compat.py): megatron-core hard-codes CUDA on the path of a GPTModel step.
+    Override("megatron.core.tensor_parallel.random.initialize_rng_tracker", "replaced", "runtime/cpu_compat.py",
+             "installs the CPU RNG tracker", ("use_te_rng_tracker", "inference_rng_tracker", "use_cudagraphable_rng",
+                                              "force_reset")),
+    Override("megatron.core.tensor_parallel.random.CudaRNGStatesTracker.fork", "replaced", "runtime/cpu_compat.py",
+             "CPURNGStatesTracker keeps named CPU generator states", ("self", "name")),
+    Override("megatron.core.tensor_parallel.random.CudaRNGStatesTracker.add", "replaced", "runtime/cpu_compat.py",
+             "CPURNGStatesTracker keeps named CPU generator states", ("self", "name", "seed")),
+    Override("megatron.core.tensor_parallel.random._CUDA_RNG_STATE_TRACKER", "attribute", "runtime/cpu_compat.py",
+             "the tracker the replaced initialize_rng_tracker sets"),
+    Override("megatron.core.utils.GlobalMemoryBuffer.get_tensor", "replaced", "runtime/cpu_compat.py",
+             "allocates on torch.cuda.current_device()", ("self", "tensor_shape", "dtype", "name", "mem_alloc_context")),
+    # Attention of the local spec (models/attention.py): fast CPU rollouts.
+    Override("megatron.core.transformer.dot_product_attention.DotProductAttention.forward", "subclassed",
+             "models/attention.py", "SDPA with GQA for causal prefill and decode outside training",
+             ("self", "query", "key", "value", "attention_mask", "attn_mask_type", "attention_bias",
+              "packed_seq_params")),
+    Override("megatron.core.transformer.attention.Attention._adjust_key_value_for_inference", "subclassed",
+             "models/attention.py", "caches keys already rotated by RoPE (static batching)",
+             ("self", "inference_context", "query", "key", "value", "rotary_pos_emb", "rotary_pos_cos",
+              "rotary_pos_sin", "rotary_pos_cos_sin", "sequence_len_offset", "inference_params")),
+    # The rollout engine (rollout/engine.py): vocab-parallel logits and the student's audio through inference.
+    Override("megatron.core.inference.model_inference_wrappers.gpt.gpt_inference_wrapper.GPTInferenceWrapper._forward",
+             "subclassed", "rollout/engine.py", "passes the student's audio_embeds", ("self", "inference_input")),
+    Override("megatron.core.tensor_parallel.layers.ColumnParallelLinear.forward", "hooked", "rollout/engine.py",
+             "a pre-hook sets runtime_gather_output=False: logits stay vocab-parallel",
+             ("self", "input_", "weight", "runtime_gather_output")),
+    Override("megatron.core.inference.contexts.StaticInferenceContext.swap_key_value_dict", "hooked",
+             "rollout/engine.py", "copies prefilled cache rows to the n samples of each prompt", ("self", "batch_idx")),
+)
+
+
+def _resolve(path: str) -> Any:
+    parts = path.split(".")
+    for i in range(len(parts), 0, -1):
+        try:
+            obj: Any = importlib.import_module(".".join(parts[:i]))
+        except ImportError:
+            continue
+        for name in parts[i:]:
+            obj = getattr(obj, name)
+        return obj
+    raise ImportError(path)
+
+
+def check_overrides() -> list[str]:
+    """One line per override whose target is gone or whose parameters changed; empty when all match."""
+    problems = []
+    for override in OVERRIDES:
+        try:
+            obj = _resolve(override.target)
+        except (ImportError, AttributeError) as err:
+            problems.append(f"{override.target} ({override.where}): missing in this megatron-core ({err})")
+            continue
+        if override.params is None:
+            continue
+        params = tuple(inspect.signature(obj).parameters)
+        if params != override.params:
+            problems.append(f"{override.target} ({override.where}): parameters {params}, checked against "
+                            f"megatron-core {CHECKED_AGAINST} as {override.params}")
+    return problems

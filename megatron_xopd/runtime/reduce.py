@@ -1,0 +1,23 @@
+"""Reductions of per-rank sums over the ranks that report them (one rank per data-parallel replica)."""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+from megatron.core import parallel_state
+
+from .device import current_device
+
+
+def is_reporting_rank() -> bool:
+    """One rank per DP replica contributes each sum: the last pipeline stage, TP rank 0 (where the losses are)."""
+    return parallel_state.is_pipeline_last_stage() and parallel_state.get_tensor_model_parallel_rank() == 0
+
+
+def reduce_over_replicas(values: dict[str, float], op: dist.ReduceOp.RedOpType = dist.ReduceOp.SUM) -> dict[str, float]:
+    """``op`` of each value over the reporting ranks (other ranks contribute 0); every rank gets the result."""
+    keys = sorted(values)
+    own = is_reporting_rank()
+    tensor = torch.tensor([values[k] if own else 0.0 for k in keys], dtype=torch.float64, device=current_device())
+    dist.all_reduce(tensor, op=op)
+    return dict(zip(keys, tensor.tolist()))
