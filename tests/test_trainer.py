@@ -25,7 +25,7 @@ def test_tp2_run_matches_tp1_and_logs_every_metric(tmp_path):
     manifest = write_feature_cuts(tmp_path)
     evaluation = {"trainer": {"eval_every": 3, "eval_max_new_tokens": 4}, "data": {"validation": str(manifest)}}
     tp1 = run_distributed(train, 1, run_config(tmp_path / "tp1", manifest, hf=True, **evaluation))[0]
-    evaluation["trainer"]["tensor_model_parallel_size"] = 2
+    evaluation["trainer"]["parallel"] = {"tensor_model_parallel_size": 2}
     tp2 = run_distributed(train, 2, run_config(tmp_path / "tp2", manifest, hf=True, **evaluation))[0]
     assert [r["step"] for r in tp1] == [1, 2, 3]
     assert REQUIRED <= tp1[0].keys()

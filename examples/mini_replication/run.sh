@@ -41,7 +41,7 @@ stage() {  # stage NAME CMD...: run CMD unless NAME is done; append its wall tim
 train() {  # train RUN_NAME OVERRIDES...
   local name=$1; shift
   torchrun --nproc-per-node "$NPROC" --master-port "${MASTER_PORT:-29517}" examples/train_xopd.py \
-    --config-name mini_replication trainer.seed="$SEED" trainer.tensor_model_parallel_size="$NPROC" \
+    --config-name mini_replication trainer.seed="$SEED" trainer.parallel.tensor_model_parallel_size="$NPROC" \
     data.train="$DATA/train_features.jsonl.gz" data.validation="$DATA/test_features.jsonl.gz" \
     logging.dir="$OUT/$name" "$@"
 }

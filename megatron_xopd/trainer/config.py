@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..algo import XOPDConfig
+from ..runtime.parallel import ParallelConfig
 
 
 @dataclass
@@ -21,8 +22,7 @@ class RolloutConfig:
 class TrainerSection:
     max_steps: int = 10
     seed: int = 1234
-    tensor_model_parallel_size: int = 1
-    pipeline_model_parallel_size: int = 1
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)  # the layout; data parallel = what the world leaves
     micro_batch_size: int = 8  # sequences per micro-batch in the teacher and training passes
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
     offload_teacher: bool = False  # keep teacher weights on CPU outside the teacher phase (GPU only)

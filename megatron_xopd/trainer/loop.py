@@ -26,7 +26,7 @@ from ..data.dataset import PairedPromptDataset, build_dataloader
 from ..data.tokenizer import load_tokenizer
 from ..ops.sampling import SamplingParams
 from ..rollout import RolloutCollector
-from ..runtime import ParallelConfig, init_distributed, initialize_model_parallel, set_seed
+from ..runtime import init_distributed, initialize_model_parallel, set_seed
 from ..runtime.device import current_device, resident
 from ..runtime.reduce import reduce_over_replicas
 from .build import build_models, build_optimizer, wrap_ddp
@@ -46,12 +46,7 @@ class XOPDTrainer:
     def __init__(self, cfg: RunConfig) -> None:
         self.cfg = cfg
         init_distributed()
-        initialize_model_parallel(
-            ParallelConfig(
-                tensor_model_parallel_size=cfg.trainer.tensor_model_parallel_size,
-                pipeline_model_parallel_size=cfg.trainer.pipeline_model_parallel_size,
-            )
-        )
+        initialize_model_parallel(cfg.trainer.parallel)
         set_seed(cfg.trainer.seed)
         self.tokenizer = load_tokenizer(str(resolve_path(cfg.model.tokenizer)), audio_locator=cfg.model.audio_locator)
         self.models = build_models(cfg, self.tokenizer)
