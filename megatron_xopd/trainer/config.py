@@ -63,8 +63,10 @@ class ModelSection:
 
 @dataclass
 class DataSection:
-    train: str = "???"  # lhotse manifest (jsonl.gz) or Shar dir
-    validation: str | None = None
+    # a lhotse manifest (jsonl.gz) or Shar dir, or a NeMo dataloader config (input_cfg blend, manifest_filepath,
+    # tarred_audio_filepaths, ...; docs/nemo.md)
+    train: Any = "???"
+    validation: Any = None
     speech_input: str = "features"  # audio | features (cached encoder outputs)
     prompts_per_step: int = 4  # max_cuts per DP rank and step
     max_duration: float | None = None

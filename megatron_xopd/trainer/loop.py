@@ -85,9 +85,11 @@ class XOPDTrainer:
         )
 
     # ----------------------------------------------------------------------------------------------- data
-    def _loader(self, manifest: str, *, shuffle: bool):
+    def _loader(self, manifest: Any, *, shuffle: bool, validation: bool = False):
+        cuts = load_prompt_cuts(manifest, seed=self.cfg.trainer.seed, finite=validation,
+                                on_bad_cut=self.cfg.data.on_bad_cut)
         return build_dataloader(
-            load_prompt_cuts(manifest),
+            cuts,
             self.dataset,
             max_cuts=self.cfg.data.prompts_per_step,
             max_duration=self.cfg.data.max_duration,
@@ -210,7 +212,7 @@ class XOPDTrainer:
         """Greedy accuracy on the validation set (``data.validation``); empty when there is none."""
         if not self.cfg.data.validation:
             return {}
-        return evaluate(self.collector, self._loader(self.cfg.data.validation, shuffle=False), self.scorer,
+        return evaluate(self.collector, self._loader(self.cfg.data.validation, shuffle=False, validation=True), self.scorer,
                         max_new_tokens=self.cfg.trainer.eval_max_new_tokens,
                         max_prompts=self.cfg.data.max_eval_prompts, with_teacher=with_teacher)
 
