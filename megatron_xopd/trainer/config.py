@@ -108,8 +108,15 @@ class CheckpointSection:
 
 @dataclass
 class LoggingSection:
+    """Where the run writes its logs (``trainer/run_dir.py``): ``dir``, or with ``exp_dir`` NeMo exp_manager's
+    ``<exp_dir>/<name>/<version>``."""
+
     dir: str = "runs/xopd"
+    exp_dir: str | None = None  # set: the run directory is <exp_dir>/<name>/<version>, as NeMo's exp_manager
+    name: str = "xopd"
+    version: str | None = None  # None: the start date-time, or no version level when checkpoint.resume is on
     tensorboard: bool = True
+    wandb: dict[str, Any] | None = None  # wandb.init arguments (project, entity, name, mode, ...); None: off
     progress: bool = True
 
 

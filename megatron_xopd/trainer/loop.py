@@ -16,6 +16,7 @@ from typing import Any, Iterator
 import torch
 import torch.distributed as dist
 from megatron.core import parallel_state
+from omegaconf import OmegaConf
 from tqdm import tqdm
 
 from ..algo import CROSS_MODAL, IN_MODAL, LossStats, Rollouts, needs_teacher_logits, rollout_sums, rollout_weights
@@ -35,6 +36,7 @@ from .config import RunConfig
 from .evaluate import evaluate
 from .metrics import MetricsLogger
 from .passes import score_with_teacher, train_pass
+from .run_dir import prepare_run_dir
 from .scoring import load_scorer
 
 log = logging.getLogger("megatron_xopd")
@@ -46,6 +48,7 @@ class XOPDTrainer:
     def __init__(self, cfg: RunConfig) -> None:
         self.cfg = cfg
         init_distributed()
+        cfg = self.cfg = prepare_run_dir(cfg)  # logging.dir, checkpoint.dir: NeMo exp_manager's layout
         initialize_model_parallel(cfg.trainer.parallel)
         set_seed(cfg.trainer.seed)
         self.tokenizer = load_tokenizer(str(resolve_path(cfg.model.tokenizer)), audio_locator=cfg.model.audio_locator)
@@ -81,7 +84,8 @@ class XOPDTrainer:
         self._restored_position = False
         self._resume()
         self.logger = MetricsLogger(
-            cfg.logging.dir, enabled=dist.get_rank() == 0, tensorboard=cfg.logging.tensorboard, resume_step=self.step
+            cfg.logging.dir, enabled=dist.get_rank() == 0, tensorboard=cfg.logging.tensorboard, resume_step=self.step,
+            wandb=cfg.logging.wandb, hparams=OmegaConf.to_container(OmegaConf.structured(cfg)),
         )
 
     # ----------------------------------------------------------------------------------------------- data
