@@ -8,6 +8,7 @@ import json
 import logging
 import os
 import tarfile
+from collections import Counter
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -180,10 +181,11 @@ def test_bad_lines_are_skipped_with_manifest_and_line_named_or_raise(tmp_path, t
         got = [b for b in batches(cfg, tokenizer, finite=True, max_cuts=8)]
     ids = sorted(Path(c).stem for b in got for c in b["cut_ids"])
     assert ids == ["x_0", "x_4"]
-    assert sum(b["stats"].skipped["supervisions[0].text"] for b in got) == 1
+    skipped = sum((b["stats"].skipped for b in got), Counter())
+    assert skipped == {"supervisions[0].text": 1, "audio_filepath": 1, "line": 1}  # counted as data/skipped_*
     log = caplog.text
-    assert f"manifest {manifest}, line 2, field 'audio_filepath': audio file missing" in log
-    assert f"manifest {manifest}, line 4, field 'line': not JSON" in log
+    assert f"(manifest {manifest}, line 2), field 'audio_filepath': audio file missing" in log
+    assert f"(manifest {manifest}, line 4), field 'line': not JSON" in log
     assert f"(manifest {manifest}, line 3), field 'supervisions[0].text': empty prompt" in log
 
     with pytest.raises(BadManifestEntry, match=rf"manifest {manifest}, line 2, field 'audio_filepath'"):

@@ -101,7 +101,7 @@ def check_entry(cut: Cut) -> None:
     """Raise the :class:`BadCutError` a reader marked this cut with (``custom[BAD_ENTRY_FIELD]``), if any."""
     bad = (cut.custom or {}).get(BAD_ENTRY_FIELD)
     if bad is not None:
-        raise BadCutError(cut.id, bad["field"], bad["reason"])
+        raise BadCutError(cut.id, bad["field"], bad["reason"], origin=bad.get("origin"))
 
 
 def text_prompt(cut: Cut) -> str:

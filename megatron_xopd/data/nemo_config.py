@@ -16,10 +16,10 @@ with ``input_cfg`` (a weighted blend, nested groups, or a path to such a YAML li
 
 Bad entries. Lines that would stop NeMo's reader itself (not JSON, no ``audio_filepath``/``duration``, a missing
 local audio file) are found before reading, in non-tarred NeMo manifests: with ``on_bad_cut="raise"`` the first
-one raises :class:`BadManifestEntry` naming manifest, line and field; with ``"skip"`` each is logged and the
-manifest is read from a filtered copy (absolute audio paths) in a temporary directory. Entries that read but
-cannot be used (no audio turn, empty transcript, corrupt audio) become :class:`~.cuts.BadCutError` in the
-dataset, whose message :func:`located` completes with the manifest and line the entry came from.
+one raises :class:`BadManifestEntry` naming manifest, line and field; with ``"skip"`` the manifest is read from a
+copy in which each such line is a placeholder that the dataset skips and counts like any bad cut. Entries that
+read but cannot be used (no audio turn, empty transcript, corrupt audio) become :class:`~.cuts.BadCutError` in
+the dataset, whose message :func:`located` completes with the manifest and line the entry came from.
 """
 
 from __future__ import annotations
@@ -156,34 +156,35 @@ def _entry_problem(line: str, manifest: str) -> tuple[str, str, dict | None]:
 
 
 def _checked_manifest(manifest: str, on_bad_cut: str) -> str:
-    """``manifest`` itself when every line is readable; else raise, or a filtered copy (absolute audio paths)."""
+    """``manifest`` itself when every line is readable. Else raise (``on_bad_cut="raise"``) or return a copy (every
+    shard, in a temporary directory, audio paths made absolute) in which each bad line is a placeholder entry that
+    NeMo reads without touching audio and the dataset rejects, counted as ``data/skipped_<field>``."""
     paths = _manifest_paths(manifest)
-    bad: dict[str, list[BadManifestEntry]] = {}
+    bad = False
     for path in paths:
         for number, line in _lines(path):
             field, reason, _ = _entry_problem(line, path)
-            if field:
-                error = BadManifestEntry(path, number, field, reason)
-                if on_bad_cut == "raise":
-                    raise error
-                logger.warning("skipping bad manifest entry: %s", error)
-                bad.setdefault(path, []).append(error)
+            if field and on_bad_cut == "raise":
+                raise BadManifestEntry(path, number, field, reason)
+            bad = bad or bool(field)
     if not bad:
         return manifest
-    if len(paths) > 1:
-        raise BadManifestEntry(manifest, bad[next(iter(bad))][0].line, "manifest_filepath",
-                               "a sharded manifest with bad lines cannot be filtered; fix or drop the lines")
-    (path,) = paths
-    out = Path(tempfile.mkdtemp(prefix="xopd_nemo_")) / Path(path).name.removesuffix(".gz")
-    with out.open("w") as f:
-        for number, line in _lines(path):
-            field, _, entry = _entry_problem(line, path)
-            if not field:
+    if len({str(Path(p).parent) for p in paths}) > 1:
+        raise BadManifestEntry(manifest, 0, "manifest_filepath", "has bad lines and shards in several directories; "
+                               "fix the lines or set data.on_bad_cut=raise to list them")
+    out_dir = Path(tempfile.mkdtemp(prefix="xopd_nemo_"))
+    for path in paths:
+        with (out_dir / Path(path).name).open("w") as f:
+            for number, line in _lines(path):
+                field, reason, entry = _entry_problem(line, path)
+                if field:
+                    logger.warning("bad manifest entry (skipped when drawn): manifest %s, line %d, field %r: %s",
+                                   path, number, field, reason)
+                    origin = f"manifest {path}, line {number}"
+                    entry = {"audio_filepath": str(Path(path).resolve().parent / f"bad-line-{number}"), "duration": 0.0,
+                             "sampling_rate": 16000, BAD_ENTRY_FIELD: {"field": field, "reason": reason, "origin": origin}}
                 f.write(json.dumps(entry) + "\n")
-    skipped = len(bad[path])
-    logger.warning("manifest %s: %d bad line(s) skipped (lines %s); reading the rest from %s",
-                   path, skipped, [e.line for e in bad[path]], out)
-    return str(out)
+    return str(out_dir / Path(manifest).name)
 
 
 # ------------------------------------------------------------------------------------------- entries -> pairs
@@ -283,5 +284,7 @@ def _find(path: str, match: Any) -> str | None:
 
 def located(error: BadCutError, cut: Any) -> BadCutError:
     """``error`` with the manifest and line of its entry in the message, when the cut carries its origin."""
+    if error.origin is not None:
+        return error
     origin = entry_origin(cut)
     return error if origin is None else BadCutError(error.cut_id, error.field, error.reason, origin=origin)
