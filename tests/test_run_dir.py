@@ -60,7 +60,11 @@ def test_metrics_go_to_tensorboard_and_wandb(tmp_path, monkeypatch):
     # wandb commits a step when the next one starts (the last one at finish): step 1 is in the summary now
     assert run.summary["_step"] == 1 and run.summary["kl_cm"] == 0.5 and "note" not in dict(run.summary)
     logger.close()
-    assert list((tmp_path / "wandb").glob("offline-run-*/run-*.wandb"))
+    assert list((tmp_path / "wandb").glob(f"offline-run-*-{run.id}/run-{run.id}.wandb"))
+    assert (tmp_path / "wandb_run_id").read_text().strip() == run.id  # a resumed run continues this W&B run
+    resumed = MetricsLogger(tmp_path, enabled=True, tensorboard=False, resume_step=2, wandb={"mode": "offline"})
+    assert resumed._wandb.id == run.id
+    resumed.close()
     events = EventAccumulator(str(tmp_path / "tensorboard"))
     events.Reload()
     assert [(e.step, e.value) for e in events.Scalars("kl_cm")] == [(1, 0.5), (2, 0.25)]
@@ -71,3 +75,22 @@ def test_wandb_asked_for_but_missing_is_a_clear_error(tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "wandb", None)  # import wandb -> ImportError
     with pytest.raises(RuntimeError, match="logging.wandb is set but Weights & Biases is not installed"):
         MetricsLogger(tmp_path, enabled=True, tensorboard=False, wandb={"project": "p"})
+
+
+def _prepared_dir(exp_dir: str) -> str:
+    import time
+
+    import torch.distributed as dist
+
+    if dist.get_rank() == 1:
+        time.sleep(1.1)  # rank 1's own clock would name another date-time version
+    cfg = to_run_config({"logging": {"exp_dir": exp_dir}, "checkpoint": {"resume": False}})
+    return prepare_run_dir(cfg).logging.dir
+
+
+@pytest.mark.parity
+def test_every_rank_gets_rank_zeros_run_dir(tmp_path):
+    from megatron_xopd.testing import run_distributed
+
+    dirs = run_distributed(_prepared_dir, 2, str(tmp_path))
+    assert dirs[0] == dirs[1] and [p.name for p in (tmp_path / "xopd").iterdir()] == [dirs[0].rsplit("/", 1)[1]]

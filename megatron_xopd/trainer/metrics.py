@@ -1,9 +1,10 @@
-"""Per-step metrics: ``metrics.jsonl`` and TensorBoard on rank 0, and a progress bar."""
+"""Per-step metrics: ``metrics.jsonl``, TensorBoard and (optionally) Weights & Biases on rank 0."""
 
 from __future__ import annotations
 
 import json
 import math
+import secrets
 from pathlib import Path
 from typing import Any
 
@@ -35,7 +36,7 @@ class MetricsLogger:
 
             self._tb = SummaryWriter(str(log_dir / "tensorboard"))
         if wandb is not None:
-            self._wandb = _wandb_run(log_dir, wandb, hparams)
+            self._wandb = _wandb_run(log_dir, wandb, hparams, resume_step)
 
     def log(self, step: int, metrics: dict[str, Any]) -> None:
         if not self.enabled:
@@ -60,14 +61,19 @@ class MetricsLogger:
             self._wandb.finish()
 
 
-def _wandb_run(log_dir: Path, kwargs: dict[str, Any], hparams: dict[str, Any] | None) -> Any:
-    """A Weights & Biases run in ``<log_dir>/wandb`` (``logging.wandb``: ``wandb.init`` arguments), resumable."""
+def _wandb_run(log_dir: Path, kwargs: dict[str, Any], hparams: dict[str, Any] | None, resume_step: int) -> Any:
+    """A Weights & Biases run in ``<log_dir>/wandb`` (``logging.wandb``: ``wandb.init`` arguments). Its id is kept
+    in ``<log_dir>/wandb_run_id``, so a resumed training run continues the same W&B run."""
     try:
         import wandb
     except ImportError as err:
         raise RuntimeError("logging.wandb is set but Weights & Biases is not installed: pip install wandb") from err
-    args = {"dir": str(log_dir), "name": log_dir.name, "config": hparams, "resume": "allow", **kwargs}
-    return wandb.init(**args)
+    id_file = log_dir / "wandb_run_id"
+    run_id = id_file.read_text().strip() if resume_step and id_file.exists() else secrets.token_hex(4)
+    args = {"dir": str(log_dir), "name": log_dir.name, "config": hparams, "id": run_id, "resume": "allow", **kwargs}
+    run = wandb.init(**args)
+    id_file.write_text(run.id + "\n")
+    return run
 
 
 def _plain(value: Any) -> Any:
