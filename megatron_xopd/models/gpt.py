@@ -13,12 +13,15 @@ from megatron.core.models.gpt.gpt_layer_specs import (
     get_gpt_layer_with_transformer_engine_spec,
 )
 from megatron.core.transformer.enums import AttnBackend
+from megatron.core.transformer.identity_op import IdentityOp
 from megatron.core.transformer.spec_utils import ModuleSpec
+from megatron.core.transformer.transformer_block import TransformerBlockSubmodules, get_num_layers_to_build
 from megatron.core.transformer.transformer_config import TransformerConfig
 
 from ..ops.sharding import vocab_shard
 from .attention import InferenceSDPAttention, RotateOnceSelfAttention
-from .config import GPTModelConfig, ModelConfigError
+from .config import GPTModelConfig, ModelConfigError, RecomputeConfig
+from .norm import RMSNorm
 
 
 def transformer_engine_usable() -> bool:
@@ -36,7 +39,9 @@ def uses_transformer_engine(cfg: GPTModelConfig) -> bool:
     return transformer_engine_usable()
 
 
-def to_transformer_config(cfg: GPTModelConfig, *, sequence_parallel: bool = False) -> TransformerConfig:
+def to_transformer_config(
+    cfg: GPTModelConfig, *, sequence_parallel: bool = False, recompute: RecomputeConfig | None = None
+) -> TransformerConfig:
     """The megatron ``TransformerConfig`` for ``cfg`` under the current ``parallel_state`` layout."""
     tp = parallel_state.get_tensor_model_parallel_world_size()
     pp = parallel_state.get_pipeline_model_parallel_world_size()
@@ -88,20 +93,40 @@ def to_transformer_config(cfg: GPTModelConfig, *, sequence_parallel: bool = Fals
         moe_router_load_balancing_type=cfg.moe_router_load_balancing_type,
         moe_aux_loss_coeff=cfg.moe_aux_loss_coeff,
         moe_router_pre_softmax=cfg.moe_router_pre_softmax,
+        **(recompute or RecomputeConfig()).transformer_kwargs(),
     )
     values.update(cfg.transformer_overrides)
     return TransformerConfig(**values)
 
 
 def layer_spec(cfg: GPTModelConfig) -> ModuleSpec:
-    """Transformer Engine spec on GPU when TE is importable, megatron's local (torch) spec otherwise."""
+    """Transformer Engine spec on GPU when TE is importable, megatron's local (torch) spec otherwise.
+
+    The local spec's norms are :class:`~megatron_xopd.models.norm.RMSNorm` (megatron's torch norm refuses
+    sequence parallelism).
+    """
     common = dict(num_experts=cfg.num_moe_experts, moe_grouped_gemm=cfg.moe_grouped_gemm, qk_layernorm=cfg.qk_layernorm)
     if uses_transformer_engine(cfg):
         return get_gpt_layer_with_transformer_engine_spec(fp8=cfg.fp8, **common)
     spec = get_gpt_layer_local_spec(normalization="RMSNorm", **common)
-    spec.submodules.self_attention.module = RotateOnceSelfAttention
-    spec.submodules.self_attention.submodules.core_attention = InferenceSDPAttention
+    layer = spec.submodules
+    layer.input_layernorm = RMSNorm
+    if layer.pre_mlp_layernorm is not IdentityOp:
+        layer.pre_mlp_layernorm = RMSNorm
+    attention = layer.self_attention.submodules
+    if cfg.qk_layernorm:
+        attention.q_layernorm = attention.k_layernorm = RMSNorm
+    layer.self_attention.module = RotateOnceSelfAttention
+    attention.core_attention = InferenceSDPAttention
     return spec
+
+
+def block_spec(cfg: GPTModelConfig, config: TransformerConfig, vp_stage: int | None) -> ModuleSpec | TransformerBlockSubmodules:
+    """This stage's decoder: the layer spec, with the local spec's final norm also :class:`RMSNorm`."""
+    spec = layer_spec(cfg)
+    if uses_transformer_engine(cfg):
+        return spec
+    return TransformerBlockSubmodules(layer_specs=[spec] * get_num_layers_to_build(config, vp_stage), layer_norm=RMSNorm)
 
 
 def build_gpt_model(
@@ -110,6 +135,7 @@ def build_gpt_model(
     pre_process: bool | None = None,
     post_process: bool | None = None,
     sequence_parallel: bool = False,
+    recompute: RecomputeConfig | None = None,
     vp_stage: int | None = None,
 ) -> GPTModel:
     """Build this rank's part of the model (its TP shard of its PP stage) under ``parallel_state``.
@@ -124,9 +150,10 @@ def build_gpt_model(
     if post_process is None:
         post_process = parallel_state.is_pipeline_last_stage(ignore_virtual=vp_stage is None, vp_stage=vp_stage)
     tp = parallel_state.get_tensor_model_parallel_world_size()
+    config = to_transformer_config(cfg, sequence_parallel=sequence_parallel, recompute=recompute)
     model = GPTModel(
-        config=to_transformer_config(cfg, sequence_parallel=sequence_parallel),
-        transformer_layer_spec=layer_spec(cfg),
+        config=config,
+        transformer_layer_spec=block_spec(cfg, config, vp_stage),
         vocab_size=cfg.padded_vocab(tp),
         max_sequence_length=cfg.max_position_embeddings,
         pre_process=pre_process,

@@ -2,7 +2,7 @@
 are listed in ``runtime/mcore_overrides.py``).
 
 megatron-core hard-codes CUDA in a few places that are on the path of a ``GPTModel`` forward/backward,
-the pipeline schedules and ``dist_checkpointing``. Three shims make the *real* megatron code run on CPU
+the pipeline schedules and ``dist_checkpointing``. Four shims make the *real* megatron code run on CPU
 processes, which is how the project's parallel tests check TP/PP against single-process references:
 
 1. RNG tracker. ``megatron/core/tensor_parallel/random.py``: ``CudaRNGStatesTracker.add``/``fork`` call
@@ -18,12 +18,21 @@ processes, which is how the project's parallel tests check TP/PP against single-
    exchange in ``pipeline_parallel/p2p_communication.py``, ``tensor_parallel/layers.py``,
    ``transformer/attention.py``, ``models/gpt/gpt_model.py``) and ``Tensor.cuda()``: a
    :class:`~torch.overrides.TorchFunctionMode` maps CUDA devices (``"cuda"``, ``"cuda:i"``, ints) to CPU,
-   and ``torch.cuda.current_device``/``synchronize`` become harmless (``0`` and a no-op), since
-   ``parallel_state.py`` and ``p2p_communication.py`` call them unconditionally. The same mode answers
+   and ``torch.cuda.current_device``/``synchronize`` become harmless (the CPU device and a no-op), since
+   ``parallel_state.py`` and ``p2p_communication.py`` call them unconditionally. ``current_device`` returns
+   the CPU device rather than ``0`` because torch function modes are not active inside the autograd engine's
+   backward calls: the sequence-parallel backward of ``tensor_parallel/layers.py`` allocates there with
+   ``device=torch.cuda.current_device()``. The same mode answers
    ``Tensor.type()`` (no arguments) with the CUDA type name, because the optimizer asserts it:
    ``optimizer/clip_grads.py`` (``clip_grad_by_total_norm_fp32``: ``param.grad.type() ==
    'torch.cuda.FloatTensor'``) and ``optimizer/optimizer.py`` (``Float16OptimizerWithFloat16Params``
    sorts parameters by ``param.type()``).
+
+4. Activation recompute. megatron's ``CheckpointFunction`` (``tensor_parallel/random.py``) saves and restores
+   the CUDA RNG state with ``_get_cuda_rng_state``/``_set_cuda_rng_state``; on CPU they read and set the CPU
+   generator. The recomputed forward runs inside the autograd engine, where the device mode of 3. is not
+   active, so ``get_default_causal_mask`` (``transformer/utils.py``, imported by ``fusions/fused_softmax.py``),
+   which builds its mask with ``device="cuda"``, is replaced with a CPU one.
 
 Enable with :func:`enable_cpu_compat`; it refuses to run when CUDA is available.
 """
@@ -127,8 +136,23 @@ def _cpu_get_tensor(self, tensor_shape, dtype, name, mem_alloc_context=None):
     return buf[:required].view(*tensor_shape)
 
 
+def _cpu_get_rng_state(device: Any = "cuda", clone: bool = False, graph_safe: bool = False) -> torch.Tensor:
+    """``tensor_parallel.random._get_cuda_rng_state`` on CPU: the CPU generator's state (a new tensor)."""
+    return torch.get_rng_state()
+
+
+def _cpu_set_rng_state(new_state: torch.Tensor, device: Any = -1, graph_safe: bool = False) -> None:
+    """``tensor_parallel.random._set_cuda_rng_state`` on CPU."""
+    torch.set_rng_state(new_state)
+
+
+def _cpu_causal_mask(sq: int) -> torch.Tensor:
+    """``transformer.utils.get_default_causal_mask`` on CPU: True above the diagonal (masked)."""
+    return torch.triu(torch.ones(sq, sq, device="cpu"), diagonal=1).bool()
+
+
 def enable_cpu_compat() -> None:
-    """Install the three shims (idempotent). Raises if CUDA is available: use the real code there."""
+    """Install the four shims (idempotent). Raises if CUDA is available: use the real code there."""
     global _ENABLED, _MODE
     if _ENABLED:
         return
@@ -136,7 +160,9 @@ def enable_cpu_compat() -> None:
         raise RuntimeError("enable_cpu_compat() is for CPU-only processes; CUDA is available here")
 
     from megatron.core import utils as mcore_utils
+    from megatron.core.fusions import fused_softmax
     from megatron.core.tensor_parallel import random as mcore_random
+    from megatron.core.transformer import utils as transformer_utils
 
     tracker = CPURNGStatesTracker()
 
@@ -149,8 +175,11 @@ def enable_cpu_compat() -> None:
     mcore_random.CudaRNGStatesTracker = CPURNGStatesTracker
     initialize_rng_tracker()
     mcore_utils.GlobalMemoryBuffer.get_tensor = _cpu_get_tensor
+    mcore_random._get_cuda_rng_state = _cpu_get_rng_state
+    mcore_random._set_cuda_rng_state = _cpu_set_rng_state
+    transformer_utils.get_default_causal_mask = fused_softmax.get_default_causal_mask = _cpu_causal_mask
 
-    torch.cuda.current_device = lambda: 0
+    torch.cuda.current_device = lambda: torch.device("cpu")
     torch.cuda.synchronize = lambda device=None: None
     _MODE = CudaToCpuMode()
     _MODE.__enter__()
