@@ -33,6 +33,7 @@ from ..runtime import set_seed
 from .hf import (
     HFCheckpoint,
     canonical_to_hf,
+    check_hf_expert_count,
     check_hf_keys,
     copy_tokenizer_files,
     hf_config_to_model_config,
@@ -134,17 +135,20 @@ def prepare_hf_conversion(
     hf_dir: str | Path,
     tensor_parallel_size: int = 1,
     pipeline_parallel_size: int = 1,
+    expert_parallel_size: int = 1,
     *,
     params_dtype: str | None = None,
 ) -> tuple[GPTModelConfig, HFCheckpoint]:
-    """Check an HF directory before any process group exists: architecture, shards, tensor names, TP/PP split.
+    """Check an HF directory before any process group exists: architecture, shards, tensor names, TP/PP/EP split.
 
-    Errors name the unsupported architecture, the missing shard file or the config field TP/PP does not divide.
+    Errors name the unsupported architecture, the missing shard file, an expert count that differs from
+    ``config.json num_experts``, or the config field TP/PP/EP does not divide.
     """
     reader = HFCheckpoint(hf_dir)
     cfg = hf_config_to_model_config(reader.config, params_dtype=params_dtype, text_vocab_size=_tokenizer_size(reader.path))
+    check_hf_expert_count(reader.keys(), reader.config)
     check_hf_keys(reader.keys(), cfg)
-    cfg.validate_parallel(tensor_parallel_size, pipeline_parallel_size)
+    cfg.validate_parallel(tensor_parallel_size, pipeline_parallel_size, expert_parallel_size)
     return cfg, reader
 
 
@@ -181,14 +185,15 @@ def write_hf_side_files(src_dir: Path, out_dir: Path, cfg: GPTModelConfig, hf_co
 def convert_hf_to_mcore(
     hf_dir: str | Path, out_dir: str | Path, *, params_dtype: str | None = None, seed: int = 0
 ) -> GPTModelConfig:
-    """HF directory -> ``dist_checkpointing`` checkpoint, under the current TP/PP layout (every rank calls it).
+    """HF directory -> ``dist_checkpointing`` checkpoint, under the current TP/PP/EP layout (every rank calls it).
 
     Each rank builds its shard, reads the HF tensors of its own parameters and saves its part; rank 0 writes
     ``model_config.yaml``, ``hf_config.json`` and the tokenizer files.
     """
     tp = parallel_state.get_tensor_model_parallel_world_size()
     pp = parallel_state.get_pipeline_model_parallel_world_size()
-    cfg, reader = prepare_hf_conversion(hf_dir, tp, pp, params_dtype=params_dtype)
+    ep = parallel_state.get_expert_model_parallel_world_size()
+    cfg, reader = prepare_hf_conversion(hf_dir, tp, pp, ep, params_dtype=params_dtype)
     set_seed(seed)  # megatron's RNG tracker must exist to build; the weights are overwritten
     model = build_gpt_model(cfg)
     load_hf_weights(model, reader, cfg)

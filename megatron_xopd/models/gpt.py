@@ -1,4 +1,4 @@
-"""Build megatron-core ``GPTModel``s (Llama / Qwen2 / Qwen3) from :class:`GPTModelConfig`."""
+"""Build megatron-core ``GPTModel``s (Llama / Qwen2 / Qwen3, dense or MoE) from :class:`GPTModelConfig`."""
 
 from __future__ import annotations
 
@@ -9,11 +9,13 @@ import torch.nn.functional as F
 from megatron.core import parallel_state
 from megatron.core.models.gpt import GPTModel
 from megatron.core.models.gpt.gpt_layer_specs import (
+    get_gpt_decoder_block_spec,
     get_gpt_layer_local_spec,
     get_gpt_layer_with_transformer_engine_spec,
 )
 from megatron.core.transformer.enums import AttnBackend
 from megatron.core.transformer.spec_utils import ModuleSpec
+from megatron.core.transformer.transformer_block import TransformerBlockSubmodules
 from megatron.core.transformer.transformer_config import TransformerConfig
 
 from ..ops.sharding import vocab_shard
@@ -40,7 +42,14 @@ def to_transformer_config(cfg: GPTModelConfig, *, sequence_parallel: bool = Fals
     """The megatron ``TransformerConfig`` for ``cfg`` under the current ``parallel_state`` layout."""
     tp = parallel_state.get_tensor_model_parallel_world_size()
     pp = parallel_state.get_pipeline_model_parallel_world_size()
-    cfg.validate_parallel(tp, pp)
+    ep = parallel_state.get_expert_model_parallel_world_size()
+    etp = parallel_state.get_expert_tensor_parallel_world_size()
+    cfg.validate_parallel(tp, pp, ep, etp)
+    if cfg.num_moe_experts and tp > 1 and not sequence_parallel:
+        raise ModelConfigError(
+            f"parallel.sequence_parallel: megatron-core's MoE layer needs sequence parallelism at "
+            f"tensor_model_parallel_size {tp} (model.num_moe_experts={cfg.num_moe_experts})"
+        )
     te = uses_transformer_engine(cfg)
     dtype = cfg.torch_dtype
     values = dict(
@@ -89,19 +98,50 @@ def to_transformer_config(cfg: GPTModelConfig, *, sequence_parallel: bool = Fals
         moe_aux_loss_coeff=cfg.moe_aux_loss_coeff,
         moe_router_pre_softmax=cfg.moe_router_pre_softmax,
     )
+    if cfg.num_moe_experts:
+        values.update(
+            expert_model_parallel_size=ep,
+            expert_tensor_parallel_size=etp,
+            moe_layer_freq=cfg.moe_layer_freq,
+            moe_shared_expert_gate=cfg.moe_shared_expert_gate,
+            moe_token_dispatcher_type=cfg.moe_token_dispatcher_type,
+            moe_router_score_function="softmax",
+            # HF computes router logits in the model dtype; megatron's default is the same (None).
+            moe_permute_fusion=te,
+            moe_router_fusion=te,
+        )
     values.update(cfg.transformer_overrides)
     return TransformerConfig(**values)
 
 
-def layer_spec(cfg: GPTModelConfig) -> ModuleSpec:
-    """Transformer Engine spec on GPU when TE is importable, megatron's local (torch) spec otherwise."""
-    common = dict(num_experts=cfg.num_moe_experts, moe_grouped_gemm=cfg.moe_grouped_gemm, qk_layernorm=cfg.qk_layernorm)
-    if uses_transformer_engine(cfg):
-        return get_gpt_layer_with_transformer_engine_spec(fp8=cfg.fp8, **common)
-    spec = get_gpt_layer_local_spec(normalization="RMSNorm", **common)
+def _use_local_attention(spec: ModuleSpec) -> ModuleSpec:
     spec.submodules.self_attention.module = RotateOnceSelfAttention
     spec.submodules.self_attention.submodules.core_attention = InferenceSDPAttention
     return spec
+
+
+def layer_spec(
+    cfg: GPTModelConfig, config: TransformerConfig | None = None, vp_stage: int | None = None
+) -> ModuleSpec | TransformerBlockSubmodules:
+    """Transformer Engine spec on GPU when TE is importable, megatron's local (torch) spec otherwise.
+
+    MoE models get megatron's decoder block spec (this stage's layers, dense or MoE per ``moe_layer_freq``;
+    sequential experts on the local spec, grouped GEMM only with TE), which needs the ``TransformerConfig``.
+    """
+    te = uses_transformer_engine(cfg)
+    if cfg.num_moe_experts:
+        if config is None:
+            raise ValueError("layer_spec: an MoE model's block spec needs its TransformerConfig")
+        if cfg.moe_grouped_gemm and not te:
+            raise ModelConfigError("model.moe_grouped_gemm needs Transformer Engine and CUDA (the CPU path runs sequential experts)")
+        block = get_gpt_decoder_block_spec(config, use_transformer_engine=te, normalization="RMSNorm", vp_stage=vp_stage)
+        if not te:
+            block.layer_specs = [_use_local_attention(spec) for spec in block.layer_specs]
+        return block
+    common = dict(num_experts=None, moe_grouped_gemm=False, qk_layernorm=cfg.qk_layernorm)
+    if te:
+        return get_gpt_layer_with_transformer_engine_spec(fp8=cfg.fp8, **common)
+    return _use_local_attention(get_gpt_layer_local_spec(normalization="RMSNorm", **common))
 
 
 def build_gpt_model(
@@ -109,10 +149,13 @@ def build_gpt_model(
     *,
     pre_process: bool | None = None,
     post_process: bool | None = None,
-    sequence_parallel: bool = False,
+    sequence_parallel: bool | None = None,
     vp_stage: int | None = None,
 ) -> GPTModel:
     """Build this rank's part of the model (its TP shard of its PP stage) under ``parallel_state``.
+
+    ``sequence_parallel=None`` turns it on where megatron-core requires it (an MoE model at TP > 1) and off
+    elsewhere; ``GPTModel`` scatters and gathers the sequence itself, so callers see the same tensors.
 
     The output layer returns vocab-parallel logits (``parallel_output=True``): each TP rank holds the
     columns of its vocabulary shard, which is what the divergence ops consume.
@@ -124,9 +167,12 @@ def build_gpt_model(
     if post_process is None:
         post_process = parallel_state.is_pipeline_last_stage(ignore_virtual=vp_stage is None, vp_stage=vp_stage)
     tp = parallel_state.get_tensor_model_parallel_world_size()
+    if sequence_parallel is None:
+        sequence_parallel = bool(cfg.num_moe_experts) and tp > 1
+    config = to_transformer_config(cfg, sequence_parallel=sequence_parallel)
     model = GPTModel(
-        config=to_transformer_config(cfg, sequence_parallel=sequence_parallel),
-        transformer_layer_spec=layer_spec(cfg),
+        config=config,
+        transformer_layer_spec=layer_spec(cfg, config, vp_stage),
         vocab_size=cfg.padded_vocab(tp),
         max_sequence_length=cfg.max_position_embeddings,
         pre_process=pre_process,

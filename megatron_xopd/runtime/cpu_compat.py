@@ -2,7 +2,7 @@
 are listed in ``runtime/mcore_overrides.py``).
 
 megatron-core hard-codes CUDA in a few places that are on the path of a ``GPTModel`` forward/backward,
-the pipeline schedules and ``dist_checkpointing``. Three shims make the *real* megatron code run on CPU
+the pipeline schedules, ``dist_checkpointing`` and the MoE layer. These shims make the *real* megatron code run on CPU
 processes, which is how the project's parallel tests check TP/PP against single-process references:
 
 1. RNG tracker. ``megatron/core/tensor_parallel/random.py``: ``CudaRNGStatesTracker.add``/``fork`` call
@@ -24,6 +24,15 @@ processes, which is how the project's parallel tests check TP/PP against single-
    ``optimizer/clip_grads.py`` (``clip_grad_by_total_norm_fp32``: ``param.grad.type() ==
    'torch.cuda.FloatTensor'``) and ``optimizer/optimizer.py`` (``Float16OptimizerWithFloat16Params``
    sorts parameters by ``param.type()``).
+
+4. MoE (``transformer/moe``), without Transformer Engine: ``moe_utils.RouterGatingLinearFunction`` tests
+   ``te_general_gemm is not None``, a name only bound when TE imports (NameError otherwise): we bind it to
+   ``None`` so the torch ``mm`` path runs. ``MoEAlltoAllTokenDispatcher.__init__`` creates a class-wide
+   ``torch.cuda.Stream`` for device-to-host copies of the split sizes, and ``_maybe_dtoh_and_synchronize``
+   moves them there with stream/event calls: we set the class attribute to a CPU placeholder (so no stream
+   is made) and replace the method with its CPU meaning (the tensors are on the host already, so nothing is
+   copied and nothing waits). The all-to-all itself is gloo's ``all_to_all_single``. (The allgather dispatcher's
+   backward calls an accelerator-only API; on CPU the alltoall dispatcher is the one that runs.)
 
 Enable with :func:`enable_cpu_compat`; it refuses to run when CUDA is available.
 """
@@ -127,8 +136,27 @@ def _cpu_get_tensor(self, tensor_shape, dtype, name, mem_alloc_context=None):
     return buf[:required].view(*tensor_shape)
 
 
+class _HostStream:
+    """Stands in for ``MoEAlltoAllTokenDispatcher.cuda_dtoh_stream`` on CPU: never used, only not None."""
+
+
+def _host_dtoh_and_synchronize(self, point: str, tokens_per_expert: torch.Tensor | None = None) -> torch.Tensor | None:
+    """``MoEAlltoAllTokenDispatcher._maybe_dtoh_and_synchronize`` on CPU: the split sizes already live on the host
+    (``maybe_move_tensor_to_cpu`` returns host tensors unchanged), so there is nothing to copy or wait for."""
+    return tokens_per_expert
+
+
+def _install_moe_shims() -> None:
+    from megatron.core.transformer.moe import moe_utils, token_dispatcher
+
+    if not hasattr(moe_utils, "te_general_gemm"):
+        moe_utils.te_general_gemm = None
+    token_dispatcher.MoEAlltoAllTokenDispatcher.cuda_dtoh_stream = _HostStream()
+    token_dispatcher.MoEAlltoAllTokenDispatcher._maybe_dtoh_and_synchronize = _host_dtoh_and_synchronize
+
+
 def enable_cpu_compat() -> None:
-    """Install the three shims (idempotent). Raises if CUDA is available: use the real code there."""
+    """Install the shims (idempotent). Raises if CUDA is available: use the real code there."""
     global _ENABLED, _MODE
     if _ENABLED:
         return
@@ -149,6 +177,7 @@ def enable_cpu_compat() -> None:
     mcore_random.CudaRNGStatesTracker = CPURNGStatesTracker
     initialize_rng_tracker()
     mcore_utils.GlobalMemoryBuffer.get_tensor = _cpu_get_tensor
+    _install_moe_shims()
 
     torch.cuda.current_device = lambda: 0
     torch.cuda.synchronize = lambda device=None: None

@@ -39,6 +39,15 @@ OVERRIDES: tuple[Override, ...] = (
              "the tracker the replaced initialize_rng_tracker sets"),
     Override("megatron.core.utils.GlobalMemoryBuffer.get_tensor", "replaced", "runtime/cpu_compat.py",
              "allocates on torch.cuda.current_device()", ("self", "tensor_shape", "dtype", "name", "mem_alloc_context")),
+    # MoE without Transformer Engine on CPU (runtime/cpu_compat.py).
+    Override("megatron.core.transformer.moe.moe_utils.RouterGatingLinearFunction.forward", "hooked",
+             "runtime/cpu_compat.py", "reads the TE-only global te_general_gemm; we bind it to None",
+             ("ctx", "inp", "weight", "bias", "router_dtype")),
+    Override("megatron.core.transformer.moe.token_dispatcher.MoEAlltoAllTokenDispatcher.cuda_dtoh_stream",
+             "attribute", "runtime/cpu_compat.py", "a class-wide torch.cuda.Stream made in __init__ when None"),
+    Override("megatron.core.transformer.moe.token_dispatcher.MoEAlltoAllTokenDispatcher._maybe_dtoh_and_synchronize",
+             "replaced", "runtime/cpu_compat.py", "device-to-host copies on a CUDA stream; a no-op on the host",
+             ("self", "point", "tokens_per_expert")),
     # Attention of the local spec (models/attention.py): fast CPU rollouts.
     Override("megatron.core.transformer.dot_product_attention.DotProductAttention.forward", "subclassed",
              "models/attention.py", "SDPA with GQA for causal prefill and decode outside training",
