@@ -14,13 +14,15 @@ from megatron.core.models.gpt.gpt_layer_specs import (
     get_gpt_layer_with_transformer_engine_spec,
 )
 from megatron.core.transformer.enums import AttnBackend
+from megatron.core.transformer.identity_op import IdentityOp
 from megatron.core.transformer.spec_utils import ModuleSpec
-from megatron.core.transformer.transformer_block import TransformerBlockSubmodules
+from megatron.core.transformer.transformer_block import TransformerBlockSubmodules, get_num_layers_to_build
 from megatron.core.transformer.transformer_config import TransformerConfig
 
 from ..ops.sharding import vocab_shard
 from .attention import InferenceSDPAttention, RotateOnceSelfAttention
 from .config import GPTModelConfig, ModelConfigError
+from .norm import RMSNorm
 
 
 def transformer_engine_usable() -> bool:
@@ -114,34 +116,49 @@ def to_transformer_config(cfg: GPTModelConfig, *, sequence_parallel: bool = Fals
     return TransformerConfig(**values)
 
 
-def _use_local_attention(spec: ModuleSpec) -> ModuleSpec:
-    spec.submodules.self_attention.module = RotateOnceSelfAttention
-    spec.submodules.self_attention.submodules.core_attention = InferenceSDPAttention
+def _localize(spec: ModuleSpec) -> ModuleSpec:
+    """A local-spec layer with our norms (:class:`~megatron_xopd.models.norm.RMSNorm`: megatron's torch norm
+    refuses sequence parallelism) and our attention (fast CPU rollouts)."""
+    layer = spec.submodules
+    layer.input_layernorm = RMSNorm
+    if layer.pre_mlp_layernorm is not IdentityOp:
+        layer.pre_mlp_layernorm = RMSNorm
+    attention = layer.self_attention.submodules
+    if attention.q_layernorm is not IdentityOp and attention.q_layernorm is not None:
+        attention.q_layernorm = attention.k_layernorm = RMSNorm
+    layer.self_attention.module = RotateOnceSelfAttention
+    attention.core_attention = InferenceSDPAttention
     return spec
 
 
-def layer_spec(
-    cfg: GPTModelConfig, config: TransformerConfig | None = None, vp_stage: int | None = None
-) -> ModuleSpec | TransformerBlockSubmodules:
-    """Transformer Engine spec on GPU when TE is importable, megatron's local (torch) spec otherwise.
+def layer_spec(cfg: GPTModelConfig) -> ModuleSpec:
+    """A dense layer: the Transformer Engine spec on GPU when TE is importable, megatron's local (torch) spec
+    otherwise."""
+    common = dict(num_experts=None, moe_grouped_gemm=False, qk_layernorm=cfg.qk_layernorm)
+    if uses_transformer_engine(cfg):
+        return get_gpt_layer_with_transformer_engine_spec(fp8=cfg.fp8, **common)
+    return _localize(get_gpt_layer_local_spec(normalization="RMSNorm", **common))
 
-    MoE models get megatron's decoder block spec (this stage's layers, dense or MoE per ``moe_layer_freq``;
-    sequential experts on the local spec, grouped GEMM only with TE), which needs the ``TransformerConfig``.
+
+def block_spec(cfg: GPTModelConfig, config: TransformerConfig, vp_stage: int | None) -> ModuleSpec | TransformerBlockSubmodules:
+    """This stage's decoder; the local spec's final norm is also our :class:`RMSNorm`.
+
+    MoE models get megatron's decoder block spec (dense or MoE layers per ``moe_layer_freq``; sequential experts
+    on the local spec, grouped GEMM only with TE).
     """
     te = uses_transformer_engine(cfg)
     if cfg.num_moe_experts:
-        if config is None:
-            raise ValueError("layer_spec: an MoE model's block spec needs its TransformerConfig")
         if cfg.moe_grouped_gemm and not te:
             raise ModelConfigError("model.moe_grouped_gemm needs Transformer Engine and CUDA (the CPU path runs sequential experts)")
         block = get_gpt_decoder_block_spec(config, use_transformer_engine=te, normalization="RMSNorm", vp_stage=vp_stage)
         if not te:
-            block.layer_specs = [_use_local_attention(spec) for spec in block.layer_specs]
+            block.layer_specs = [_localize(spec) for spec in block.layer_specs]
+            block.layer_norm = RMSNorm
         return block
-    common = dict(num_experts=None, moe_grouped_gemm=False, qk_layernorm=cfg.qk_layernorm)
+    spec = layer_spec(cfg)
     if te:
-        return get_gpt_layer_with_transformer_engine_spec(fp8=cfg.fp8, **common)
-    return _use_local_attention(get_gpt_layer_local_spec(normalization="RMSNorm", **common))
+        return spec
+    return TransformerBlockSubmodules(layer_specs=[spec] * get_num_layers_to_build(config, vp_stage), layer_norm=RMSNorm)
 
 
 def build_gpt_model(
@@ -172,7 +189,7 @@ def build_gpt_model(
     config = to_transformer_config(cfg, sequence_parallel=sequence_parallel)
     model = GPTModel(
         config=config,
-        transformer_layer_spec=layer_spec(cfg, config, vp_stage),
+        transformer_layer_spec=block_spec(cfg, config, vp_stage),
         vocab_size=cfg.padded_vocab(tp),
         max_sequence_length=cfg.max_position_embeddings,
         pre_process=pre_process,

@@ -104,8 +104,11 @@ class SpeechStudent(MegatronModule):
         *,
         pre_process: bool | None = None,
         post_process: bool | None = None,
+        sequence_parallel: bool = False,
     ) -> None:
-        language_model = build_gpt_model(llm_cfg, pre_process=pre_process, post_process=post_process)
+        language_model = build_gpt_model(
+            llm_cfg, pre_process=pre_process, post_process=post_process, sequence_parallel=sequence_parallel
+        )
         super().__init__(config=language_model.config)
         if not llm_cfg.text_vocab_size <= audio_locator_id < llm_cfg.vocab_size:
             raise ModelConfigError(

@@ -18,8 +18,11 @@ processes, which is how the project's parallel tests check TP/PP against single-
    exchange in ``pipeline_parallel/p2p_communication.py``, ``tensor_parallel/layers.py``,
    ``transformer/attention.py``, ``models/gpt/gpt_model.py``) and ``Tensor.cuda()``: a
    :class:`~torch.overrides.TorchFunctionMode` maps CUDA devices (``"cuda"``, ``"cuda:i"``, ints) to CPU,
-   and ``torch.cuda.current_device``/``synchronize`` become harmless (``0`` and a no-op), since
-   ``parallel_state.py`` and ``p2p_communication.py`` call them unconditionally. The same mode answers
+   and ``torch.cuda.current_device``/``synchronize`` become harmless (the CPU device and a no-op), since
+   ``parallel_state.py`` and ``p2p_communication.py`` call them unconditionally. ``current_device`` returns
+   the CPU device rather than ``0`` because torch function modes are not active inside the autograd engine's
+   backward calls: the sequence-parallel backward of ``tensor_parallel/layers.py`` allocates there with
+   ``device=torch.cuda.current_device()``. The same mode answers
    ``Tensor.type()`` (no arguments) with the CUDA type name, because the optimizer asserts it:
    ``optimizer/clip_grads.py`` (``clip_grad_by_total_norm_fp32``: ``param.grad.type() ==
    'torch.cuda.FloatTensor'``) and ``optimizer/optimizer.py`` (``Float16OptimizerWithFloat16Params``
@@ -179,7 +182,7 @@ def enable_cpu_compat() -> None:
     mcore_utils.GlobalMemoryBuffer.get_tensor = _cpu_get_tensor
     _install_moe_shims()
 
-    torch.cuda.current_device = lambda: 0
+    torch.cuda.current_device = lambda: torch.device("cpu")
     torch.cuda.synchronize = lambda device=None: None
     _MODE = CudaToCpuMode()
     _MODE.__enter__()
