@@ -34,7 +34,7 @@ processes, which is how the project's parallel tests check TP/PP against single-
    ``torch.cuda.Stream`` for device-to-host copies of the split sizes, and ``_maybe_dtoh_and_synchronize``
    moves them there with stream/event calls: we set the class attribute to a CPU placeholder (so no stream
    is made) and replace the method with its CPU meaning (the tensors are on the host already, so nothing is
-   copied and nothing waits). The all-to-all itself is gloo's ``all_to_all_single``. (The allgather dispatcher's
+   copied and nothing waits; the split sizes become numpy arrays, as the original makes them). The all-to-all itself is gloo's ``all_to_all_single``. (The allgather dispatcher's
    backward calls an accelerator-only API; on CPU the alltoall dispatcher is the one that runs.)
 
 Enable with :func:`enable_cpu_compat`; it refuses to run when CUDA is available.
@@ -144,8 +144,14 @@ class _HostStream:
 
 
 def _host_dtoh_and_synchronize(self, point: str, tokens_per_expert: torch.Tensor | None = None) -> torch.Tensor | None:
-    """``MoEAlltoAllTokenDispatcher._maybe_dtoh_and_synchronize`` on CPU: the split sizes already live on the host
-    (``maybe_move_tensor_to_cpu`` returns host tensors unchanged), so there is nothing to copy or wait for."""
+    """``MoEAlltoAllTokenDispatcher._maybe_dtoh_and_synchronize`` on CPU: the tensors already live on the host, so
+    nothing is copied or waited for; the split sizes become numpy arrays at the same point, as the original's
+    ``maybe_move_tensor_to_cpu(..., as_numpy=True)`` makes them (the all-to-all takes sequences of ints)."""
+    if not self.drop_and_pad and point == self.cuda_dtoh_point:
+        for name in ("input_splits", "output_splits", "output_splits_tp"):
+            value = getattr(self, name)
+            if torch.is_tensor(value):
+                setattr(self, name, value.numpy())
     return tokens_per_expert
 
 
