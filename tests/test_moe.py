@@ -201,3 +201,58 @@ def test_qwen2_moe_shared_expert_matches_transformers(moe):
     exported = load_file(str(moe["root"] / "q2_export" / "model.safetensors"))
     assert "model.layers.0.mlp.shared_expert_gate.weight" in original
     assert original.keys() == exported.keys() and all(torch.equal(original[k], exported[k]) for k in original)
+
+
+# --------------------------------------------------------------------------------------------- bad input
+
+
+def _edit_config(path: Path, **changes) -> None:
+    config = json.loads((path / "config.json").read_text())
+    config.update(changes)
+    (path / "config.json").write_text(json.dumps(config))
+
+
+def test_unsupported_moe_architecture_is_named(tmp_path):
+    from megatron_xopd.convert.checkpoint import prepare_hf_conversion
+
+    _edit_config(make_qwen3_moe(tmp_path / "m"), architectures=["MixtralForCausalLM"], model_type="mixtral")
+    with pytest.raises(ConversionError, match=r"unsupported architecture 'MixtralForCausalLM'.*Qwen3MoeForCausalLM"):
+        prepare_hf_conversion(tmp_path / "m")
+
+
+def test_layout_not_dividing_experts_names_the_field(tmp_path):
+    from megatron_xopd.convert.checkpoint import prepare_hf_conversion
+
+    make_qwen3_moe(tmp_path / "m")
+    with pytest.raises(ModelConfigError, match=r"model\.num_moe_experts \(6\) is not divisible by expert_model_parallel_size \(4\)"):
+        prepare_hf_conversion(tmp_path / "m", 1, 1, 4)
+    with pytest.raises(ModelConfigError, match=r"model\.moe_ffn_hidden_size \(16\) is not divisible by expert_tensor_parallel_size \(3\)"):
+        from megatron_xopd.convert.hf import hf_config_to_model_config
+
+        hf_config_to_model_config(json.loads((tmp_path / "m" / "config.json").read_text())).validate_parallel(1, 1, 1, 3)
+
+
+def test_hf_expert_count_differing_from_config_is_named(tmp_path):
+    from megatron_xopd.convert.checkpoint import prepare_hf_conversion
+
+    _edit_config(make_qwen3_moe(tmp_path / "m"), num_local_experts=8)
+    with pytest.raises(ConversionError, match=r"config\.json num_experts=8, but the checkpoint's tensors hold 6 experts"):
+        prepare_hf_conversion(tmp_path / "m")
+
+
+def _load_with_experts(ckpt: str, experts: int) -> str:
+    from megatron_xopd.convert.checkpoint import build_gpt_from_mcore
+    from megatron_xopd.runtime import set_seed
+
+    set_seed(0)
+    try:
+        build_gpt_from_mcore(ckpt, num_moe_experts=experts)
+    except ConversionError as err:
+        return str(err)
+    return "loaded"
+
+
+@pytest.mark.parity
+def test_mcore_expert_count_differing_from_config_is_named(moe):
+    message = run_distributed(_load_with_experts, 1, str(moe["root"] / "q3_ep2"), 4, tp=1)[0]
+    assert message.startswith("model.num_moe_experts (4) differs from the 6 experts per MoE layer of the checkpoint")

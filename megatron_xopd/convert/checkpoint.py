@@ -31,6 +31,7 @@ from ..models.sharding import gather_canonical_state_dict, load_canonical_state_
 from ..runtime import set_seed
 
 from .hf import (
+    ConversionError,
     HFCheckpoint,
     canonical_to_hf,
     check_hf_expert_count,
@@ -82,12 +83,32 @@ def save_mcore_checkpoint(model: torch.nn.Module, out_dir: str | Path) -> None:
     dist_checkpointing.save(model.sharded_state_dict(), str(out))
 
 
+def _experts_per_layer(shapes: dict[str, Any]) -> int:
+    """The expert count of the routers among ``{key: sharded tensor or its metadata}`` (0: no MoE layer)."""
+    routers = {v.global_shape[0] for k, v in shapes.items() if k.endswith("mlp.router.weight") and hasattr(v, "global_shape")}
+    return max(routers, default=0)
+
+
+def check_expert_count(sharded_state_dict: dict[str, Any], ckpt_dir: str | Path) -> None:
+    """Raise naming ``model.num_moe_experts`` when the checkpoint's routers have another number of experts than
+    the model's (megatron's own error would be a shape mismatch deep in the loader)."""
+    experts = _experts_per_layer(sharded_state_dict)
+    if not experts:  # no MoE layer on this pipeline stage
+        return
+    saved = _experts_per_layer(dist_checkpointing.load_tensors_metadata(str(ckpt_dir)))
+    if saved != experts:
+        raise ConversionError(f"model.num_moe_experts ({experts}) differs from the {saved} experts per MoE layer "
+                              f"of the checkpoint {ckpt_dir}")
+
+
 def load_mcore_checkpoint(model: torch.nn.Module, ckpt_dir: str | Path) -> None:
-    """Load a ``dist_checkpointing`` checkpoint into ``model`` (this rank's shard), whatever TP/PP saved it."""
+    """Load a ``dist_checkpointing`` checkpoint into ``model`` (this rank's shard), whatever TP/PP/EP saved it."""
     ckpt = Path(ckpt_dir)
     if not (ckpt / "metadata.json").is_file():
         raise FileNotFoundError(f"{ckpt} is not a megatron dist_checkpointing checkpoint (no metadata.json)")
-    state = dist_checkpointing.load(model.sharded_state_dict(), str(ckpt))
+    sharded = model.sharded_state_dict()
+    check_expert_count(sharded, ckpt)
+    state = dist_checkpointing.load(sharded, str(ckpt))
     model.load_state_dict(state, strict=True)
 
 
