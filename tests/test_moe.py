@@ -256,3 +256,40 @@ def _load_with_experts(ckpt: str, experts: int) -> str:
 def test_mcore_expert_count_differing_from_config_is_named(moe):
     message = run_distributed(_load_with_experts, 1, str(moe["root"] / "q3_ep2"), 4, tp=1)[0]
     assert message.startswith("model.num_moe_experts (4) differs from the 6 experts per MoE layer of the checkpoint")
+
+
+# --------------------------------------------------------------------------------------------- tools
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.mark.slow
+@pytest.mark.parity
+def test_convert_and_compare_logits_tools(tmp_path):
+    """As a user: convert with the CLI (one process), then tools/compare_logits.py at EP=2 under torchrun."""
+    import subprocess
+    import sys
+
+    repo = Path(__file__).resolve().parents[1]
+    src = make_qwen3_moe(tmp_path / "hf", seed=7)
+    env = {**os.environ, "PYTHONWARNINGS": "ignore", "MASTER_PORT": str(_free_port()), "OMP_NUM_THREADS": "1"}
+    convert = [sys.executable, str(repo / "tools" / "convert_hf_to_mcore.py"), str(src), str(tmp_path / "mcore")]
+    proc = subprocess.run(convert, capture_output=True, text=True, timeout=300, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "6 experts" in proc.stdout
+    compare = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", env["MASTER_PORT"],
+               str(repo / "tools" / "compare_logits.py"), "--hf", str(src), "--mcore", str(tmp_path / "mcore"),
+               "--ep", "2", "--json"]
+    proc = subprocess.run(compare, capture_output=True, text=True, timeout=300, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
+    assert len(lines) == 1, proc.stdout
+    result = json.loads(lines[0])
+    assert 0 <= result["mean_abs_diff"] <= result["max_abs_diff"] < ATOL
+    assert result["greedy_equal"] and len(result["mcore_tokens"]) == 16
