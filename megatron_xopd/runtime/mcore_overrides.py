@@ -54,6 +54,15 @@ OVERRIDES: tuple[Override, ...] = (
     # Checkpoints (trainer/checkpoint.py): resuming a distributed optimizer that never stepped.
     Override("megatron.core.optimizer.distrib_optimizer.DistributedOptimizer._init_optimizer_states_with_dummy_values",
              "hooked", "trainer/checkpoint.py", "creates the Adam state a load expects", ("self",)),
+    # MoE without Transformer Engine on CPU (runtime/cpu_compat.py).
+    Override("megatron.core.transformer.moe.moe_utils.RouterGatingLinearFunction.forward", "hooked",
+             "runtime/cpu_compat.py", "reads the TE-only global te_general_gemm; we bind it to None",
+             ("ctx", "inp", "weight", "bias", "router_dtype")),
+    Override("megatron.core.transformer.moe.token_dispatcher.MoEAlltoAllTokenDispatcher.cuda_dtoh_stream",
+             "attribute", "runtime/cpu_compat.py", "a class-wide torch.cuda.Stream made in __init__ when None"),
+    Override("megatron.core.transformer.moe.token_dispatcher.MoEAlltoAllTokenDispatcher._maybe_dtoh_and_synchronize",
+             "replaced", "runtime/cpu_compat.py", "device-to-host copies on a CUDA stream; a no-op on the host",
+             ("self", "point", "tokens_per_expert")),
     # Attention of the local spec (models/attention.py): fast CPU rollouts.
     Override("megatron.core.transformer.dot_product_attention.DotProductAttention.forward", "subclassed",
              "models/attention.py", "SDPA with GQA for causal prefill and decode outside training",
