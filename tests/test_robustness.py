@@ -5,8 +5,15 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import pickle
+import random
 import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -180,3 +187,240 @@ def test_verification_names_the_real_cause(tmp_path):
                                               r"is missing"):
         find_resumable(root, 2)
     assert find_resumable(tmp_path / "nothing", 2) is None
+
+
+# -------------------------------------------------------------------------------------------------- kill -9
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _start(config: Path, weights: Path) -> subprocess.Popen:
+    """A training process in its own process group (so that SIGKILL takes any writer it spawned with it)."""
+    env = {**os.environ, "RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1",
+           "MASTER_PORT": str(_free_port()), "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore",
+           "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
+    return subprocess.Popen([sys.executable, "-m", "tests._kill_driver", str(config), str(weights)], cwd=REPO, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _tmp_dirs(ckpt: Path) -> set[tuple[str, int, int]]:
+    """The temporary (being written) checkpoint directories, told apart when one is removed and made again."""
+    out = set()
+    for p in ckpt.glob(".tmp_step_*"):
+        try:
+            st = p.stat()
+        except FileNotFoundError:
+            continue
+        out.add((p.name, st.st_ino, st.st_ctime_ns))
+    return out
+
+
+def _lines(path: Path) -> int:
+    return len(path.read_text().splitlines()) if path.exists() else 0
+
+
+def _kill_when(proc: subprocess.Popen, ready, timeout_s: float = 300.0) -> bool:
+    """SIGKILL the process group as soon as ``ready()``; False if the process ended first."""
+    deadline = time.monotonic() + timeout_s
+    while proc.poll() is None and time.monotonic() < deadline:
+        if ready():
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+            return True
+        time.sleep(0.005)
+    assert proc.poll() is not None, "training process hung"
+    return False
+
+
+def _finish(proc: subprocess.Popen) -> None:
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 0, err.decode()[-3000:]
+
+
+@pytest.mark.slow
+def test_three_kill9s_one_during_a_save_then_resume_equal_an_uninterrupted_run(tmp_path):
+    manifest = write_feature_cuts(tmp_path)
+    steps = 8
+    runs = {}
+    for name in ("full", "killed"):
+        cfg = run_config(tmp_path / name, manifest, trainer={"max_steps": steps},
+                         checkpoint={"save_every": 1, "keep_last": 2})
+        runs[name] = tmp_path / f"{name}.json"
+        runs[name].write_text(json.dumps(cfg))
+    full = _start(runs["full"], tmp_path / "full.safetensors")  # alongside the killed one (2 cores)
+
+    seed = int.from_bytes(os.urandom(4), "little")
+    rng = random.Random(seed)
+    metrics, ckpt = tmp_path / "killed" / "logs" / "metrics.jsonl", tmp_path / "killed" / "ckpt"
+    moments = ["save", "random", "random"]
+    rng.shuffle(moments)
+    for moment in moments:
+        start, before = _lines(metrics), _tmp_dirs(ckpt)
+        proc = _start(runs["killed"], tmp_path / "killed.safetensors")
+        if moment == "save":  # while a checkpoint is being written: a temporary directory made by this process
+            ready = lambda: bool(_tmp_dirs(ckpt) - before)  # noqa: E731
+        else:  # after 0 or 1 more logged steps, plus up to 3 s
+            target, delay, reached = start + rng.randint(0, 1), rng.uniform(0.0, 3.0), []
+
+            def ready(target=target, delay=delay, reached=reached) -> bool:
+                if not reached and _lines(metrics) >= target:
+                    reached.append(time.monotonic())
+                return bool(reached) and time.monotonic() - reached[0] >= delay
+        assert _kill_when(proc, ready), f"the run ended before the {moment!r} kill (seed {seed})"
+        assert _lines(metrics) < steps, f"seed {seed}"
+    _finish(_start(runs["killed"], tmp_path / "killed.safetensors"))
+    _finish(full)
+
+    rows = {name: [json.loads(line) for line in (tmp_path / name / "logs" / "metrics.jsonl").read_text().splitlines()]
+            for name in ("full", "killed")}
+    assert [r["step"] for r in rows["killed"]] == list(range(1, steps + 1))
+    strip = [[{k: v for k, v in r.items() if k not in TIMING} for r in rows[name]] for name in ("full", "killed")]
+    assert strip[0] == strip[1], f"seed {seed}"
+    from safetensors.torch import load_file
+
+    a, b = load_file(tmp_path / "full.safetensors"), load_file(tmp_path / "killed.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), f"seed {seed}"
+
+
+# ------------------------------------------------------------------------------------------ metrics and config
+def test_a_torn_last_metrics_line_is_dropped_with_a_warning(tmp_path, caplog):
+    from megatron_xopd.trainer.metrics import MetricsLogger
+
+    path = tmp_path / "metrics.jsonl"
+    good = [json.dumps({"step": s, "loss": 0.5 * s}) for s in (1, 2, 3)]
+    path.write_text("\n".join(good) + '\n{"step": 4, "lo')
+    with caplog.at_level(logging.WARNING, logger="megatron_xopd"):
+        MetricsLogger(tmp_path, enabled=True, tensorboard=False, resume_step=2).close()
+    assert path.read_text().splitlines() == good[:2]
+    assert any("torn last line 4" in r.getMessage() and str(path) in r.getMessage() for r in caplog.records)
+    path.write_text(good[0] + "\n{oops\n" + good[2] + "\n")  # damage elsewhere is not guessed at
+    with pytest.raises(ValueError, match=r"metrics\.jsonl, line 2"):
+        MetricsLogger(tmp_path, enabled=True, tensorboard=False, resume_step=3)
+
+
+def test_hydra_plus_keys_are_checked_against_the_schema(tmp_path):
+    from hydra import compose, initialize_config_dir
+    from omegaconf.errors import ConfigKeyError
+
+    from megatron_xopd.trainer import register_schema, to_run_config
+
+    register_schema()
+    with initialize_config_dir(config_dir=str(REPO / "examples" / "conf"), version_base=None):
+        typo = compose("quickstart", overrides=["+trainer.max_stepz=3"])
+        assert typo.trainer.max_stepz == 3  # Hydra itself lets it in
+        with pytest.raises(ConfigKeyError, match=r"max_stepz"):
+            to_run_config(typo)
+        assert to_run_config(compose("quickstart", overrides=["trainer.max_steps=3"])).trainer.max_steps == 3
+
+
+def test_config_values_are_checked_naming_the_key(tmp_path):
+    from megatron_xopd.trainer import to_run_config
+
+    manifest = write_feature_cuts(tmp_path)
+    cases = {"data.speech_input=none .* needs xopd.lam=1.0": {"data": {"speech_input": "none"}},
+             "trainer.max_bad_steps must be >= 1": {"trainer": {"max_bad_steps": 0}},
+             "checkpoint.keep_last must be >= 0": {"checkpoint": {"keep_last": -1}},
+             "data.speech_input: 'video'": {"data": {"speech_input": "video"}}}
+    for message, sections in cases.items():
+        with pytest.raises(ValueError, match=message):
+            to_run_config(run_config(tmp_path, manifest, **sections))
+
+
+# --------------------------------------------------------------------------------------------------- bad input
+def _build_each(cfgs: list[dict]) -> list:
+    """Build the models of each config in this rank: the padded vocabularies, or the error text."""
+    from megatron_xopd.convert.sources import resolve_path
+    from megatron_xopd.data.tokenizer import load_tokenizer
+    from megatron_xopd.runtime import set_seed
+    from megatron_xopd.trainer import to_run_config
+    from megatron_xopd.trainer.build import build_models
+
+    out = []
+    for cfg in cfgs:
+        run = to_run_config(cfg)
+        set_seed(0)
+        try:
+            models = build_models(run, load_tokenizer(str(resolve_path(run.model.tokenizer))))
+            out.append((models.student_cfg.padded_vocab_size, models.teacher_cfg.padded_vocab_size))
+        except Exception as err:  # noqa: BLE001 - the text is what is checked
+            out.append(str(err))
+    return out
+
+
+def _teacher_with_tokenizer(path: Path, permuted: int) -> Path:
+    """A tiny HF teacher that ships SmolLM2's tokenizer with ``permuted`` ids of its vocabulary reversed."""
+    from megatron_xopd.convert.sources import resolve_path
+    from megatron_xopd.data.tokenizer import load_tokenizer
+    from tests._trainer_setup import write_tiny_hf
+
+    write_tiny_hf(path, seed=2)
+    load_tokenizer(str(resolve_path("builtin:smollm2"))).save_pretrained(path)
+    spec = json.loads((path / "tokenizer.json").read_text())
+    vocab = spec["model"]["vocab"]
+    tokens = sorted((t for t, i in vocab.items() if 1000 <= i < 1000 + permuted), key=vocab.get)
+    for token, new_id in zip(tokens, reversed([vocab[t] for t in tokens])):
+        vocab[token] = new_id
+    (path / "tokenizer.json").write_text(json.dumps(spec))
+    return path
+
+
+def test_teacher_tokenizer_and_padded_vocab_are_checked(tmp_path):
+    manifest = write_feature_cuts(tmp_path)
+    same = _teacher_with_tokenizer(tmp_path / "same", permuted=0)
+    permuted = _teacher_with_tokenizer(tmp_path / "permuted", permuted=200)
+
+    def cfg(teacher: Path | None = None, **student_llm) -> dict:
+        model = {"student": {"llm": student_llm}}
+        if teacher is not None:
+            model["teacher"] = {"llm": {}, "hf_path": str(teacher)}
+        return run_config(tmp_path / "run", manifest, model=model)
+
+    results = run_distributed(_build_each, 1, [cfg(same), cfg(permuted), cfg(padded_vocab_size=49408),
+                                               cfg(padded_vocab_size=49000), cfg()], tp=1)[0]
+    assert results[0] == (49280, 49280)  # the teacher's own tokenizer agrees: built
+    assert "unequal vocab: model.tokenizer vs model.teacher.hf_path=" in results[1] and "200 ids differ" in results[1]
+    assert results[2] == (49408, 49408)  # the user's padding, for both models
+    assert "model.student.llm.padded_vocab_size=49000 must be >= 49153" in results[3] and "divisible" in results[3]
+    assert results[4] == (49280, 49280)
+
+
+def _text_cuts(root: Path, prompts: list[str]) -> Path:
+    """A manifest of text-only prompt cuts: no recording, no features."""
+    from lhotse import CutSet, MonoCut
+
+    cuts = [MonoCut(id=f"text{i}", start=0.0, duration=1.0, channel=0, custom={"text_prompt": p, "answer": str(i)})
+            for i, p in enumerate(prompts)]
+    path = root / "text_cuts.jsonl.gz"
+    CutSet.from_cuts(cuts).to_file(path)
+    return path
+
+
+@pytest.mark.slow
+def test_text_only_mode_and_bad_data_and_zero_steps(tmp_path):
+    """lam=1 with data.speech_input=none trains on cuts without speech and a student without perception; an epoch
+    without a usable cut names the manifest; a missing manifest names its key; max_steps=0 writes no checkpoint."""
+    manifest = _text_cuts(tmp_path, PROMPTS)
+    cfg = run_config(tmp_path / "text", manifest, trainer={"max_steps": 2, "eval_every": 2, "eval_max_new_tokens": 3},
+                     xopd={"lam": 1.0}, data={"speech_input": "none", "validation": str(manifest)})
+    cfg["model"]["student"]["perception"] = {}
+    rows = run_distributed(train, 1, cfg)[0]
+    assert [r["step"] for r in rows] == [1, 2] and rows[-1]["data/cuts_skipped"] == 0
+    assert rows[0]["response_len_im"] > 0 and rows[0]["kl_im"] == rows[0]["kl_im"]  # finite, on text prompts
+    assert rows[1]["eval/prompts"] == len(PROMPTS) and "eval/acc_speech" not in rows[1]
+
+    (tmp_path / "empty").mkdir()
+    empty = _text_cuts(tmp_path / "empty", ["   "] * 4)
+    with pytest.raises(RuntimeError, match=rf"data.train={empty}: epoch 0 has no usable cut .*skipped_text_prompt"):
+        run_distributed(train, 1, run_config(tmp_path / "empty", empty, data={"speech_input": "none"},
+                                             xopd={"lam": 1.0}))
+    with pytest.raises(RuntimeError, match=r"FileNotFoundError: data.train: prompt manifest not found: .*nowhere"):
+        run_distributed(train, 1, run_config(tmp_path / "missing", tmp_path / "nowhere.jsonl.gz"))
+    zero = run_config(tmp_path / "zero", manifest, trainer={"max_steps": 0}, xopd={"lam": 1.0},
+                      data={"speech_input": "none"})
+    assert run_distributed(train, 1, zero)[0] == []
+    assert not list((tmp_path / "zero" / "ckpt").glob("*step_*"))

@@ -75,7 +75,7 @@ class XOPDTrainer:
         max_prompt = min(rollout.max_prompt_tokens, self.collector.prompt_limit)
         self.dataset = PairedPromptDataset(self.tokenizer, cfg.model.audio_locator, max_prompt,
                                            speech_input=cfg.data.speech_input, on_bad_cut=cfg.data.on_bad_cut)
-        self.loader = self._loader(cfg.data.train, shuffle=cfg.data.shuffle)
+        self.loader = self._loader(cfg.data.train, "data.train", shuffle=cfg.data.shuffle)
         self.data_stats = CutStats()
         self.guard = FiniteStepGuard(cfg.trainer.max_bad_steps)
         self.step = 0
@@ -88,9 +88,13 @@ class XOPDTrainer:
         )
 
     # ----------------------------------------------------------------------------------------------- data
-    def _loader(self, manifest: str, *, shuffle: bool):
+    def _loader(self, manifest: str, key: str, *, shuffle: bool):
+        try:
+            cuts = load_prompt_cuts(manifest)
+        except (FileNotFoundError, ValueError) as err:
+            raise type(err)(f"{key}: {err}") from err
         return build_dataloader(
-            load_prompt_cuts(manifest),
+            cuts,
             self.dataset,
             max_cuts=self.cfg.data.prompts_per_step,
             max_duration=self.cfg.data.max_duration,
@@ -260,7 +264,7 @@ class XOPDTrainer:
         """Greedy accuracy on the validation set (``data.validation``); empty when there is none."""
         if not self.cfg.data.validation:
             return {}
-        return evaluate(self.collector, self._loader(self.cfg.data.validation, shuffle=False), self.scorer,
+        return evaluate(self.collector, self._loader(self.cfg.data.validation, "data.validation", shuffle=False), self.scorer,
                         max_new_tokens=self.cfg.trainer.eval_max_new_tokens,
                         max_prompts=self.cfg.data.max_eval_prompts, with_teacher=with_teacher)
 
