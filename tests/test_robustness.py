@@ -369,6 +369,7 @@ def _teacher_with_tokenizer(path: Path, permuted: int) -> Path:
     return path
 
 
+@pytest.mark.slow
 def test_teacher_tokenizer_and_padded_vocab_are_checked(tmp_path):
     manifest = write_feature_cuts(tmp_path)
     same = _teacher_with_tokenizer(tmp_path / "same", permuted=0)
