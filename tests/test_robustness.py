@@ -144,8 +144,11 @@ def test_a_pickle_planted_as_trainer_state_executes_nothing(tmp_path):
 def test_a_truncated_shard_of_the_latest_checkpoint_falls_back_to_the_one_before(tmp_path):
     manifest = write_feature_cuts(tmp_path)
     cfg = run_config(tmp_path / "run", manifest, trainer={"max_steps": 3},
-                     checkpoint={"save_every": 1, "keep_last": 2})
-    first = run_distributed(train, 1, cfg)[0]
+                     checkpoint={"save_every": 1, "keep_last": 2, "async_save": True})
+    first, messages = run_distributed(_train_logged, 1, cfg)[0]
+    # no CUDA here: asynchronous saving is declined, once, and the saves are synchronous and timed
+    assert sum("async_save" in m and "saving synchronously" in m for m in messages) == 1
+    assert first[0]["save_s"] == 0.0 and all(r["save_s"] > 0.0 and 0.0 < r["save_share"] < 1.0 for r in first[1:])
     ckpt = tmp_path / "run" / "ckpt"
     assert sorted(p.name for p in ckpt.iterdir()) == ["step_0000002", "step_0000003"]  # keep_last=2
     assert verify_checkpoint(ckpt / "step_0000003", 1) is None

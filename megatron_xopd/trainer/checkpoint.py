@@ -183,8 +183,12 @@ def save_checkpoint(
     trainer_state: dict[str, Any],
     *,
     keep_last: int = 0,
+    async_queue: Any = None,
 ) -> Path:
-    """Write a complete checkpoint of ``step`` (collective: every rank calls it); keep the newest ``keep_last``."""
+    """Write a complete checkpoint of ``step`` (collective: every rank calls it); keep the newest ``keep_last``.
+
+    With ``async_queue`` (megatron-core's ``AsyncCallsQueue``, CUDA only) the shards are written in the background
+    and the checkpoint is published (completion record, rename, retention) when the queue finalizes the call."""
     from megatron.core import dist_checkpointing
 
     check_finite_weights(model, f"checkpoint of step {step}")
@@ -197,19 +201,53 @@ def save_checkpoint(
     dist.barrier()
     model_sd = model.sharded_state_dict()
     state = {"model": model_sd, "optimizer": optimizer.sharded_state_dict(model_sd)}
-    dist_checkpointing.save(state, str(tmp))
+    request = dist_checkpointing.save(state, str(tmp), async_sharded_save=async_queue is not None)
     save_trainer_state(tmp / STATE_DIR, rank, trainer_state)
-    dist.barrier()
-    if rank == 0:
-        _write_record(tmp, dist.get_world_size())
-        if final.exists():
-            shutil.rmtree(final)
-        tmp.rename(final)
-        if keep_last > 0:
-            for old in _step_dirs(root)[:-keep_last]:
-                shutil.rmtree(old, ignore_errors=True)
-    dist.barrier()
+
+    def publish() -> None:
+        dist.barrier()
+        if rank == 0:
+            _write_record(tmp, dist.get_world_size())
+            if final.exists():
+                shutil.rmtree(final)
+            tmp.rename(final)
+            if keep_last > 0:
+                for old in _step_dirs(root)[:-keep_last]:
+                    shutil.rmtree(old, ignore_errors=True)
+        dist.barrier()
+
+    if async_queue is None:
+        publish()
+    else:
+        request.add_finalize_fn(publish)
+        async_queue.schedule_async_request(request)
     return final
+
+
+class CheckpointSaver:
+    """Saves a run's checkpoints, synchronously or (``checkpoint.async_save`` on CUDA) through megatron-core's
+    asynchronous path; on CPU an asynchronous save is not available and it says so once."""
+
+    def __init__(self, root: str | Path, keep_last: int, async_save: bool) -> None:
+        self.root, self.keep_last = root, keep_last
+        self.queue = None
+        if async_save and torch.cuda.is_available():
+            from megatron.core.dist_checkpointing.strategies.async_utils import AsyncCallsQueue
+
+            self.queue = AsyncCallsQueue()
+        elif async_save and dist.get_rank() == 0:
+            log.info("checkpoint.async_save: megatron-core's asynchronous save needs CUDA; saving synchronously")
+
+    def save(self, step: int, model: torch.nn.Module, optimizer: Any, trainer_state: dict[str, Any]) -> None:
+        if self.queue is not None:
+            self.queue.maybe_finalize_async_calls(blocking=False)  # publish the saves that have finished
+        save_checkpoint(self.root, step, model, optimizer, trainer_state, keep_last=self.keep_last,
+                        async_queue=self.queue)
+
+    def finish(self) -> None:
+        """Wait for the asynchronous saves still running, and publish them."""
+        if self.queue is not None:
+            self.queue.maybe_finalize_async_calls(blocking=True)
 
 
 def load_model_weights(path: str | Path, model: torch.nn.Module) -> Path:

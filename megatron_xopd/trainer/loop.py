@@ -30,7 +30,7 @@ from ..runtime import init_distributed, initialize_model_parallel, set_seed
 from ..runtime.device import current_device, resident
 from ..runtime.reduce import reduce_over_replicas
 from .build import build_models, build_optimizer, wrap_ddp
-from .checkpoint import CheckpointError, find_resumable, load_checkpoint, load_model_weights, save_checkpoint
+from .checkpoint import CheckpointError, CheckpointSaver, find_resumable, load_checkpoint, load_model_weights
 from .config import RunConfig
 from .evaluate import evaluate
 from .guard import FiniteStepGuard, all_ranks_agree
@@ -80,6 +80,9 @@ class XOPDTrainer:
         self.guard = FiniteStepGuard(cfg.trainer.max_bad_steps)
         self.step = 0
         self._saved_step: int | None = None  # the step of the checkpoint written or resumed from last
+        self.saver = None
+        if cfg.checkpoint.dir:
+            self.saver = CheckpointSaver(cfg.checkpoint.dir, cfg.checkpoint.keep_last, cfg.checkpoint.async_save)
         self.epoch = 0
         self._restored_position = False
         self._resume()
@@ -226,9 +229,8 @@ class XOPDTrainer:
         }
 
     def save(self) -> None:
-        if self.cfg.checkpoint.dir and self._saved_step != self.step:
-            save_checkpoint(self.cfg.checkpoint.dir, self.step, self.student, self.optimizer, self._trainer_state(),
-                            keep_last=self.cfg.checkpoint.keep_last)
+        if self.saver is not None and self._saved_step != self.step:
+            self.saver.save(self.step, self.student, self.optimizer, self._trainer_state())
             self._saved_step = self.step
 
     def _resume(self) -> None:
@@ -303,6 +305,8 @@ class XOPDTrainer:
                     save_s = time.perf_counter() - t0
             if self.step > 0:  # max_steps=0 writes no (untrained) checkpoint
                 self.save()
+            if self.saver is not None:
+                self.saver.finish()
         finally:
             if progress is not None:
                 progress.close()
