@@ -32,3 +32,10 @@ def agree_on_step(has_input: bool, has_work: bool) -> tuple[bool, bool]:
     flags = torch.tensor([-float(has_input), float(has_work)], device=current_device())
     dist.all_reduce(flags, op=dist.ReduceOp.MIN)
     return bool(flags[0] < 0), bool(flags[1] > 0)
+
+
+def all_ranks_agree(ok: bool) -> bool:
+    """True only if ``ok`` holds on every rank (one all-reduce over the world)."""
+    flag = torch.tensor([1.0 if ok else 0.0], device=current_device())
+    dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+    return bool(flag.item() > 0)
