@@ -15,7 +15,8 @@ from lhotse.dataset import DynamicBucketingSampler
 from lhotse.dataset.collation import collate_matrices, collate_vectors
 from torch.utils.data import DataLoader
 
-from .cuts import BadCutError, CutStats, answer, load_audio, load_encoder_features, text_prompt
+from .cuts import BadCutError, CutStats, answer, check_entry, load_audio, load_encoder_features, text_prompt
+from .nemo_config import located
 from .tokenizer import format_prompt
 
 if TYPE_CHECKING:
@@ -65,6 +66,7 @@ class PairedPromptDataset(torch.utils.data.Dataset):
         self.on_bad_cut = on_bad_cut
 
     def _example(self, cut: Cut) -> dict[str, Any]:
+        check_entry(cut)
         text = text_prompt(cut)
         text_ids = format_prompt(self.tokenizer, text, audio=False, audio_locator=self.audio_locator)
         if len(text_ids) > self.max_prompt_tokens:
@@ -86,8 +88,9 @@ class PairedPromptDataset(torch.utils.data.Dataset):
             try:
                 examples.append(self._example(cut))
             except BadCutError as err:
+                err = located(err, cut)
                 if self.on_bad_cut == "raise":
-                    raise
+                    raise err from None
                 logger.debug("skipping bad cut: %s", err)
                 stats.record_skip(err)
         speech = {}

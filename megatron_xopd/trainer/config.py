@@ -71,8 +71,10 @@ class ModelSection:
 
 @dataclass
 class DataSection:
-    train: str = "???"  # lhotse manifest (jsonl.gz) or Shar dir
-    validation: str | None = None
+    # a lhotse manifest (jsonl.gz) or Shar dir, or a NeMo dataloader config (input_cfg blend, manifest_filepath,
+    # tarred_audio_filepaths, ...; docs/nemo.md)
+    train: Any = "???"
+    validation: Any = None
     speech_input: str = "features"  # audio | features (cached encoder outputs) | none (text only: xopd.lam=1)
     prompts_per_step: int = 4  # max_cuts per DP rank and step
     max_duration: float | None = None
@@ -121,8 +123,15 @@ class CheckpointSection:
 
 @dataclass
 class LoggingSection:
+    """Where the run writes its logs (``trainer/run_dir.py``): ``dir``, or with ``exp_dir`` NeMo exp_manager's
+    ``<exp_dir>/<name>/<version>``."""
+
     dir: str = "runs/xopd"
+    exp_dir: str | None = None  # set: the run directory is <exp_dir>/<name>/<version>, as NeMo's exp_manager
+    name: str = "xopd"
+    version: str | None = None  # None: the start date-time, or no version level when checkpoint.resume is on
     tensorboard: bool = True
+    wandb: dict[str, Any] | None = None  # wandb.init arguments (project, entity, name, mode, ...); None: off
     progress: bool = True
 
 

@@ -16,6 +16,7 @@ from typing import Any, Iterator
 import torch
 import torch.distributed as dist
 from megatron.core import parallel_state
+from omegaconf import OmegaConf
 from tqdm import tqdm
 
 from ..algo import CROSS_MODAL, IN_MODAL, LossStats, Rollouts, needs_teacher_logits, rollout_sums, rollout_weights
@@ -36,6 +37,7 @@ from .evaluate import evaluate
 from .guard import FiniteStepGuard
 from .metrics import MetricsLogger
 from .passes import score_with_teacher, train_pass
+from .run_dir import prepare_run_dir
 from .scoring import load_scorer
 
 log = logging.getLogger("megatron_xopd")
@@ -47,6 +49,7 @@ class XOPDTrainer:
     def __init__(self, cfg: RunConfig) -> None:
         self.cfg = cfg
         init_distributed()
+        cfg = self.cfg = prepare_run_dir(cfg)  # logging.dir, checkpoint.dir: NeMo exp_manager's layout
         initialize_model_parallel(cfg.trainer.parallel)
         set_seed(cfg.trainer.seed)
         self.tokenizer = load_tokenizer(str(resolve_path(cfg.model.tokenizer)), audio_locator=cfg.model.audio_locator)
@@ -88,13 +91,15 @@ class XOPDTrainer:
         self._restored_position = False
         self._resume()
         self.logger = MetricsLogger(
-            cfg.logging.dir, enabled=dist.get_rank() == 0, tensorboard=cfg.logging.tensorboard, resume_step=self.step
+            cfg.logging.dir, enabled=dist.get_rank() == 0, tensorboard=cfg.logging.tensorboard, resume_step=self.step,
+            wandb=cfg.logging.wandb, hparams=OmegaConf.to_container(OmegaConf.structured(cfg)),
         )
 
     # ----------------------------------------------------------------------------------------------- data
-    def _loader(self, manifest: str, key: str, *, shuffle: bool):
+    def _loader(self, manifest: Any, key: str, *, shuffle: bool, validation: bool = False):
         try:
-            cuts = load_prompt_cuts(manifest)
+            cuts = load_prompt_cuts(manifest, seed=self.cfg.trainer.seed, finite=validation,
+                                    on_bad_cut=self.cfg.data.on_bad_cut)
         except (FileNotFoundError, ValueError) as err:
             raise type(err)(f"{key}: {err}") from err
         return build_dataloader(
@@ -280,7 +285,8 @@ class XOPDTrainer:
         """Greedy accuracy on the validation set (``data.validation``); empty when there is none."""
         if not self.cfg.data.validation:
             return {}
-        return evaluate(self.collector, self._loader(self.cfg.data.validation, "data.validation", shuffle=False), self.scorer,
+        return evaluate(self.collector, self._loader(self.cfg.data.validation, "data.validation", shuffle=False,
+                                                     validation=True), self.scorer,
                         max_new_tokens=self.cfg.trainer.eval_max_new_tokens,
                         max_prompts=self.cfg.data.max_eval_prompts, with_teacher=with_teacher)
 

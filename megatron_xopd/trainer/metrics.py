@@ -15,10 +15,12 @@ class MetricsLogger:
     """Appends one JSON object per step to ``<dir>/metrics.jsonl`` (flushed each step, so nothing is lost on a
     crash) and mirrors scalars to TensorBoard. Only the process created with ``enabled=True`` writes."""
 
-    def __init__(self, log_dir: str | Path, *, enabled: bool, tensorboard: bool = True, resume_step: int = 0) -> None:
+    def __init__(self, log_dir: str | Path, *, enabled: bool, tensorboard: bool = True, resume_step: int = 0,
+                 wandb: dict[str, Any] | None = None, hparams: dict[str, Any] | None = None) -> None:
         self.enabled = enabled
         self._file = None
         self._tb = None
+        self._wandb = None
         if not enabled:
             return
         log_dir = Path(log_dir)
@@ -35,6 +37,8 @@ class MetricsLogger:
             from torch.utils.tensorboard import SummaryWriter
 
             self._tb = SummaryWriter(str(log_dir / "tensorboard"))
+        if wandb is not None:
+            self._wandb = _wandb_run(log_dir, wandb, hparams)
 
     def log(self, step: int, metrics: dict[str, Any]) -> None:
         if not self.enabled:
@@ -47,12 +51,26 @@ class MetricsLogger:
                 if key != "step" and isinstance(value, (int, float)) and math.isfinite(value):
                     self._tb.add_scalar(key, value, step)
             self._tb.flush()
+        if self._wandb is not None:
+            self._wandb.log({k: v for k, v in record.items() if k != "step" and isinstance(v, (int, float))}, step=step)
 
     def close(self) -> None:
         if self._file is not None:
             self._file.close()
         if self._tb is not None:
             self._tb.close()
+        if self._wandb is not None:
+            self._wandb.finish()
+
+
+def _wandb_run(log_dir: Path, kwargs: dict[str, Any], hparams: dict[str, Any] | None) -> Any:
+    """A Weights & Biases run in ``<log_dir>/wandb`` (``logging.wandb``: ``wandb.init`` arguments), resumable."""
+    try:
+        import wandb
+    except ImportError as err:
+        raise RuntimeError("logging.wandb is set but Weights & Biases is not installed: pip install wandb") from err
+    args = {"dir": str(log_dir), "name": log_dir.name, "config": hparams, "resume": "allow", **kwargs}
+    return wandb.init(**args)
 
 
 def _plain(value: Any) -> Any:
