@@ -14,11 +14,12 @@ e EP, et expert TP; DP = world / (t p c), expert DP = world / (et e p).
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from ..ops.divergence import LOGITS_CHUNK_ELEMENTS
 from ..runtime.parallel import ParallelConfig
 from .config import GPTModelConfig
+from .speech import common_padded_vocab
 
 GiB = 1024**3
 _BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
@@ -485,21 +486,24 @@ def suggest_layout(
     *, max_tp: int = 8,
 ) -> MemoryPlan | None:
     """The smallest model-parallel layout that fits: fewest TP x PP ranks (most data parallelism), then the
-    smallest EP; SP on whenever TP > 1. ``None`` when nothing fits on ``world_size`` GPUs."""
+    smallest EP; SP on whenever TP > 1; the vocabulary re-padded for each TP size (the student's embedding rows
+    as given). ``None`` when nothing fits on ``world_size`` GPUs."""
     layers = math.gcd(student.num_layers, teacher.num_layers)
     experts = math.gcd(student.num_moe_experts or 0, teacher.num_moe_experts or 0) or 1
     candidates = []
     for tp in [d for d in _divisors(world_size) if d <= max_tp]:
+        padded = common_padded_vocab([student, teacher], tp)
+        configs = (replace(student, padded_vocab_size=padded), replace(teacher, padded_vocab_size=padded))
         for pp in [d for d in _divisors(world_size // tp) if layers % d == 0]:
             for ep in _divisors(experts):
                 for etp in sorted({tp, 1}):
                     parallel = ParallelConfig(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp,
                                               expert_model_parallel_size=ep, expert_tensor_parallel_size=etp,
                                               sequence_parallel=tp > 1)
-                    candidates.append(((tp * pp, ep, etp != tp), Layout(parallel, world_size)))
-    for _, layout in sorted(candidates, key=lambda c: c[0]):
+                    candidates.append(((tp * pp, ep, etp != tp), Layout(parallel, world_size), configs))
+    for _, layout, (s_cfg, t_cfg) in sorted(candidates, key=lambda c: c[0]):
         try:
-            plan = plan_memory(student, teacher, layout, work, gpu_bytes)
+            plan = plan_memory(s_cfg, t_cfg, layout, work, gpu_bytes)
         except LayoutError:
             continue
         if plan.fits:
