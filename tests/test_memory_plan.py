@@ -4,6 +4,7 @@ with one clear error."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import subprocess
 import sys
@@ -37,13 +38,13 @@ def _config(name: str) -> GPTModelConfig:
 
 
 def _split(model) -> tuple[int, int]:
-    """(dense, expert) parameters of a built model; megatron marks expert parameters ``allreduce=False``."""
+    """(dense, expert) parameters of a built model; the routed experts live under ``mlp.experts``."""
     dense = expert = 0
-    for param in model.parameters():
-        if getattr(param, "allreduce", True):
-            dense += param.numel()
-        else:
+    for name, param in model.named_parameters():
+        if ".mlp.experts." in name:
             expert += param.numel()
+        else:
+            dense += param.numel()
     return dense, expert
 
 
@@ -58,13 +59,14 @@ def _optimizer_bytes(optimizer) -> int:
     return total
 
 
-def _built_vs_planned(parallel: ParallelConfig, run_cfg: dict) -> dict:
+def _built_vs_planned(parallel: ParallelConfig, run_cfg: dict, names: tuple[str, ...]) -> dict:
     """On this rank: each CONFIGS model's (dense, expert) parameters built and planned; then the recipe's student
     and teacher as the trainer builds them, and its gradient-buffer and optimizer bytes after one step."""
     import torch
     import torch.distributed as dist
     from megatron.core import parallel_state
 
+    from megatron_xopd.convert.sources import resolve_path
     from megatron_xopd.data.tokenizer import load_tokenizer
     from megatron_xopd.models import build_gpt_model
     from megatron_xopd.models.memory import weight_lines
@@ -77,15 +79,15 @@ def _built_vs_planned(parallel: ParallelConfig, run_cfg: dict) -> dict:
     layout = Layout(parallel, dist.get_world_size())
     stage = parallel_state.get_pipeline_model_parallel_rank()
     out = {}
-    for name in CONFIGS:
+    for name in names:
         cfg = _config(name)
-        if cfg.num_moe_experts and layout.tp > 1:
-            cfg.transformer_overrides = {"sequence_parallel": True}
         out[name] = (_split(build_gpt_model(cfg)), rank_params(cfg, layout, stage))
 
-    run = to_run_config(run_cfg)
+    run = to_run_config({**run_cfg, "trainer": {**run_cfg["trainer"], "parallel": dataclasses.asdict(parallel)}})
     plan, student_cfg, _, work = plan_run(run, dist.get_world_size(), 80.0)
-    models = build_models(run, load_tokenizer("builtin:smollm2", audio_locator=run.model.audio_locator))
+    assert plan.layout == layout
+    tokenizer = load_tokenizer(str(resolve_path(run.model.tokenizer)), audio_locator=run.model.audio_locator)
+    models = build_models(run, tokenizer)
     assert models.student_cfg.padded_vocab(layout.tp) == student_cfg.padded_vocab(layout.tp)
     ddp = wrap_ddp(models.student)
     optimizer, _ = build_optimizer(ddp, run.optim, 1)
@@ -108,9 +110,9 @@ def _built_vs_planned(parallel: ParallelConfig, run_cfg: dict) -> dict:
     return out
 
 
-def _check(results: list[dict]) -> None:
+def _check(results: list[dict], names: tuple[str, ...]) -> None:
     for rank, out in enumerate(results):
-        for name in CONFIGS:
+        for name in names:
             (dense, expert), planned = out[name]
             assert (dense, expert) == (planned.dense, planned.expert), (rank, name)
         s = out["student"]
@@ -129,21 +131,21 @@ def _run_cfg(tmp_path: Path, **llm) -> dict:
 
 @pytest.mark.parity
 def test_counts_equal_built_models_at_tp2_pp2(tmp_path):
-    """TP=2 x PP=2 (4 gloo ranks): every stage's parameters (embedding, tied output copy, biases, QK-norm, router,
-    shared and routed experts), and the recipe's student/teacher weights, fp32 gradient buffers and Adam state."""
+    """TP=2 x PP=2 (4 gloo ranks): every stage's parameters (embedding, tied output copy, Q/K/V biases, QK-norm),
+    and the recipe's student/teacher weights, fp32 gradient buffers and Adam state (fp32 weights, DP=1)."""
     parallel = ParallelConfig(tensor_model_parallel_size=2, pipeline_model_parallel_size=2)
-    _check(run_distributed(_built_vs_planned, 4, parallel, _run_cfg(tmp_path)))
+    names = ("llama", "qwen2_tied_bias", "qwen3_qk_norm")  # MoE at TP > 1 needs SP, whose norms arrive with MoE support
+    _check(run_distributed(_built_vs_planned, 4, parallel, _run_cfg(tmp_path), names), names)
 
 
 @pytest.mark.parity
 def test_counts_equal_built_models_with_experts_split_and_distributed_optimizer(tmp_path):
-    """EP=2 x DP=2 (2 ranks): experts split over EP, Adam state sharded over DP (bf16 weights: fp32 main copies);
-    the shards of all ranks add up to the planned total."""
+    """EP=2 x DP=2 (2 ranks): a MoE's router, shared expert and routed experts (split over EP); the recipe's bf16
+    student under the distributed optimizer (Adam state and fp32 main copies sharded over DP): the shards of all
+    ranks add up to the planned total."""
     parallel = ParallelConfig(expert_model_parallel_size=2)
-    cfg = _run_cfg(tmp_path, params_dtype="bfloat16", family="qwen3", num_moe_experts=4, moe_router_topk=2,
-                   moe_ffn_hidden_size=32)
-    results = run_distributed(_built_vs_planned, 2, parallel, cfg)
-    _check(results)
+    results = run_distributed(_built_vs_planned, 2, parallel, _run_cfg(tmp_path, params_dtype="bfloat16"), tuple(CONFIGS))
+    _check(results, tuple(CONFIGS))
     built = sum(r["student"]["optim_built"] for r in results)
     planned = sum(r["student"]["optim_planned"] for r in results)
     assert planned - 12 * len(results) <= built <= planned  # per rank: ceil(n / DP) x 12 B
@@ -192,7 +194,7 @@ def test_tool_prints_the_paper_recipes_table_and_a_layout():
     assert result.returncode == 0, result.stderr
     for phase in ("[rollout]", "[teacher]", "[training]"):
         assert phase in result.stdout
-    assert "KV cache" in result.stdout and "smallest layout that fits on 64" in result.stdout
+    assert "KV cache" in result.stdout and "smallest layout that fits on 64 x 80 GiB" in result.stdout
     bad = _tool("--config-name", "paper_qwen3_omni", "--gpus", "64", "--student-model", "qwen3_omni_30b_a3b_thinker",
                 "--teacher-model", "qwen3_30b_a3b", "--no-suggest", "trainer.parallel.sequence_parallel=true",
                 "trainer.parallel.expert_model_parallel_size=3")

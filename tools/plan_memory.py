@@ -18,6 +18,7 @@ import argparse
 import json
 import sys
 import warnings
+from dataclasses import replace
 from pathlib import Path
 
 warnings.filterwarnings("ignore", message=r".*(Apex|Transformer Engine).*not installed.*")
@@ -53,6 +54,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--config-name", help="recipe in examples/conf (without .yaml)")
     parser.add_argument("--gpus", type=int, default=None, help="world size (default: the recipe's model-parallel size)")
     parser.add_argument("--gpu-mem-gb", type=float, default=80.0, help="memory per GPU, GiB")
+    parser.add_argument("--headroom", type=float, default=0.1,
+                        help="fraction of the GPU left out of the plan: CUDA context, NCCL buffers, fragmentation")
     parser.add_argument("--student-model", help="preset (examples/conf/models) for model.student.llm")
     parser.add_argument("--teacher-model", help="preset (examples/conf/models) for model.teacher.llm")
     parser.add_argument("--recompute", choices=("selective", "full"), default=None,
@@ -79,30 +82,33 @@ def main(argv: list[str] | None = None) -> int:
     run = compose(args.config_name, args.overrides)
     par = run.trainer.parallel
     world = args.gpus or par.tensor_model_parallel_size * par.pipeline_model_parallel_size * par.context_parallel_size
+    usable_gb = args.gpu_mem_gb * (1 - args.headroom)
     try:
-        plan, student, teacher, work = plan_run(run, world, args.gpu_mem_gb, student_preset=args.student_model,
+        plan, student, teacher, work = plan_run(run, world, usable_gb, student_preset=args.student_model,
                                                 teacher_preset=args.teacher_model, recompute=args.recompute)
     except LayoutError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    suggestion = None
-    if not args.no_suggest:
-        suggestion = suggest_layout(student, teacher, work, world, int(args.gpu_mem_gb * GiB))
+    suggestions = {}
+    if not args.no_suggest:  # with the recipe's recompute setting, and with full recompute
+        for recompute in dict.fromkeys([work.recompute, "full"]):
+            found = suggest_layout(student, teacher, replace(work, recompute=recompute), world, int(usable_gb * GiB))
+            suggestions[str(recompute)] = found
     if args.json:
         out = {"recipe": args.config_name, "gpus": world, "plan": plan.to_dict(),
-               "suggested": suggestion.to_dict() if suggestion else None}
+               "suggested": {k: v.to_dict() if v else None for k, v in suggestions.items()}}
         print(json.dumps(out))
         return 0
     print(f"recipe {args.config_name}: {work.prompts} prompts x {work.modalities} modalities x {work.n_samples} samples"
           f" = {work.rollouts} rollouts per DP rank, s = {work.prompt_tokens} + {work.new_tokens}, b = {work.micro_batch},"
           f" loss {work.loss}, offload_teacher {work.offload_teacher}")
     print(format_plan(plan))
-    if not args.no_suggest:
-        if suggestion is None:
-            print(f"\nno layout fits on {world} x {args.gpu_mem_gb:.0f} GiB")
+    for recompute, found in suggestions.items():
+        where = f"{world} x {args.gpu_mem_gb:.0f} GiB ({usable_gb:.0f} GiB usable), recompute={recompute}"
+        if found is None:
+            print(f"\nno layout fits on {where}")
         else:
-            print(f"\nsmallest layout that fits on {world} x {args.gpu_mem_gb:.0f} GiB: {suggestion.layout.describe()}"
-                  f" (peak {suggestion.peak / GiB:.2f} GiB)")
+            print(f"\nsmallest layout that fits on {where}: {found.layout.describe()} (peak {found.peak / GiB:.2f} GiB)")
     return 0
 
 

@@ -150,7 +150,7 @@ def _moe_pattern(cfg: GPTModelConfig) -> list[int]:
     """1 for a MoE layer, 0 for a dense one (megatron-core's ``moe_layer_freq``: an int period or a list)."""
     if not cfg.num_moe_experts:
         return [0] * cfg.num_layers
-    freq = cfg.transformer_overrides.get("moe_layer_freq", 1)
+    freq = cfg.transformer_overrides.get("moe_layer_freq", getattr(cfg, "moe_layer_freq", 1))
     if isinstance(freq, int):
         return [1 if i % freq == 0 else 0 for i in range(cfg.num_layers)]
     return [int(x) for x in freq]
@@ -164,7 +164,8 @@ def stage_layers(cfg: GPTModelConfig, layout: Layout, stage: int) -> list[int]:
 
 @dataclass
 class ParamCount:
-    """Parameters of one rank: ``dense`` reduce over DP, ``expert`` over expert DP (megatron's two buffers)."""
+    """Parameters of one rank: ``expert`` the routed experts (``mlp.experts``; megatron reduces them over expert DP
+    when EP > 1, in buffers of their own), ``dense`` all others (reduced over DP)."""
 
     dense: int = 0
     expert: int = 0
@@ -187,10 +188,12 @@ def dense_mlp_params(cfg: GPTModelConfig, t: int) -> int:
 
 
 def moe_params(cfg: GPTModelConfig, t: int, e: int, et: int) -> ParamCount:
-    """Non-expert: h (pre-MLP norm) + E h (router, replicated) + 3 Fs h / t (shared experts);
-    expert: (E / e) * 3 Fm h / et (each local expert's gate, up and down)."""
+    """Non-expert: h (pre-MLP norm) + E h (router, replicated) + 3 Fs h / t (shared experts) [+ h shared-expert
+    gate]; expert: (E / e) * 3 Fm h / et (each local expert's gate, up and down)."""
     h, n = cfg.hidden_size, cfg.num_moe_experts or 0
     shared = 3 * (cfg.moe_shared_expert_intermediate_size or 0) * h // t
+    if getattr(cfg, "moe_shared_expert_gate", False) or cfg.transformer_overrides.get("moe_shared_expert_gate"):
+        shared += h
     return ParamCount(dense=h + n * h + shared, expert=(n // e) * 3 * _expert_ffn(cfg) * h // et)
 
 

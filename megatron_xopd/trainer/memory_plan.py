@@ -134,5 +134,5 @@ def format_plan(plan: MemoryPlan) -> str:
                      {"no recompute": plan.activations_no_recompute, **plan.activations_recompute}.items())
     rows.append(f"\nactivations (GiB): {acts}")
     verdict = "fits" if plan.fits else "does NOT fit"
-    rows.append(f"peak {plan.peak / GiB:.2f} GiB of {plan.gpu_bytes / GiB:.0f} GiB: {verdict}")
+    rows.append(f"peak {plan.peak / GiB:.2f} GiB of {plan.gpu_bytes / GiB:.0f} GiB usable: {verdict}")
     return "\n".join(rows)
