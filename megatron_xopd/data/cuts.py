@@ -45,23 +45,43 @@ class BadCutError(ValueError):
 
 @dataclass
 class CutStats:
-    """Counts of cuts seen and skipped (by field); ``as_dict()`` gives scalars for a logger."""
+    """Counts of cuts seen and skipped (by field); ``as_dict()`` gives scalars for a logger.
+
+    A skipped cut is counted once, however many epochs draw it again (``skipped_ids``); ``errors`` lists the
+    skips recorded here, for the caller to log."""
 
     seen: int = 0
     skipped: Counter = field(default_factory=Counter)
+    skipped_ids: set[str] = field(default_factory=set)
+    errors: list[BadCutError] = field(default_factory=list)
 
-    def record_skip(self, error: BadCutError) -> None:
+    def record_skip(self, error: BadCutError) -> bool:
+        """Count a skipped cut; False (not counted again) when this cut was already skipped."""
+        if error.cut_id in self.skipped_ids:
+            return False
+        self.skipped_ids.add(error.cut_id)
         self.skipped[error.field] += 1
+        self.errors.append(error)
+        return True
 
-    def update(self, other: CutStats) -> None:
-        """Add another stats object (e.g. the per-batch one carried out of a dataloader worker)."""
+    def update(self, other: CutStats) -> list[BadCutError]:
+        """Add another stats object (e.g. the per-batch one carried out of a dataloader worker); returns the
+        skips that are new here."""
         self.seen += other.seen
-        self.skipped.update(other.skipped)
+        return [err for err in other.errors if self.record_skip(err)]
 
     def as_dict(self, prefix: str = "data/") -> dict[str, int]:
         out = {f"{prefix}cuts_seen": self.seen, f"{prefix}cuts_skipped": sum(self.skipped.values())}
         out.update({f"{prefix}skipped_{name}": count for name, count in sorted(self.skipped.items())})
         return out
+
+    def state_dict(self) -> dict[str, Any]:
+        """JSON-able counts (the logged errors are not kept)."""
+        return {"seen": self.seen, "skipped": dict(self.skipped), "skipped_ids": sorted(self.skipped_ids)}
+
+    @classmethod
+    def from_state_dict(cls, state: dict[str, Any]) -> CutStats:
+        return cls(seen=int(state["seen"]), skipped=Counter(state["skipped"]), skipped_ids=set(state["skipped_ids"]))
 
 
 def load_prompt_cuts(path_or_cfg: str | Path | Mapping[str, Any], *, seed: int = 0, finite: bool = False,

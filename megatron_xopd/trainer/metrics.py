@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import json
+import logging
 import math
 import secrets
 from pathlib import Path
 from typing import Any
+
+log = logging.getLogger("megatron_xopd")
 
 
 class MetricsLogger:
@@ -26,7 +29,7 @@ class MetricsLogger:
         self.path = log_dir / "metrics.jsonl"
         if resume_step and self.path.exists():
             # Drop lines of steps after the checkpoint we resume from: they will be recomputed.
-            kept = [line for line in self.path.read_text().splitlines() if line and json.loads(line)["step"] <= resume_step]
+            kept = [line for line, record in _records(self.path) if record["step"] <= resume_step]
             self.path.write_text("".join(line + "\n" for line in kept))
         elif not resume_step:
             self.path.write_text("")
@@ -80,3 +83,24 @@ def _plain(value: Any) -> Any:
     if hasattr(value, "item"):
         return value.item()
     return value
+
+
+def _records(path: Path) -> list[tuple[str, dict[str, Any]]]:
+    """The lines of a ``metrics.jsonl`` with their records. A torn last line (a kill or a full disk mid-write) is
+    dropped with a warning; a bad line elsewhere is an error naming the file and line."""
+    lines = path.read_text().splitlines()
+    out = []
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+            if not isinstance(record, dict) or not isinstance(record.get("step"), int):
+                raise ValueError("not a metrics record with an integer 'step'")
+        except ValueError as err:
+            if number == len(lines):
+                log.warning("%s: dropping a torn last line %d (%s): %r", path, number, err, line[:80])
+                continue
+            raise ValueError(f"{path}, line {number}: {err}; fix or remove the line (logging.dir)") from err
+        out.append((line, record))
+    return out

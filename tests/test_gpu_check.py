@@ -1,0 +1,37 @@
+"""The prepared GPU check's CPU halves: each script runs end to end on the CPU (``--allow-cpu``) and reports a
+result per section, so a GPU session spends its minutes on the GPU, not on fixing the script."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _run(args: list[str], tmp_path: Path, **env) -> dict:
+    out = tmp_path / "out.json"
+    proc = subprocess.run([sys.executable, *args, "--allow-cpu", "--out", str(out)], cwd=ROOT, capture_output=True,
+                          text=True, timeout=600, env={**os.environ, **env})
+    assert out.exists(), proc.stdout[-2000:] + proc.stderr[-2000:]
+    return json.loads(out.read_text())
+
+
+@pytest.mark.slow
+def test_gpu_trainer_runs_the_trainer_and_the_rollout_comparison_on_cpu(tmp_path):
+    result = _run(["benchmarks/gpu_trainer.py", "--steps", "2", "--prompts", "2", "--skip", "trainer_moe"], tmp_path)
+    dense, rollout = result["sections"]["trainer_dense"], result["sections"]["rollout"]
+    assert dense["ok"], dense
+    assert len(dense["loss"]) == 2 and dense["kl_logged"]
+    assert rollout["ok"] and rollout["tokens_match_hf"], rollout
+    assert rollout["ours_tok_s"] > 0 and rollout["hf_tok_s"] > 0
+
+
+def test_gpu_trainer_without_cuda_exits_2():
+    if __import__("torch").cuda.is_available():
+        pytest.skip("a GPU is present")
+    proc = subprocess.run([sys.executable, "benchmarks/gpu_trainer.py"], cwd=ROOT, capture_output=True, text=True)
+    assert proc.returncode == 2 and json.loads(proc.stdout.strip().splitlines()[-1])["error"] == "no CUDA device"
