@@ -210,10 +210,6 @@ class GPTModelConfig:
                     f"model.moe_shared_expert_intermediate_size ({shared}) is not divisible by "
                     f"tensor_model_parallel_size ({tensor_parallel_size})"
                 )
-        elif expert_parallel_size > 1:
-            raise ModelConfigError(
-                f"expert_model_parallel_size ({expert_parallel_size}) > 1 needs an MoE model (model.num_moe_experts)"
-            )
         if self.num_attention_heads % tensor_parallel_size:
             raise ModelConfigError(
                 f"model.num_attention_heads ({self.num_attention_heads}) is not divisible by "
