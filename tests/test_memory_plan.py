@@ -97,16 +97,22 @@ def _built_vs_planned(parallel: ParallelConfig, run_cfg: dict, names: tuple[str,
     optimizer.step()
     grads = sum(b.grad_data.numel() * b.grad_data.element_size() for b in ddp.buffers + ddp.expert_parallel_buffers)
     lines = weight_lines(student_cfg, layout, work, stage)
+    # megatron's local torch norms stay fp32 in a 16-bit model (TE's norms and models/norm.py follow params_dtype);
+    # the plan, made for GPUs, counts every LLM parameter in params_dtype: count those here to compare.
+    fp32_extra = sum(p.numel() for p in models.student.language_model.parameters()
+                     if p.dtype == torch.float32 and student_cfg.params_dtype != "float32")
     out["student"] = {
-        "built": sum(p.numel() * p.element_size() for p in models.student.parameters()),
+        "fp32_extra": fp32_extra,
+        "built": sum(p.numel() * p.element_size() for p in models.student.parameters()) - 2 * fp32_extra,
         "planned": lines["student weights"].bytes,
         "teacher_built": sum(p.numel() for p in models.teacher.parameters()),
         "teacher_planned": rank_params(models.teacher_cfg, layout, stage).total,
         "grads_built": grads, "grads_planned": lines["gradients"].bytes,
-        "optim_built": _optimizer_bytes(optimizer), "optim_planned": lines["optimizer"].bytes,
+        # fp32 parameters need no fp32 main copy: 4 B less each (shards of the distributed optimizer add up to it)
+        "optim_built": _optimizer_bytes(optimizer),
+        "optim_planned": lines["optimizer"].bytes - 4 * fp32_extra / (layout.dp if layout.distributed_optimizer else 1),
         "optim_shard_exact": not layout.distributed_optimizer,
     }
-    del torch
     return out
 
 
@@ -209,3 +215,23 @@ def test_tool_on_the_quickstart_recipe_equals_the_single_rank_counts():
     plan = json.loads(result.stdout.strip().splitlines()[-1])["plan"]
     assert plan["layout"] == "TP=2 PP=1 DP=1" and plan["fits"]
     assert plan["student_params"]["expert"] == 0 and plan["student_params"]["dense"] > 0
+
+
+CHECK = REPO / "benchmarks" / "memory_plan_check.py"
+
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="checks the no-CUDA path")
+def test_gpu_check_skips_cleanly_without_cuda():
+    result = subprocess.run([sys.executable, str(CHECK)], capture_output=True, text=True, cwd=REPO, timeout=300)
+    assert result.returncode == 0 and json.loads(result.stdout.strip().splitlines()[-1]) == {"skipped": "no CUDA"}
+
+
+@pytest.mark.slow
+def test_gpu_check_runs_its_code_on_cpu():
+    """The GPU check's own code path (model, DDP, training micro-batch, rollout) on CPU, nothing measured: a GPU
+    session does not spend its time on a broken script. Planned bytes are positive for both measurements."""
+    result = subprocess.run([sys.executable, str(CHECK), "--cpu-smoke"], capture_output=True, text=True, cwd=REPO,
+                            timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    out = json.loads(result.stdout.strip().splitlines()[-1])
+    assert out["training"]["planned"] > 0 and out["rollout"]["planned"] > 0 and out["training"]["measured"] is None
