@@ -157,6 +157,18 @@ def test_counts_equal_built_models_with_experts_split_and_distributed_optimizer(
     assert planned - 12 * len(results) <= built <= planned  # per rank: ceil(n / DP) x 12 B
 
 
+@pytest.mark.parity
+@pytest.mark.slow
+def test_quickstart_weights_grads_and_optimizer_equal_the_built_models():
+    """The quickstart recipe itself (SmolLM2-135M padded to 12 heads, TP=2 on 2 ranks, the Whisper-width
+    projection trainable): the plan's weights, gradients and Adam state equal the trainer's built models."""
+    sys.path.insert(0, str(TOOL.parent))
+    from plan_memory import compose
+
+    run = compose("quickstart", [])
+    _check(run_distributed(_built_vs_planned, 2, run.trainer.parallel, dataclasses.asdict(run), ()), ())
+
+
 def test_whole_model_counts_match_transformers():
     """The preset's formula totals equal transformers' Qwen3-MoE model (4 layers, built on the meta device)."""
     import torch
@@ -207,9 +219,9 @@ def test_tool_prints_the_paper_recipes_table_and_a_layout():
     assert bad.returncode == 2 and "expert_model_parallel_size" in bad.stderr
 
 
-def test_tool_on_the_quickstart_recipe_equals_the_single_rank_counts():
-    """The quickstart's student (SmolLM2 padded to 12 heads + the Whisper-width projection) as JSON: its per-rank
-    parameters are what rank_params gives for the checkpoint's config."""
+def test_tool_prints_the_quickstart_plan_as_json():
+    """The tool on the quickstart recipe (--json): its own layout, a dense student, fits on 80 GB. (That the bytes
+    equal the built models' is test_quickstart_weights_grads_and_optimizer_equal_the_built_models.)"""
     result = _tool("--config-name", "quickstart", "--json", "--no-suggest")
     assert result.returncode == 0, result.stderr
     plan = json.loads(result.stdout.strip().splitlines()[-1])["plan"]
