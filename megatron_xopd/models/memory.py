@@ -390,11 +390,12 @@ def weight_lines(student: GPTModelConfig, layout: Layout, work: Workload, stage:
     # Adam: exp_avg + exp_avg_sq (fp32) for every trainable param, + an fp32 main copy of 16-bit params.
     per_param = 2 * FP32 + (FP32 if wbytes < FP32 else 0)
     dense_shard = layout.dp * layout.cp if layout.distributed_optimizer else 1
-    expert_shard = layout.expert_dp if layout.distributed_optimizer else 1
+    # megatron keeps routed experts in the dense buffers (sharded like them) unless EP > 1
+    expert_shard = (layout.expert_dp if layout.ep > 1 else dense_shard) if layout.distributed_optimizer else 1
     optim = (math.ceil(llm_trainable.dense / dense_shard) * per_param
              + math.ceil(llm_trainable.expert / expert_shard) * per_param
              + math.ceil(perception_trainable / dense_shard) * 2 * FP32)
-    shard_note = f"/ (DP*CP={dense_shard}), experts / expert-DP={expert_shard}" if layout.distributed_optimizer else "(not sharded)"
+    shard_note = (f"/ (DP*CP={dense_shard}), experts / {expert_shard}" if layout.distributed_optimizer else "(not sharded)")
     return {
         "student weights": Line("student weights", params.total * wbytes + perception * FP32,
                                 f"{params.dense:,} dense + {params.expert:,} expert params x {wbytes} B"
