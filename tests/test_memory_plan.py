@@ -205,6 +205,7 @@ def _tool(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, str(TOOL), *args], capture_output=True, text=True, cwd=REPO, timeout=300)
 
 
+@pytest.mark.slow
 def test_tool_prints_the_paper_recipes_table_and_a_layout():
     result = _tool("--config-name", "paper_qwen3_omni", "--gpus", "64", "--student-model", "qwen3_omni_30b_a3b_thinker",
                    "--teacher-model", "qwen3_30b_a3b", "trainer.parallel.sequence_parallel=true",
