@@ -136,6 +136,7 @@ def _run_cfg(tmp_path: Path, **llm) -> dict:
 
 
 @pytest.mark.parity
+@pytest.mark.slow
 def test_counts_equal_built_models_at_tp2_pp2(tmp_path):
     """TP=2 x PP=2 (4 gloo ranks): every stage's parameters (embedding, tied output copy, Q/K/V biases, QK-norm),
     and the recipe's student/teacher weights, fp32 gradient buffers and Adam state (fp32 weights, DP=1)."""
@@ -145,6 +146,7 @@ def test_counts_equal_built_models_at_tp2_pp2(tmp_path):
 
 
 @pytest.mark.parity
+@pytest.mark.slow
 def test_counts_equal_built_models_with_experts_split_and_distributed_optimizer(tmp_path):
     """EP=2 x DP=2 (2 ranks): a MoE's router, shared expert and routed experts (split over EP); the recipe's bf16
     student under the distributed optimizer (Adam state and fp32 main copies sharded over DP): the shards of all
