@@ -97,16 +97,22 @@ def _built_vs_planned(parallel: ParallelConfig, run_cfg: dict, names: tuple[str,
     optimizer.step()
     grads = sum(b.grad_data.numel() * b.grad_data.element_size() for b in ddp.buffers + ddp.expert_parallel_buffers)
     lines = weight_lines(student_cfg, layout, work, stage)
+    # megatron's local torch norms stay fp32 in a 16-bit model (TE's norms and models/norm.py follow params_dtype);
+    # the plan, made for GPUs, counts every LLM parameter in params_dtype: count those here to compare.
+    fp32_extra = sum(p.numel() for p in models.student.language_model.parameters()
+                     if p.dtype == torch.float32 and student_cfg.params_dtype != "float32")
     out["student"] = {
-        "built": sum(p.numel() * p.element_size() for p in models.student.parameters()),
+        "fp32_extra": fp32_extra,
+        "built": sum(p.numel() * p.element_size() for p in models.student.parameters()) - 2 * fp32_extra,
         "planned": lines["student weights"].bytes,
         "teacher_built": sum(p.numel() for p in models.teacher.parameters()),
         "teacher_planned": rank_params(models.teacher_cfg, layout, stage).total,
         "grads_built": grads, "grads_planned": lines["gradients"].bytes,
-        "optim_built": _optimizer_bytes(optimizer), "optim_planned": lines["optimizer"].bytes,
+        # fp32 parameters need no fp32 main copy: 4 B less each (shards of the distributed optimizer add up to it)
+        "optim_built": _optimizer_bytes(optimizer),
+        "optim_planned": lines["optimizer"].bytes - 4 * fp32_extra / (layout.dp if layout.distributed_optimizer else 1),
         "optim_shard_exact": not layout.distributed_optimizer,
     }
-    del torch
     return out
 
 
@@ -130,6 +136,7 @@ def _run_cfg(tmp_path: Path, **llm) -> dict:
 
 
 @pytest.mark.parity
+@pytest.mark.slow
 def test_counts_equal_built_models_at_tp2_pp2(tmp_path):
     """TP=2 x PP=2 (4 gloo ranks): every stage's parameters (embedding, tied output copy, Q/K/V biases, QK-norm),
     and the recipe's student/teacher weights, fp32 gradient buffers and Adam state (fp32 weights, DP=1)."""
@@ -139,6 +146,7 @@ def test_counts_equal_built_models_at_tp2_pp2(tmp_path):
 
 
 @pytest.mark.parity
+@pytest.mark.slow
 def test_counts_equal_built_models_with_experts_split_and_distributed_optimizer(tmp_path):
     """EP=2 x DP=2 (2 ranks): a MoE's router, shared expert and routed experts (split over EP); the recipe's bf16
     student under the distributed optimizer (Adam state and fp32 main copies sharded over DP): the shards of all
@@ -149,6 +157,18 @@ def test_counts_equal_built_models_with_experts_split_and_distributed_optimizer(
     built = sum(r["student"]["optim_built"] for r in results)
     planned = sum(r["student"]["optim_planned"] for r in results)
     assert planned - 12 * len(results) <= built <= planned  # per rank: ceil(n / DP) x 12 B
+
+
+@pytest.mark.parity
+@pytest.mark.slow
+def test_quickstart_weights_grads_and_optimizer_equal_the_built_models():
+    """The quickstart recipe itself (SmolLM2-135M padded to 12 heads, TP=2 on 2 ranks, the Whisper-width
+    projection trainable): the plan's weights, gradients and Adam state equal the trainer's built models."""
+    sys.path.insert(0, str(TOOL.parent))
+    from plan_memory import compose
+
+    run = compose("quickstart", [])
+    _check(run_distributed(_built_vs_planned, 2, run.trainer.parallel, dataclasses.asdict(run), ()), ())
 
 
 def test_whole_model_counts_match_transformers():
@@ -187,6 +207,7 @@ def _tool(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, str(TOOL), *args], capture_output=True, text=True, cwd=REPO, timeout=300)
 
 
+@pytest.mark.slow
 def test_tool_prints_the_paper_recipes_table_and_a_layout():
     result = _tool("--config-name", "paper_qwen3_omni", "--gpus", "64", "--student-model", "qwen3_omni_30b_a3b_thinker",
                    "--teacher-model", "qwen3_30b_a3b", "trainer.parallel.sequence_parallel=true",
@@ -201,11 +222,31 @@ def test_tool_prints_the_paper_recipes_table_and_a_layout():
     assert bad.returncode == 2 and "expert_model_parallel_size" in bad.stderr
 
 
-def test_tool_on_the_quickstart_recipe_equals_the_single_rank_counts():
-    """The quickstart's student (SmolLM2 padded to 12 heads + the Whisper-width projection) as JSON: its per-rank
-    parameters are what rank_params gives for the checkpoint's config."""
+def test_tool_prints_the_quickstart_plan_as_json():
+    """The tool on the quickstart recipe (--json): its own layout, a dense student, fits on 80 GB. (That the bytes
+    equal the built models' is test_quickstart_weights_grads_and_optimizer_equal_the_built_models.)"""
     result = _tool("--config-name", "quickstart", "--json", "--no-suggest")
     assert result.returncode == 0, result.stderr
     plan = json.loads(result.stdout.strip().splitlines()[-1])["plan"]
     assert plan["layout"] == "TP=2 PP=1 DP=1" and plan["fits"]
     assert plan["student_params"]["expert"] == 0 and plan["student_params"]["dense"] > 0
+
+
+CHECK = REPO / "benchmarks" / "memory_plan_check.py"
+
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="checks the no-CUDA path")
+def test_gpu_check_skips_cleanly_without_cuda():
+    result = subprocess.run([sys.executable, str(CHECK)], capture_output=True, text=True, cwd=REPO, timeout=300)
+    assert result.returncode == 0 and json.loads(result.stdout.strip().splitlines()[-1]) == {"skipped": "no CUDA"}
+
+
+@pytest.mark.slow
+def test_gpu_check_runs_its_code_on_cpu():
+    """The GPU check's own code path (model, DDP, training micro-batch, rollout) on CPU, nothing measured: a GPU
+    session does not spend its time on a broken script. Planned bytes are positive for both measurements."""
+    result = subprocess.run([sys.executable, str(CHECK), "--cpu-smoke"], capture_output=True, text=True, cwd=REPO,
+                            timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    out = json.loads(result.stdout.strip().splitlines()[-1])
+    assert out["training"]["planned"] > 0 and out["rollout"]["planned"] > 0 and out["training"]["measured"] is None

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 import warnings
 from dataclasses import replace
@@ -52,7 +53,8 @@ def audio_tower_params() -> int:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config-name", help="recipe in examples/conf (without .yaml)")
-    parser.add_argument("--gpus", type=int, default=None, help="world size (default: the recipe's model-parallel size)")
+    parser.add_argument("--gpus", type=int, default=None,
+                        help="world size (default: the smallest the recipe's layout runs on)")
     parser.add_argument("--gpu-mem-gb", type=float, default=80.0, help="memory per GPU, GiB")
     parser.add_argument("--headroom", type=float, default=0.1,
                         help="fraction of the GPU left out of the plan: CUDA context, NCCL buffers, fragmentation")
@@ -81,7 +83,10 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--config-name is required")
     run = compose(args.config_name, args.overrides)
     par = run.trainer.parallel
-    world = args.gpus or par.tensor_model_parallel_size * par.pipeline_model_parallel_size * par.context_parallel_size
+    dense_grid = par.tensor_model_parallel_size * par.pipeline_model_parallel_size * par.context_parallel_size
+    expert_grid = ((par.expert_tensor_parallel_size or par.tensor_model_parallel_size)
+                   * par.expert_model_parallel_size * par.pipeline_model_parallel_size)
+    world = args.gpus or math.lcm(dense_grid, expert_grid)
     usable_gb = args.gpu_mem_gb * (1 - args.headroom)
     try:
         plan, student, teacher, work = plan_run(run, world, usable_gb, student_preset=args.student_model,

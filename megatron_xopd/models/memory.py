@@ -390,11 +390,12 @@ def weight_lines(student: GPTModelConfig, layout: Layout, work: Workload, stage:
     # Adam: exp_avg + exp_avg_sq (fp32) for every trainable param, + an fp32 main copy of 16-bit params.
     per_param = 2 * FP32 + (FP32 if wbytes < FP32 else 0)
     dense_shard = layout.dp * layout.cp if layout.distributed_optimizer else 1
-    expert_shard = layout.expert_dp if layout.distributed_optimizer else 1
+    # megatron keeps routed experts in the dense buffers (sharded like them) unless EP > 1
+    expert_shard = (layout.expert_dp if layout.ep > 1 else dense_shard) if layout.distributed_optimizer else 1
     optim = (math.ceil(llm_trainable.dense / dense_shard) * per_param
              + math.ceil(llm_trainable.expert / expert_shard) * per_param
              + math.ceil(perception_trainable / dense_shard) * 2 * FP32)
-    shard_note = f"/ (DP*CP={dense_shard}), experts / expert-DP={expert_shard}" if layout.distributed_optimizer else "(not sharded)"
+    shard_note = (f"/ (DP*CP={dense_shard}), experts / {expert_shard}" if layout.distributed_optimizer else "(not sharded)")
     return {
         "student weights": Line("student weights", params.total * wbytes + perception * FP32,
                                 f"{params.dense:,} dense + {params.expert:,} expert params x {wbytes} B"
@@ -433,9 +434,9 @@ def _plan_stage(student, teacher, layout: Layout, work: Workload, gpu_bytes: int
     teacher_line = Line("teacher weights", teacher_bytes, f"{tparams.total:,} params x {_BYTES[teacher.params_dtype]} B")
     offloaded = Line("teacher weights", 0, "offloaded to host (trainer.offload_teacher)")
     full_vocab = work.loss in ("reverse_kl", "jsd")
-    kept = work.rollouts * work.new_tokens * v_local * wb if (full_vocab and last) else 0
-    kept_line = Line("teacher logits kept", kept, f"R={work.rollouts} x {work.new_tokens} x V/t={v_local} x {wb} B "
-                     "(full-vocabulary loss: response logits kept for training)")
+    # full-vocabulary losses: the teacher's response logits stay on the last stage until the training pass
+    kept = [Line("teacher logits kept", work.rollouts * work.new_tokens * v_local * wb if last else 0,
+                 f"R={work.rollouts} x N={work.new_tokens} x V/t={v_local} x {wb} B")] if full_vocab else []
     persistent = list(weights.values())
 
     # rollout: KV cache, one layer of the prefill, and the sampler's last-position logits.
@@ -457,7 +458,7 @@ def _plan_stage(student, teacher, layout: Layout, work: Workload, gpu_bytes: int
         teacher_line,
         Line("forward working set", forward_working_bytes(teacher, layout, b * s, s), "one teacher layer, b x s tokens"),
         Line("teacher logits", t_logits, f"2 x b={b} x s={s} x V/t x {_BYTES[teacher.params_dtype]} B + 2 fp32 chunks"),
-        kept_line,
+        *kept,
     ])
 
     # training: activations of the in-flight micro-batches and the loss's logits buffers.
@@ -469,7 +470,7 @@ def _plan_stage(student, teacher, layout: Layout, work: Workload, gpu_bytes: int
     train_logits = (2 * full + 2 * resp + slots * work.chunk_elements * FP32 + (resp if full_vocab else 0)) if last else 0
     training = PhasePlan("training", persistent + [
         offloaded if work.offload_teacher else teacher_line,
-        kept_line,
+        *kept,
         Line("activations", act, f"recompute={work.recompute}, {min(layout.pp - stage, max(math.ceil(work.rollouts / b), 1))}"
              " micro-batch(es) in flight (Korthikanti et al. 2022, see docs/scaling.md)"),
         Line("loss logits", train_logits, f"2 x (b s + b L) x V/t x {wb} B (logits, response logits, their grads)"
