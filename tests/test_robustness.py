@@ -166,6 +166,20 @@ def test_a_truncated_shard_of_the_latest_checkpoint_falls_back_to_the_one_before
     deterministic = [{k: v for k, v in r.items() if k not in TIMING} for r in resumed[:3]]
     assert deterministic == [{k: v for k, v in r.items() if k not in TIMING} for r in first]  # step 3 redone alike
 
+    # A pickle planted as the newest checkpoint's trainer state, its completion record forged to match: resuming
+    # stops with an error naming the file, and nothing is unpickled.
+    marker = tmp_path / "pwned"
+    newest = ckpt / "step_0000004"
+    planted = newest / "trainer_state" / "rank0.json"
+    planted.write_bytes(pickle.dumps(_Planted(marker)))
+    record = json.loads((newest / "complete.json").read_text())
+    record["files"]["trainer_state/rank0.json"] = planted.stat().st_size
+    (newest / "complete.json").write_text(json.dumps(record))
+    cfg["trainer"]["max_steps"] = 5
+    with pytest.raises(RuntimeError, match=r"step_0000004/trainer_state/rank0\.json is not JSON trainer state"):
+        run_distributed(train, 1, cfg)
+    assert not marker.exists()
+
 
 def test_verification_names_the_real_cause(tmp_path):
     """A deleted rank file is reported as missing, not as another world size; no good checkpoint is an error."""
