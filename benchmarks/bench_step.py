@@ -70,7 +70,7 @@ def run_ours(args: argparse.Namespace, loss: str) -> dict:
         "gen_s": _median([r["time_rollout_s"] for r in rows], args.skip),
         "teacher_s": _median([r["time_teacher_s"] for r in rows], args.skip),
         "train_s": _median([r["time_train_s"] for r in rows], args.skip),
-        "gen_tokens_per_step": statistics.mean(r["tok_im"] for r in rows),
+        "gen_tokens_per_step": statistics.mean(r["response_len_im"] * args.prompts for r in rows),  # 1 sample each
         "steps": len(rows),
     }
 
