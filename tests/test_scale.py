@@ -24,9 +24,10 @@ LR = 1e-3
 def _train_steps(steps: int = 1, micro_batch_size: int = 2, layout: dict | None = None,
                  recompute: dict | None = None, save_to: str | None = None, load_from: str | None = None):
     """``steps`` optimizer steps on the fixed rollouts under ``layout`` (re-initialising megatron's groups);
-    returns (global loss, grad norm) of the last step and the full weights after it."""
+    returns (global loss, grad norm) of the last step, the full weights after it, and how many times megatron's
+    activation checkpoint ran."""
     import torch.distributed as dist
-    from megatron.core import parallel_state
+    from megatron.core import parallel_state, tensor_parallel
 
     from megatron_xopd.algo import LossStats, rollout_weights
     from megatron_xopd.models import RecomputeConfig, gather_canonical_state_dict
@@ -36,8 +37,6 @@ def _train_steps(steps: int = 1, micro_batch_size: int = 2, layout: dict | None 
     from megatron_xopd.trainer.checkpoint import load_checkpoint, save_checkpoint
     from megatron_xopd.trainer.config import OptimSection
     from megatron_xopd.trainer.passes import score_with_teacher, train_pass
-
-    from megatron.core import tensor_parallel
 
     layout = ParallelConfig(**(layout or {}))
     initialize_model_parallel(layout)
