@@ -54,6 +54,9 @@ OVERRIDES: tuple[Override, ...] = (
     # Checkpoints (trainer/checkpoint.py): resuming a distributed optimizer that never stepped.
     Override("megatron.core.optimizer.distrib_optimizer.DistributedOptimizer._init_optimizer_states_with_dummy_values",
              "hooked", "trainer/checkpoint.py", "creates the Adam state a load expects", ("self",)),
+    Override("megatron.core.optimizer.distrib_optimizer.DistributedOptimizer.load_state_dict", "hooked",
+             "trainer/checkpoint.py", "torch Adam (no Apex/TE): the shared 'step' tensor it loads is copied per "
+             "parameter", ("self", "state_dict")),
     # MoE without Transformer Engine on CPU (runtime/cpu_compat.py).
     Override("megatron.core.transformer.moe.moe_utils.RouterGatingLinearFunction.forward", "hooked",
              "runtime/cpu_compat.py", "reads the TE-only global te_general_gemm; we bind it to None",
