@@ -123,6 +123,28 @@ def _layouts(work: str, q3: str, q2: str, ids: torch.Tensor) -> dict:
     return out if dist.get_rank() == 0 else {}
 
 
+def _tp2_ep2(work: str, q3: str, ids: torch.Tensor) -> dict:
+    """On 4 ranks: TP=2 (+SP) x EP=2 with experts split over TP too (ETP=2) and not (ETP=1)."""
+    import torch.distributed as dist
+
+    from megatron_xopd.convert.checkpoint import build_gpt_from_mcore, convert_hf_to_mcore, export_mcore_to_hf
+    from megatron_xopd.convert.compare import mcore_logits
+    from megatron_xopd.runtime import ParallelConfig, initialize_model_parallel, set_seed
+
+    out = {}
+    for etp in (2, 1):
+        initialize_model_parallel(ParallelConfig(tensor_model_parallel_size=2, expert_model_parallel_size=2,
+                                                 expert_tensor_parallel_size=etp, sequence_parallel=True))
+        ckpt = f"{work}/q3_tp2_ep2_etp{etp}"
+        convert_hf_to_mcore(q3, ckpt)
+        set_seed(0)
+        model = build_gpt_from_mcore(ckpt)[0]
+        fc1 = model.decoder.layers[0].mlp.experts.local_experts[0].linear_fc1.weight
+        out[etp] = {"logits": mcore_logits(model, ids, VOCAB), "fc1_rows": fc1.shape[0]}
+        export_mcore_to_hf(ckpt, f"{work}/q3_export_tp2_ep2_etp{etp}")
+    return out if dist.get_rank() == 0 else {}
+
+
 # --------------------------------------------------------------------------------------------- fixtures
 
 
@@ -201,6 +223,21 @@ def test_qwen2_moe_shared_expert_matches_transformers(moe):
     exported = load_file(str(moe["root"] / "q2_export" / "model.safetensors"))
     assert "model.layers.0.mlp.shared_expert_gate.weight" in original
     assert original.keys() == exported.keys() and all(torch.equal(original[k], exported[k]) for k in original)
+
+
+@pytest.mark.parity
+@pytest.mark.slow
+def test_qwen3_moe_at_tp2_times_ep2_on_four_ranks(tmp_path):
+    q3 = make_qwen3_moe(tmp_path / "hf")
+    ids = torch.randint(0, VOCAB, (2, 10), generator=torch.Generator().manual_seed(3))
+    out = run_distributed(_tp2_ep2, 4, str(tmp_path), str(q3), ids, tp=1)[0]
+    ref = hf_logits(q3, ids)
+    original = load_file(str(q3 / "model.safetensors"))
+    for etp, rows in ((2, 16), (1, 32)):  # 2 x moe_intermediate_size (16), split over ETP or not
+        assert out[etp]["fc1_rows"] == rows
+        torch.testing.assert_close(out[etp]["logits"], ref, atol=ATOL, rtol=0, msg=f"ETP={etp}")
+        exported = load_file(str(tmp_path / f"q3_export_tp2_ep2_etp{etp}" / "model.safetensors"))
+        assert original.keys() == exported.keys() and all(torch.equal(original[k], exported[k]) for k in original)
 
 
 # --------------------------------------------------------------------------------------------- bad input
