@@ -84,8 +84,14 @@ def _layouts(work: str, q3: str, q2: str, ids: torch.Tensor) -> dict:
     """On 2 ranks: convert at EP=1 and EP=2, load at EP=2, TP=2+SP, PP=2, EP=1; export; Qwen2-MoE at TP=1."""
     import torch.distributed as dist
 
-    from megatron_xopd.convert.checkpoint import build_gpt_from_mcore, convert_hf_to_mcore, export_mcore_to_hf
+    from megatron_xopd.convert.checkpoint import (
+        build_gpt_from_mcore,
+        convert_hf_to_mcore,
+        export_mcore_to_hf,
+        load_model_config,
+    )
     from megatron_xopd.convert.compare import compare, hf_model, mcore_logits
+    from megatron_xopd.models import build_gpt_model
     from megatron_xopd.runtime import ParallelConfig, initialize_model_parallel, set_seed
 
     def load(ckpt: str):
@@ -110,6 +116,10 @@ def _layouts(work: str, q3: str, q2: str, ids: torch.Tensor) -> dict:
     export_mcore_to_hf(f"{work}/q3_ep2", f"{work}/q3_export_ep2")
 
     initialize_model_parallel(ParallelConfig(tensor_model_parallel_size=2, sequence_parallel=True))
+    try:
+        build_gpt_model(load_model_config(f"{work}/q3_ep2"), sequence_parallel=False)
+    except ModelConfigError as err:
+        out["no_sp_error"] = str(err)
     model = load(f"{work}/q3_ep2")
     out["sequence_parallel"] = model.config.sequence_parallel
     out["logits"]["tp2_sp"] = mcore_logits(model, ids, VOCAB)
@@ -183,6 +193,8 @@ def test_qwen3_moe_logits_match_transformers_at_every_layout(moe):
     ref = hf_logits(moe["q3"], moe["ids"])
     assert moe["local_experts"] == EXPERTS // 2  # EP=2 really split the experts
     assert moe["sequence_parallel"]  # TP=2 turned sequence parallelism on, as megatron's MoE layer needs
+    assert moe["no_sp_error"].startswith("parallel.sequence_parallel: megatron-core's MoE layer needs sequence "
+                                         "parallelism at tensor_model_parallel_size 2")
     assert set(moe["logits"]) == {"ep2", "ep1_written_at_ep2", "tp2_sp", "pp2", "ep2_written_at_ep1"}
     for layout, logits in moe["logits"].items():
         assert logits.shape == ref.shape, layout
