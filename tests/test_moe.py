@@ -155,6 +155,32 @@ def _tp2_ep2(work: str, q3: str, ids: torch.Tensor) -> dict:
     return out if dist.get_rank() == 0 else {}
 
 
+def _grads_ep1_vs_ep2(q3: str, ids: torch.Tensor) -> dict:
+    """On 2 ranks (the same batch on both): one backward through megatron's DDP at EP=1 and at EP=2."""
+    import torch.distributed as dist
+    from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
+
+    from megatron_xopd.convert.checkpoint import load_hf_weights, prepare_hf_conversion
+    from megatron_xopd.models import build_gpt_model, gather_canonical_state_dict
+    from megatron_xopd.runtime import ParallelConfig, initialize_model_parallel, set_seed
+
+    out = {}
+    weights = torch.randn(*ids.shape, VOCAB, generator=torch.Generator().manual_seed(5))
+    for ep in (1, 2):
+        initialize_model_parallel(ParallelConfig(expert_model_parallel_size=ep))
+        cfg, reader = prepare_hf_conversion(q3, 1, 1, ep)
+        set_seed(0)
+        model = build_gpt_model(cfg)
+        load_hf_weights(model, reader, cfg)
+        ddp = DistributedDataParallel(model.config, DistributedDataParallelConfig(), model)
+        pos = torch.arange(ids.shape[1]).expand(ids.shape[0], -1)
+        logits = ddp(ids, pos, None)[..., :VOCAB]
+        (logits * weights).sum().backward()
+        finalize_model_grads([ddp])
+        out[ep] = gather_canonical_state_dict(ddp, VOCAB, grads=True)
+    return out if dist.get_rank() == 0 else {}
+
+
 # --------------------------------------------------------------------------------------------- fixtures
 
 
@@ -250,6 +276,21 @@ def test_qwen3_moe_at_tp2_times_ep2_on_four_ranks(tmp_path):
         torch.testing.assert_close(out[etp]["logits"], ref, atol=ATOL, rtol=0, msg=f"ETP={etp}")
         exported = load_file(str(tmp_path / f"q3_export_tp2_ep2_etp{etp}" / "model.safetensors"))
         assert original.keys() == exported.keys() and all(torch.equal(original[k], exported[k]) for k in original)
+
+
+@pytest.mark.parity
+@pytest.mark.slow
+def test_qwen3_moe_gradients_at_ep2_equal_ep1(tmp_path):
+    q3 = make_qwen3_moe(tmp_path / "hf")
+    ids = torch.randint(0, VOCAB, (2, 10), generator=torch.Generator().manual_seed(3))
+    out = run_distributed(_grads_ep1_vs_ep2, 2, str(q3), ids, tp=1)[0]
+    assert out[1].keys() == out[2].keys()
+    assert any("local_experts.5.linear_fc2" in k for k in out[1]) and any("router" in k for k in out[1])
+    used = {k for k in out[1] if out[1][k].abs().sum() > 0}  # an expert no token was routed to has no gradient
+    assert {k for k in out[1] if ".experts." not in k} <= used
+    assert len([k for k in used if ".experts." in k]) >= len([k for k in out[1] if ".experts." in k]) // 2
+    for key in out[1]:
+        torch.testing.assert_close(out[2][key], out[1][key], atol=1e-5, rtol=1e-4, msg=key)
 
 
 # --------------------------------------------------------------------------------------------- bad input
