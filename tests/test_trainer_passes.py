@@ -23,7 +23,7 @@ def _configs():
     return student, teacher
 
 
-def _models(train_perception: bool = False, sequence_parallel: bool = False):
+def _models(train_perception: bool = False, sequence_parallel: bool = False, recompute=None):
     from megatron_xopd.models import SpeechStudent, build_teacher, load_canonical_state_dict
     from megatron_xopd.runtime import set_seed
 
@@ -31,7 +31,7 @@ def _models(train_perception: bool = False, sequence_parallel: bool = False):
     student_cfg, teacher_cfg = _configs()
     perception = tiny_perception_config()
     perception.freeze_adapter = not train_perception
-    student = SpeechStudent(student_cfg, perception, LOCATOR, sequence_parallel=sequence_parallel)
+    student = SpeechStudent(student_cfg, perception, LOCATOR, sequence_parallel=sequence_parallel, recompute=recompute)
     load_canonical_state_dict(student.language_model, canonical_weights(student_cfg, seed=1))
     teacher = build_teacher(teacher_cfg, student_cfg, sequence_parallel=sequence_parallel)
     load_canonical_state_dict(teacher, canonical_weights(teacher_cfg, seed=2))

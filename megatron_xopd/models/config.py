@@ -21,6 +21,35 @@ class ModelConfigError(ValueError):
 
 
 @dataclass
+class RecomputeConfig:
+    """Activation recompute of the trained model (``trainer.recompute_*``), megatron's ``TransformerConfig`` fields.
+
+    ``selective`` recomputes the core attention (megatron's default ``recompute_modules``); ``full`` recomputes
+    whole layers, ``num_layers`` per chunk (``uniform``) or the first ``num_layers`` of each stage (``block``).
+    """
+
+    granularity: str | None = None  # None | selective | full
+    method: str | None = None  # full only: uniform (default) | block
+    num_layers: int | None = None  # full only: default 1
+
+    def __post_init__(self) -> None:
+        if self.granularity not in (None, "selective", "full"):
+            raise ModelConfigError(f"trainer.recompute_granularity: {self.granularity!r} is not null|selective|full")
+        if self.granularity == "full":
+            self.method = self.method or "uniform"
+            self.num_layers = self.num_layers or 1
+            if self.method not in ("uniform", "block"):
+                raise ModelConfigError(f"trainer.recompute_method: {self.method!r} is not uniform|block")
+        elif self.method is not None or self.num_layers is not None:
+            raise ModelConfigError("trainer.recompute_method and trainer.recompute_num_layers apply only to "
+                                   "trainer.recompute_granularity=full")
+
+    def transformer_kwargs(self) -> dict[str, Any]:
+        return dict(recompute_granularity=self.granularity, recompute_method=self.method,
+                    recompute_num_layers=self.num_layers)
+
+
+@dataclass
 class GPTModelConfig:
     """A decoder-only LM: RMSNorm, SwiGLU, RoPE, grouped-query attention.
 

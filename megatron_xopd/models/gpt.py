@@ -21,7 +21,7 @@ from megatron.core.transformer.transformer_config import TransformerConfig
 
 from ..ops.sharding import vocab_shard
 from .attention import InferenceSDPAttention, RotateOnceSelfAttention
-from .config import GPTModelConfig, ModelConfigError
+from .config import GPTModelConfig, ModelConfigError, RecomputeConfig
 from .norm import RMSNorm
 
 
@@ -40,7 +40,9 @@ def uses_transformer_engine(cfg: GPTModelConfig) -> bool:
     return transformer_engine_usable()
 
 
-def to_transformer_config(cfg: GPTModelConfig, *, sequence_parallel: bool = False) -> TransformerConfig:
+def to_transformer_config(
+    cfg: GPTModelConfig, *, sequence_parallel: bool = False, recompute: RecomputeConfig | None = None
+) -> TransformerConfig:
     """The megatron ``TransformerConfig`` for ``cfg`` under the current ``parallel_state`` layout."""
     tp = parallel_state.get_tensor_model_parallel_world_size()
     pp = parallel_state.get_pipeline_model_parallel_world_size()
@@ -99,6 +101,7 @@ def to_transformer_config(cfg: GPTModelConfig, *, sequence_parallel: bool = Fals
         moe_router_load_balancing_type=cfg.moe_router_load_balancing_type,
         moe_aux_loss_coeff=cfg.moe_aux_loss_coeff,
         moe_router_pre_softmax=cfg.moe_router_pre_softmax,
+        **(recompute or RecomputeConfig()).transformer_kwargs(),
     )
     if cfg.num_moe_experts:
         values.update(
@@ -167,6 +170,7 @@ def build_gpt_model(
     pre_process: bool | None = None,
     post_process: bool | None = None,
     sequence_parallel: bool | None = None,
+    recompute: RecomputeConfig | None = None,
     vp_stage: int | None = None,
 ) -> GPTModel:
     """Build this rank's part of the model (its TP shard of its PP stage) under ``parallel_state``.
@@ -186,7 +190,7 @@ def build_gpt_model(
     tp = parallel_state.get_tensor_model_parallel_world_size()
     if sequence_parallel is None:
         sequence_parallel = bool(cfg.num_moe_experts) and tp > 1
-    config = to_transformer_config(cfg, sequence_parallel=sequence_parallel)
+    config = to_transformer_config(cfg, sequence_parallel=sequence_parallel, recompute=recompute)
     model = GPTModel(
         config=config,
         transformer_layer_spec=block_spec(cfg, config, vp_stage),

@@ -23,7 +23,7 @@ from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
 from ..runtime.device import current_device
-from .config import GPTModelConfig, ModelConfigError
+from .config import GPTModelConfig, ModelConfigError, RecomputeConfig
 from .gpt import build_gpt_model
 
 
@@ -105,9 +105,11 @@ class SpeechStudent(MegatronModule):
         pre_process: bool | None = None,
         post_process: bool | None = None,
         sequence_parallel: bool = False,
+        recompute: RecomputeConfig | None = None,
     ) -> None:
         language_model = build_gpt_model(
-            llm_cfg, pre_process=pre_process, post_process=post_process, sequence_parallel=sequence_parallel
+            llm_cfg, pre_process=pre_process, post_process=post_process, sequence_parallel=sequence_parallel,
+            recompute=recompute,
         )
         super().__init__(config=language_model.config)
         if not llm_cfg.text_vocab_size <= audio_locator_id < llm_cfg.vocab_size:

@@ -2,8 +2,8 @@
 are listed in ``runtime/mcore_overrides.py``).
 
 megatron-core hard-codes CUDA in a few places that are on the path of a ``GPTModel`` forward/backward,
-the pipeline schedules, ``dist_checkpointing`` and the MoE layer. These shims make the *real* megatron code run on CPU
-processes, which is how the project's parallel tests check TP/PP against single-process references:
+the pipeline schedules, ``dist_checkpointing``, activation recompute and the MoE layer. These shims make the
+*real* megatron code run on CPU processes, which is how the project's parallel tests check TP/PP against single-process references:
 
 1. RNG tracker. ``megatron/core/tensor_parallel/random.py``: ``CudaRNGStatesTracker.add``/``fork`` call
    ``torch.cuda.get_rng_state``/``manual_seed`` and ``torch.cuda.default_generators``. We install
@@ -28,14 +28,21 @@ processes, which is how the project's parallel tests check TP/PP against single-
    'torch.cuda.FloatTensor'``) and ``optimizer/optimizer.py`` (``Float16OptimizerWithFloat16Params``
    sorts parameters by ``param.type()``).
 
-4. MoE (``transformer/moe``), without Transformer Engine: ``moe_utils.RouterGatingLinearFunction`` tests
+4. Activation recompute. megatron's ``CheckpointFunction`` (``tensor_parallel/random.py``) saves and restores
+   the CUDA RNG state with ``_get_cuda_rng_state``/``_set_cuda_rng_state``; on CPU they read and set the CPU
+   generator. The recomputed forward runs inside the autograd engine, where the device mode of 3. is not
+   active, so ``get_default_causal_mask`` (``transformer/utils.py``, imported by ``fusions/fused_softmax.py``),
+   which builds its mask with ``device="cuda"``, is replaced with a CPU one.
+
+5. MoE (``transformer/moe``), without Transformer Engine: ``moe_utils.RouterGatingLinearFunction`` tests
    ``te_general_gemm is not None``, a name only bound when TE imports (NameError otherwise): we bind it to
    ``None`` so the torch ``mm`` path runs. ``MoEAlltoAllTokenDispatcher.__init__`` creates a class-wide
    ``torch.cuda.Stream`` for device-to-host copies of the split sizes, and ``_maybe_dtoh_and_synchronize``
    moves them there with stream/event calls: we set the class attribute to a CPU placeholder (so no stream
    is made) and replace the method with its CPU meaning (the tensors are on the host already, so nothing is
-   copied and nothing waits; the split sizes become numpy arrays, as the original makes them). The all-to-all itself is gloo's ``all_to_all_single``. (The allgather dispatcher's
-   backward calls an accelerator-only API; on CPU the alltoall dispatcher is the one that runs.)
+   copied and nothing waits; the split sizes become numpy arrays, as the original makes them). The all-to-all
+   itself is gloo's ``all_to_all_single``. (The allgather dispatcher's backward calls an accelerator-only API;
+   on CPU the alltoall dispatcher is the one that runs.)
    With experts split over tensor parallelism (expert_tensor_parallel_size > 1) the dispatcher gathers and
    reduce-scatters *uneven* token counts over the expert-TP group (``tensor_parallel/mappings.py``:
    ``_gather_along_first_dim``/``_reduce_scatter_along_first_dim`` with split sizes), which gloo cannot do
@@ -144,6 +151,21 @@ def _cpu_get_tensor(self, tensor_shape, dtype, name, mem_alloc_context=None):
     return buf[:required].view(*tensor_shape)
 
 
+def _cpu_get_rng_state(device: Any = "cuda", clone: bool = False, graph_safe: bool = False) -> torch.Tensor:
+    """``tensor_parallel.random._get_cuda_rng_state`` on CPU: the CPU generator's state (a new tensor)."""
+    return torch.get_rng_state()
+
+
+def _cpu_set_rng_state(new_state: torch.Tensor, device: Any = -1, graph_safe: bool = False) -> None:
+    """``tensor_parallel.random._set_cuda_rng_state`` on CPU."""
+    torch.set_rng_state(new_state)
+
+
+def _cpu_causal_mask(sq: int) -> torch.Tensor:
+    """``transformer.utils.get_default_causal_mask`` on CPU: True above the diagonal (masked)."""
+    return torch.triu(torch.ones(sq, sq, device="cpu"), diagonal=1).bool()
+
+
 class _HostStream:
     """Stands in for ``MoEAlltoAllTokenDispatcher.cuda_dtoh_stream`` on CPU: never used, only not None."""
 
@@ -208,7 +230,9 @@ def enable_cpu_compat() -> None:
         raise RuntimeError("enable_cpu_compat() is for CPU-only processes; CUDA is available here")
 
     from megatron.core import utils as mcore_utils
+    from megatron.core.fusions import fused_softmax
     from megatron.core.tensor_parallel import random as mcore_random
+    from megatron.core.transformer import utils as transformer_utils
 
     tracker = CPURNGStatesTracker()
 
@@ -221,6 +245,9 @@ def enable_cpu_compat() -> None:
     mcore_random.CudaRNGStatesTracker = CPURNGStatesTracker
     initialize_rng_tracker()
     mcore_utils.GlobalMemoryBuffer.get_tensor = _cpu_get_tensor
+    mcore_random._get_cuda_rng_state = _cpu_get_rng_state
+    mcore_random._set_cuda_rng_state = _cpu_set_rng_state
+    transformer_utils.get_default_causal_mask = fused_softmax.get_default_causal_mask = _cpu_causal_mask
     _install_moe_shims()
 
     torch.cuda.current_device = lambda: torch.device("cpu")

@@ -39,6 +39,24 @@ OVERRIDES: tuple[Override, ...] = (
              "the tracker the replaced initialize_rng_tracker sets"),
     Override("megatron.core.utils.GlobalMemoryBuffer.get_tensor", "replaced", "runtime/cpu_compat.py",
              "allocates on torch.cuda.current_device()", ("self", "tensor_shape", "dtype", "name", "mem_alloc_context")),
+    Override("megatron.core.tensor_parallel.random._get_cuda_rng_state", "replaced", "runtime/cpu_compat.py",
+             "activation recompute saves the CPU generator's state", ("device", "clone", "graph_safe")),
+    Override("megatron.core.tensor_parallel.random._set_cuda_rng_state", "replaced", "runtime/cpu_compat.py",
+             "activation recompute restores the CPU generator's state", ("new_state", "device", "graph_safe")),
+    Override("megatron.core.transformer.utils.get_default_causal_mask", "replaced", "runtime/cpu_compat.py",
+             "builds its mask on CUDA; recomputed attention runs outside the CPU device mode", ("sq",)),
+    Override("megatron.core.fusions.fused_softmax.get_default_causal_mask", "replaced", "runtime/cpu_compat.py",
+             "the name fused_softmax imported from transformer.utils", ("sq",)),
+    # Norms of the local spec (models/norm.py): megatron's torch norm refuses sequence parallelism.
+    Override("megatron.core.transformer.torch_norm.WrappedTorchNorm", "replaced", "models/norm.py",
+             "RMSNorm whose weight is marked sequence_parallel (gradient summed over TP in finalize_model_grads)",
+             ("config", "hidden_size", "eps", "persist_layer_norm", "zero_centered_gamma", "normalization")),
+    # Checkpoints (trainer/checkpoint.py): resuming a distributed optimizer that never stepped.
+    Override("megatron.core.optimizer.distrib_optimizer.DistributedOptimizer._init_optimizer_states_with_dummy_values",
+             "hooked", "trainer/checkpoint.py", "creates the Adam state a load expects", ("self",)),
+    Override("megatron.core.optimizer.distrib_optimizer.DistributedOptimizer.load_state_dict", "hooked",
+             "trainer/checkpoint.py", "torch Adam (no Apex/TE): the shared 'step' tensor it loads is copied per "
+             "parameter", ("self", "state_dict")),
     # MoE without Transformer Engine on CPU (runtime/cpu_compat.py).
     Override("megatron.core.transformer.moe.moe_utils.RouterGatingLinearFunction.forward", "hooked",
              "runtime/cpu_compat.py", "reads the TE-only global te_general_gemm; we bind it to None",

@@ -19,6 +19,9 @@ import torch
 import torch.distributed as dist
 
 _STEP_DIR = re.compile(r"^step_(\d{7})$")
+# The distributed optimizer's checkpoint format: its bucket buffers as saved, resharded over DP at load (megatron-core
+# 0.16.1's default, "fully_sharded_model_space", is deprecated; "fully_reshardable" fails to load with KeyError 'step').
+OPTIMIZER_METADATA = {"distrib_optim_sharding_type": "dp_reshardable"}
 
 
 def step_dir(root: str | Path, step: int) -> Path:
@@ -78,7 +81,7 @@ def save_checkpoint(
         tmp.mkdir(parents=True)
     dist.barrier()
     model_sd = model.sharded_state_dict()
-    state = {"model": model_sd, "optimizer": optimizer.sharded_state_dict(model_sd)}
+    state = {"model": model_sd, "optimizer": optimizer.sharded_state_dict(model_sd, metadata=OPTIMIZER_METADATA)}
     dist_checkpointing.save(state, str(tmp))
     (tmp / "trainer_state").mkdir(exist_ok=True)
     torch.save({**trainer_state, "rng": rng_state()}, tmp / "trainer_state" / f"rank{rank}.pt")
@@ -114,16 +117,45 @@ def load_model_weights(path: str | Path, model: torch.nn.Module) -> Path:
     return path
 
 
+def _create_optimizer_state(optimizer: Any) -> None:
+    """Give a distributed optimizer that never stepped its Adam state, which its load expects (one ``step`` per
+    parameter group), as megatron-core does: a step on zero gradients (the loaded values replace it)."""
+    from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
+
+    for part in getattr(optimizer, "chained_optimizers", [optimizer]):
+        if isinstance(part, DistributedOptimizer) and not part.optimizer.state:
+            part._init_optimizer_states_with_dummy_values()
+
+
+def _unshare_adam_steps(optimizer: Any) -> None:
+    """Give every parameter's Adam state its own ``step`` tensor.
+
+    Without Apex/TE (torch's Adam, as on CPU), megatron-core 0.16.1's ``DistributedOptimizer.load_state_dict``
+    puts one shared ``step`` tensor into every parameter's state; torch's Adam increments ``step`` in place per
+    parameter, so after a resume the bias correction used a step count inflated by the number of parameters
+    (measured: every updated weight off by up to 0.4 x lr on the first step after resuming).
+    """
+    for part in getattr(optimizer, "chained_optimizers", [optimizer]):
+        inner = getattr(part, "optimizer", None)
+        for state in (inner.state.values() if inner is not None else ()):
+            if torch.is_tensor(state.get("step")):
+                state["step"] = state["step"].clone()
+
+
+@torch.no_grad()
 def load_checkpoint(path: str | Path, model: torch.nn.Module, optimizer: Any) -> dict[str, Any]:
     """Load model and optimizer (resharding if the layout changed) and return this rank's trainer state."""
     from megatron.core import dist_checkpointing
 
     path = Path(path)
+    _create_optimizer_state(optimizer)
     model_sd = model.sharded_state_dict()
-    optim_sd = optimizer.sharded_state_dict(model_sd, is_loading=True)  # creates the state to load into
+    # creates the state to load into
+    optim_sd = optimizer.sharded_state_dict(model_sd, is_loading=True, metadata=OPTIMIZER_METADATA)
     state = dist_checkpointing.load({"model": model_sd, "optimizer": optim_sd}, str(path))
     model.load_state_dict(state["model"])
     optimizer.load_state_dict(state["optimizer"])
+    _unshare_adam_steps(optimizer)
     rank_file = path / "trainer_state" / f"rank{dist.get_rank()}.pt"
     if not rank_file.exists():
         raise FileNotFoundError(f"{rank_file}: checkpoint {path} was written with a different world size")

@@ -24,6 +24,9 @@ class TrainerSection:
     seed: int = 1234
     parallel: ParallelConfig = field(default_factory=ParallelConfig)  # the layout; data parallel = what the world leaves
     micro_batch_size: int = 8  # sequences per micro-batch in the teacher and training passes
+    recompute_granularity: str | None = None  # activation recompute of the student: null | selective | full
+    recompute_method: str | None = None  # full only: uniform (default) | block
+    recompute_num_layers: int | None = None  # full only: layers per recompute chunk (default 1)
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
     offload_teacher: bool = False  # keep teacher weights on CPU outside the teacher phase (GPU only)
     eval_every: int = 0  # 0: no evaluation during training

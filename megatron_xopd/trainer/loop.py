@@ -28,7 +28,7 @@ from ..ops.sampling import SamplingParams
 from ..rollout import RolloutCollector
 from ..runtime import init_distributed, initialize_model_parallel, set_seed
 from ..runtime.device import current_device, resident
-from ..runtime.reduce import reduce_over_replicas
+from ..runtime.reduce import agree_on_step, reduce_over_replicas
 from .build import build_models, build_optimizer, wrap_ddp
 from .checkpoint import latest_checkpoint, load_checkpoint, load_model_weights, save_checkpoint
 from .config import RunConfig
@@ -54,7 +54,7 @@ class XOPDTrainer:
         self.offload_teacher = cfg.trainer.offload_teacher and torch.cuda.is_available()
         if self.offload_teacher:
             self.teacher.cpu()
-        self.ddp = wrap_ddp(self.student)
+        self.ddp = wrap_ddp(self.student, cfg.trainer.parallel)
         self.optimizer, self.scheduler = build_optimizer(self.ddp, cfg.optim, cfg.trainer.max_steps)
         rollout = cfg.trainer.rollout
         self.collector = RolloutCollector(
@@ -78,6 +78,7 @@ class XOPDTrainer:
         self.data_stats = CutStats()
         self.step = 0
         self.epoch = 0
+        self.skipped_steps = 0
         self._restored_position = False
         self._resume()
         self.logger = MetricsLogger(
@@ -129,15 +130,25 @@ class XOPDTrainer:
             global_tokens={m: counts[2 * m + 1] for m in (IN_MODAL, CROSS_MODAL)},
         )
 
-    def train_step(self, batch: dict[str, Any]) -> dict[str, float]:
+    def train_step(self, batch: dict[str, Any]) -> dict[str, float] | None:
+        """One step; ``None`` when no rank had a batch. When some DP rank has no usable prompt, every rank skips
+        the step (it is counted in ``skipped_steps``, and nothing is updated)."""
         cfg = self.cfg
         t0 = time.perf_counter()
-        rollouts, skipped = self.collector.collect(batch, self.step)
-        for error in skipped:
-            log.warning("%s; skipped", error)
-            self.data_stats.record_skip(error)
-        if rollouts is None:
-            raise RuntimeError(f"step {self.step}: no usable prompt in the batch (cuts {batch['cut_ids']})")
+        rollouts = None
+        if batch["cut_ids"]:
+            rollouts, skipped = self.collector.collect(batch, self.step)
+            for error in skipped:
+                log.warning("%s; skipped", error)
+                self.data_stats.record_skip(error)
+        anyone, everyone = agree_on_step(bool(batch["cut_ids"]), rollouts is not None)
+        if not everyone:
+            self.data_stats.update(batch["stats"])
+            if not anyone:
+                return None
+            self.skipped_steps += 1
+            log.warning("step %d skipped: a data-parallel rank has no usable prompt", self.step)
+            return {"skipped_steps": self.skipped_steps, **self.data_stats.as_dict()}
         t_rollout = time.perf_counter() - t0
         if cfg.xopd.loss != "sft":
             with self._teacher_resident():
@@ -170,6 +181,7 @@ class XOPDTrainer:
             "tokens_per_s": (g["tok_cm"] + g["tok_im"]) / step_time,
             "lr": self.optimizer.param_groups[0]["lr"],
             "grad_norm": grad_norm,
+            "skipped_steps": self.skipped_steps,
             **self.data_stats.as_dict(),
         }
 
@@ -181,6 +193,7 @@ class XOPDTrainer:
             "loader": self.loader.state_dict(),
             "scheduler": self.scheduler.state_dict(),
             "data_stats": self.data_stats,
+            "skipped_steps": self.skipped_steps,
         }
 
     def save(self) -> None:
@@ -202,6 +215,7 @@ class XOPDTrainer:
         self._restored_position = True
         self.scheduler.load_state_dict(state["scheduler"])
         self.data_stats = state["data_stats"]
+        self.skipped_steps = state.get("skipped_steps", 0)
         if dist.get_rank() == 0:
             log.info("resumed from %s at step %d", path, self.step)
 
@@ -226,11 +240,9 @@ class XOPDTrainer:
             if cfg.trainer.eval_at_start and self.step == 0:
                 self.logger.log(0, self.evaluate(with_teacher=True))
             while self.step < cfg.trainer.max_steps:
-                batch = next(batches)
-                if not batch["cut_ids"]:
-                    self.data_stats.update(batch["stats"])
+                metrics = self.train_step(next(batches))
+                if metrics is None:
                     continue
-                metrics = self.train_step(batch)
                 self.step += 1
                 if cfg.trainer.eval_every and self.step % cfg.trainer.eval_every == 0:
                     metrics.update(self.evaluate())
@@ -238,7 +250,7 @@ class XOPDTrainer:
                 if progress is not None:
                     progress.update(1)
                     shown = ("kl_cm", "kl_im") if cfg.xopd.responses == "on_policy" else ("loss",)
-                    progress.set_postfix({k: f"{metrics[k]:.3f}" for k in shown})
+                    progress.set_postfix({k: f"{metrics[k]:.3f}" for k in shown if k in metrics})
                 if saves and self.step % saves == 0:
                     self.save()
             if cfg.checkpoint.dir and not (saves and self.step % saves == 0):
