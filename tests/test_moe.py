@@ -84,8 +84,14 @@ def _layouts(work: str, q3: str, q2: str, ids: torch.Tensor) -> dict:
     """On 2 ranks: convert at EP=1 and EP=2, load at EP=2, TP=2+SP, PP=2, EP=1; export; Qwen2-MoE at TP=1."""
     import torch.distributed as dist
 
-    from megatron_xopd.convert.checkpoint import build_gpt_from_mcore, convert_hf_to_mcore, export_mcore_to_hf
+    from megatron_xopd.convert.checkpoint import (
+        build_gpt_from_mcore,
+        convert_hf_to_mcore,
+        export_mcore_to_hf,
+        load_model_config,
+    )
     from megatron_xopd.convert.compare import compare, hf_model, mcore_logits
+    from megatron_xopd.models import build_gpt_model
     from megatron_xopd.runtime import ParallelConfig, initialize_model_parallel, set_seed
 
     def load(ckpt: str):
@@ -110,6 +116,10 @@ def _layouts(work: str, q3: str, q2: str, ids: torch.Tensor) -> dict:
     export_mcore_to_hf(f"{work}/q3_ep2", f"{work}/q3_export_ep2")
 
     initialize_model_parallel(ParallelConfig(tensor_model_parallel_size=2, sequence_parallel=True))
+    try:
+        build_gpt_model(load_model_config(f"{work}/q3_ep2"), sequence_parallel=False)
+    except ModelConfigError as err:
+        out["no_sp_error"] = str(err)
     model = load(f"{work}/q3_ep2")
     out["sequence_parallel"] = model.config.sequence_parallel
     out["logits"]["tp2_sp"] = mcore_logits(model, ids, VOCAB)
@@ -120,6 +130,54 @@ def _layouts(work: str, q3: str, q2: str, ids: torch.Tensor) -> dict:
     initialize_model_parallel(ParallelConfig())
     out["logits"]["ep2_written_at_ep1"] = mcore_logits(load(f"{work}/q3_ep2"), ids, VOCAB)
     export_mcore_to_hf(f"{work}/q3_ep2", f"{work}/q3_export_ep1")
+    return out if dist.get_rank() == 0 else {}
+
+
+def _tp2_ep2(work: str, q3: str, ids: torch.Tensor) -> dict:
+    """On 4 ranks: TP=2 (+SP) x EP=2 with experts split over TP too (ETP=2) and not (ETP=1)."""
+    import torch.distributed as dist
+
+    from megatron_xopd.convert.checkpoint import build_gpt_from_mcore, convert_hf_to_mcore, export_mcore_to_hf
+    from megatron_xopd.convert.compare import mcore_logits
+    from megatron_xopd.runtime import ParallelConfig, initialize_model_parallel, set_seed
+
+    out = {}
+    for etp in (2, 1):
+        initialize_model_parallel(ParallelConfig(tensor_model_parallel_size=2, expert_model_parallel_size=2,
+                                                 expert_tensor_parallel_size=etp, sequence_parallel=True))
+        ckpt = f"{work}/q3_tp2_ep2_etp{etp}"
+        convert_hf_to_mcore(q3, ckpt)
+        set_seed(0)
+        model = build_gpt_from_mcore(ckpt)[0]
+        fc1 = model.decoder.layers[0].mlp.experts.local_experts[0].linear_fc1.weight
+        out[etp] = {"logits": mcore_logits(model, ids, VOCAB), "fc1_rows": fc1.shape[0]}
+        export_mcore_to_hf(ckpt, f"{work}/q3_export_tp2_ep2_etp{etp}")
+    return out if dist.get_rank() == 0 else {}
+
+
+def _grads_ep1_vs_ep2(q3: str, ids: torch.Tensor) -> dict:
+    """On 2 ranks (the same batch on both): one backward through megatron's DDP at EP=1 and at EP=2."""
+    import torch.distributed as dist
+    from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
+
+    from megatron_xopd.convert.checkpoint import load_hf_weights, prepare_hf_conversion
+    from megatron_xopd.models import build_gpt_model, gather_canonical_state_dict
+    from megatron_xopd.runtime import ParallelConfig, initialize_model_parallel, set_seed
+
+    out = {}
+    weights = torch.randn(*ids.shape, VOCAB, generator=torch.Generator().manual_seed(5))
+    for ep in (1, 2):
+        initialize_model_parallel(ParallelConfig(expert_model_parallel_size=ep))
+        cfg, reader = prepare_hf_conversion(q3, 1, 1, ep)
+        set_seed(0)
+        model = build_gpt_model(cfg)
+        load_hf_weights(model, reader, cfg)
+        ddp = DistributedDataParallel(model.config, DistributedDataParallelConfig(), model)
+        pos = torch.arange(ids.shape[1]).expand(ids.shape[0], -1)
+        logits = ddp(ids, pos, None)[..., :VOCAB]
+        (logits * weights).sum().backward()
+        finalize_model_grads([ddp])
+        out[ep] = gather_canonical_state_dict(ddp, VOCAB, grads=True)
     return out if dist.get_rank() == 0 else {}
 
 
@@ -161,6 +219,8 @@ def test_qwen3_moe_logits_match_transformers_at_every_layout(moe):
     ref = hf_logits(moe["q3"], moe["ids"])
     assert moe["local_experts"] == EXPERTS // 2  # EP=2 really split the experts
     assert moe["sequence_parallel"]  # TP=2 turned sequence parallelism on, as megatron's MoE layer needs
+    assert moe["no_sp_error"].startswith("parallel.sequence_parallel: megatron-core's MoE layer needs sequence "
+                                         "parallelism at tensor_model_parallel_size 2")
     assert set(moe["logits"]) == {"ep2", "ep1_written_at_ep2", "tp2_sp", "pp2", "ep2_written_at_ep1"}
     for layout, logits in moe["logits"].items():
         assert logits.shape == ref.shape, layout
@@ -201,6 +261,36 @@ def test_qwen2_moe_shared_expert_matches_transformers(moe):
     exported = load_file(str(moe["root"] / "q2_export" / "model.safetensors"))
     assert "model.layers.0.mlp.shared_expert_gate.weight" in original
     assert original.keys() == exported.keys() and all(torch.equal(original[k], exported[k]) for k in original)
+
+
+@pytest.mark.parity
+@pytest.mark.slow
+def test_qwen3_moe_at_tp2_times_ep2_on_four_ranks(tmp_path):
+    q3 = make_qwen3_moe(tmp_path / "hf")
+    ids = torch.randint(0, VOCAB, (2, 10), generator=torch.Generator().manual_seed(3))
+    out = run_distributed(_tp2_ep2, 4, str(tmp_path), str(q3), ids, tp=1)[0]
+    ref = hf_logits(q3, ids)
+    original = load_file(str(q3 / "model.safetensors"))
+    for etp, rows in ((2, 16), (1, 32)):  # 2 x moe_intermediate_size (16), split over ETP or not
+        assert out[etp]["fc1_rows"] == rows
+        torch.testing.assert_close(out[etp]["logits"], ref, atol=ATOL, rtol=0, msg=f"ETP={etp}")
+        exported = load_file(str(tmp_path / f"q3_export_tp2_ep2_etp{etp}" / "model.safetensors"))
+        assert original.keys() == exported.keys() and all(torch.equal(original[k], exported[k]) for k in original)
+
+
+@pytest.mark.parity
+@pytest.mark.slow
+def test_qwen3_moe_gradients_at_ep2_equal_ep1(tmp_path):
+    q3 = make_qwen3_moe(tmp_path / "hf")
+    ids = torch.randint(0, VOCAB, (2, 10), generator=torch.Generator().manual_seed(3))
+    out = run_distributed(_grads_ep1_vs_ep2, 2, str(q3), ids, tp=1)[0]
+    assert out[1].keys() == out[2].keys()
+    assert any("local_experts.5.linear_fc2" in k for k in out[1]) and any("router" in k for k in out[1])
+    used = {k for k in out[1] if out[1][k].abs().sum() > 0}  # an expert no token was routed to has no gradient
+    assert {k for k in out[1] if ".experts." not in k} <= used
+    assert len([k for k in used if ".experts." in k]) >= len([k for k in out[1] if ".experts." in k]) // 2
+    for key in out[1]:
+        torch.testing.assert_close(out[2][key], out[1][key], atol=1e-5, rtol=1e-4, msg=key)
 
 
 # --------------------------------------------------------------------------------------------- bad input

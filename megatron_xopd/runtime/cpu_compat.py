@@ -2,8 +2,8 @@
 are listed in ``runtime/mcore_overrides.py``).
 
 megatron-core hard-codes CUDA in a few places that are on the path of a ``GPTModel`` forward/backward,
-the pipeline schedules, ``dist_checkpointing``, activation recompute and the MoE layer. These shims make the *real* megatron code run on CPU
-processes, which is how the project's parallel tests check TP/PP against single-process references:
+the pipeline schedules, ``dist_checkpointing``, activation recompute and the MoE layer. These shims make the
+*real* megatron code run on CPU processes, which is how the project's parallel tests check TP/PP against single-process references:
 
 1. RNG tracker. ``megatron/core/tensor_parallel/random.py``: ``CudaRNGStatesTracker.add``/``fork`` call
    ``torch.cuda.get_rng_state``/``manual_seed`` and ``torch.cuda.default_generators``. We install
@@ -40,8 +40,14 @@ processes, which is how the project's parallel tests check TP/PP against single-
    ``torch.cuda.Stream`` for device-to-host copies of the split sizes, and ``_maybe_dtoh_and_synchronize``
    moves them there with stream/event calls: we set the class attribute to a CPU placeholder (so no stream
    is made) and replace the method with its CPU meaning (the tensors are on the host already, so nothing is
-   copied and nothing waits; the split sizes become numpy arrays, as the original makes them). The all-to-all itself is gloo's ``all_to_all_single``. (The allgather dispatcher's
-   backward calls an accelerator-only API; on CPU the alltoall dispatcher is the one that runs.)
+   copied and nothing waits; the split sizes become numpy arrays, as the original makes them). The all-to-all
+   itself is gloo's ``all_to_all_single``. (The allgather dispatcher's backward calls an accelerator-only API;
+   on CPU the alltoall dispatcher is the one that runs.)
+   With experts split over tensor parallelism (expert_tensor_parallel_size > 1) the dispatcher gathers and
+   reduce-scatters *uneven* token counts over the expert-TP group (``tensor_parallel/mappings.py``:
+   ``_gather_along_first_dim``/``_reduce_scatter_along_first_dim`` with split sizes), which gloo cannot do
+   (its all-gather needs equal sizes; it has no list reduce-scatter): with split sizes, we gather padded
+   blocks and trim them, and all-reduce then keep this rank's block. Without split sizes megatron's code runs.
 
 Enable with :func:`enable_cpu_compat`; it refuses to run when CUDA is available.
 """
@@ -176,9 +182,39 @@ def _host_dtoh_and_synchronize(self, point: str, tokens_per_expert: torch.Tensor
     return tokens_per_expert
 
 
+def _uneven_gather_along_first_dim(original):
+    def gather(input_, group, output_split_sizes=None, use_global_buffer=False):
+        if output_split_sizes is None or group.size() == 1:
+            return original(input_, group, output_split_sizes, use_global_buffer)
+        longest = max(output_split_sizes)
+        padded = input_.new_zeros((longest, *input_.shape[1:]))
+        padded[: input_.shape[0]] = input_
+        blocks = [torch.empty_like(padded) for _ in output_split_sizes]
+        torch.distributed.all_gather(blocks, padded.contiguous(), group=group)
+        return torch.cat([block[:size] for block, size in zip(blocks, output_split_sizes)])
+
+    return gather
+
+
+def _uneven_reduce_scatter_along_first_dim(original):
+    def reduce_scatter(input_, group, input_split_sizes=None, use_global_buffer=False):
+        if input_split_sizes is None or group.size() == 1:
+            return original(input_, group, input_split_sizes, use_global_buffer)
+        total = input_.clone()
+        torch.distributed.all_reduce(total, group=group)
+        return torch.split(total, list(input_split_sizes), dim=0)[group.rank()].contiguous()
+
+    return reduce_scatter
+
+
 def _install_moe_shims() -> None:
+    from megatron.core.tensor_parallel import mappings
     from megatron.core.transformer.moe import moe_utils, token_dispatcher
 
+    mappings._gather_along_first_dim = _uneven_gather_along_first_dim(mappings._gather_along_first_dim)
+    mappings._reduce_scatter_along_first_dim = _uneven_reduce_scatter_along_first_dim(
+        mappings._reduce_scatter_along_first_dim
+    )
     if not hasattr(moe_utils, "te_general_gemm"):
         moe_utils.te_general_gemm = None
     token_dispatcher.MoEAlltoAllTokenDispatcher.cuda_dtoh_stream = _HostStream()

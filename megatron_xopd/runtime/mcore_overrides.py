@@ -66,6 +66,12 @@ OVERRIDES: tuple[Override, ...] = (
     Override("megatron.core.transformer.moe.token_dispatcher.MoEAlltoAllTokenDispatcher._maybe_dtoh_and_synchronize",
              "replaced", "runtime/cpu_compat.py", "device-to-host copies on a CUDA stream; a no-op on the host",
              ("self", "point", "tokens_per_expert")),
+    Override("megatron.core.tensor_parallel.mappings._gather_along_first_dim", "replaced", "runtime/cpu_compat.py",
+             "uneven output_split_sizes (expert-TP token gather): padded all-gather on gloo",
+             ("input_", "group", "output_split_sizes", "use_global_buffer")),
+    Override("megatron.core.tensor_parallel.mappings._reduce_scatter_along_first_dim", "replaced",
+             "runtime/cpu_compat.py", "uneven input_split_sizes: all-reduce and keep this rank's block on gloo",
+             ("input_", "group", "input_split_sizes", "use_global_buffer")),
     # Attention of the local spec (models/attention.py): fast CPU rollouts.
     Override("megatron.core.transformer.dot_product_attention.DotProductAttention.forward", "subclassed",
              "models/attention.py", "SDPA with GQA for causal prefill and decode outside training",
