@@ -69,6 +69,7 @@ def test_fused_linear_trainer_loss_equals_logits_form_and_hand_computation():
 
 
 @pytest.mark.parity
+@pytest.mark.slow
 @pytest.mark.parametrize("loss_kind", ["topk_reverse_kl", "topk_forward_kl"])
 def test_topk_trainer_losses_equal_float64_reference_at_tp2(loss_kind):
     reference = run_distributed(_topk_reference, 1, 0.5, loss_kind, tp=1)[0]
