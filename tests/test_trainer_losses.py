@@ -97,3 +97,17 @@ def test_vocab_parallel_topk_equals_full_vocabulary_topk_at_tp2(k, vocab):
     for got_ids, got_lp in run_distributed(_topk_op, 2, k, 1.5, vocab):
         torch.testing.assert_close(got_ids, ids)
         torch.testing.assert_close(got_lp, log_p, atol=1e-12, rtol=0)
+
+
+def test_bad_divergence_form_and_topk_name_the_config_key():
+    from megatron_xopd.algo import XOPDConfig, teacher_keeps
+
+    with pytest.raises(ValueError, match="xopd.divergence_form"):
+        XOPDConfig(loss="reverse_kl", divergence_form="dense")
+    with pytest.raises(ValueError, match="xopd.topk"):
+        XOPDConfig(loss="topk_forward_kl", topk=0)
+    keeps = {(loss, form): teacher_keeps(XOPDConfig(loss=loss, divergence_form=form))
+             for loss in ("sampled_token", "jsd", "topk_reverse_kl") for form in ("linear", "logits")}
+    assert keeps == {("sampled_token", "linear"): "logprobs", ("sampled_token", "logits"): "logprobs",
+                     ("jsd", "linear"): "hidden", ("jsd", "logits"): "logits",
+                     ("topk_reverse_kl", "linear"): "topk", ("topk_reverse_kl", "logits"): "topk"}
