@@ -56,16 +56,22 @@ def _topk_reference(lam: float, loss_kind: str):
 
 @pytest.mark.parity
 @pytest.mark.slow
-def test_fused_linear_trainer_loss_equals_logits_form_and_hand_computation():
-    """reverse KL: the linear form at TP=1 and TP=2 equals the hand computation (float32, 1e-5), as the logits form
-    does; JSD: the linear form equals the logits form at TP=2."""
+@pytest.mark.parametrize("layout", [{"tp": 1}, {"tp": 2}, {"tp": 1, "pp": 2}], ids=["tp1", "tp2", "pp2"])
+def test_fused_linear_reverse_kl_equals_hand_computation(layout):
+    """The linear form's loss, teacher log-probs and gradients equal the hand computation (float32, 1e-5), as the
+    logits form's do (tests/test_trainer_passes.py)."""
     reference = run_distributed(_hand_reference, 1, 0.5, "reverse_kl", tp=1)[0]
-    for world in (1, 2):
-        _assert_matches(run_distributed(_pipeline, world, 0.5, "reverse_kl", 3, False, "linear", tp=world)[-1], reference)
+    world = layout["tp"] * layout.get("pp", 1)
+    _assert_matches(run_distributed(_pipeline, world, 0.5, "reverse_kl", 3, False, "linear", **layout)[-1], reference)
+
+
+@pytest.mark.parity
+@pytest.mark.slow
+def test_fused_linear_jsd_equals_logits_form_at_tp2():
     logits = run_distributed(_pipeline, 2, 0.5, "jsd", 3, False, "logits", tp=2)[-1]
     linear = run_distributed(_pipeline, 2, 0.5, "jsd", 3, False, "linear", tp=2)[-1]
-    _assert_matches(linear, logits[:3])
     assert logits[0] != 0.0
+    _assert_matches(linear, logits[:3])
 
 
 @pytest.mark.parity
