@@ -2,7 +2,8 @@
 
 Rows are rollouts (prompt + sampled response). Each pass cuts them into micro-batches of equal size and length
 (pipeline stages exchange fixed shapes), runs ``get_forward_backward_func()``, and computes what it needs on the
-last pipeline stage from vocab-parallel logits: nothing gathers the vocabulary. The loss of each micro-batch is
+last pipeline stage from vocab-parallel logits, or, for the linear-form divergences, from the final hidden states
+and the output-layer shards (``models/head.py``): nothing gathers the vocabulary. The loss of each micro-batch is
 the loss kind's function in :mod:`megatron_xopd.algo.loss`.
 """
 
@@ -119,7 +120,6 @@ def train_pass(
     scale = len(batches) * parallel_state.get_data_parallel_world_size() * minibatches
     loss_kind = LOSS_FUNCTIONS[cfg.loss]
     hidden = student_outputs_hidden(cfg)
-    head = None
 
     def loss_fn(mb: MicroBatch, output: torch.Tensor):
         device = output.device
@@ -151,5 +151,6 @@ def train_pass(
         stats.add(inputs, out, rows_of(rollouts.modality), cfg)
         return out.loss * scale, {}
 
+    # the linear form: the model returns hidden states and loss_fn reads the student's head shard ``head``
     with hidden_states_output(model) if hidden else contextlib.nullcontext() as head:
         _run(model, batches, False, loss_fn, student=True)
