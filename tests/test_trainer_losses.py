@@ -56,20 +56,22 @@ def _topk_reference(lam: float, loss_kind: str):
 
 @pytest.mark.parity
 @pytest.mark.slow
-@pytest.mark.parametrize("layout", [{"tp": 1}, {"tp": 2}, {"tp": 1, "pp": 2}], ids=["tp1", "tp2", "pp2"])
-def test_fused_linear_reverse_kl_equals_hand_computation(layout):
+@pytest.mark.parametrize("layout,sp", [({"tp": 1}, False), ({"tp": 2}, False), ({"tp": 2}, True), ({"tp": 1, "pp": 2}, False)],
+                         ids=["tp1", "tp2", "tp2-sp", "pp2"])
+def test_fused_linear_reverse_kl_equals_hand_computation(layout, sp):
     """The linear form's loss, teacher log-probs and gradients equal the hand computation (float32, 1e-5), as the
-    logits form's do (tests/test_trainer_passes.py)."""
+    logits form's do (tests/test_trainer_passes.py); with sequence parallelism the hidden states are gathered."""
     reference = run_distributed(_hand_reference, 1, 0.5, "reverse_kl", tp=1)[0]
     world = layout["tp"] * layout.get("pp", 1)
-    _assert_matches(run_distributed(_pipeline, world, 0.5, "reverse_kl", 3, False, "linear", **layout)[-1], reference)
+    result = run_distributed(_pipeline, world, 0.5, "reverse_kl", 3, False, sp, "linear", **layout)[-1]
+    _assert_matches(result, reference)
 
 
 @pytest.mark.parity
 @pytest.mark.slow
 def test_fused_linear_jsd_equals_logits_form_at_tp2():
-    logits = run_distributed(_pipeline, 2, 0.5, "jsd", 3, False, "logits", tp=2)[-1]
-    linear = run_distributed(_pipeline, 2, 0.5, "jsd", 3, False, "linear", tp=2)[-1]
+    logits = run_distributed(_pipeline, 2, 0.5, "jsd", 3, False, False, "logits", tp=2)[-1]
+    linear = run_distributed(_pipeline, 2, 0.5, "jsd", 3, False, False, "linear", tp=2)[-1]
     assert logits[0] != 0.0
     _assert_matches(linear, logits[:3])
 
@@ -79,7 +81,7 @@ def test_fused_linear_jsd_equals_logits_form_at_tp2():
 @pytest.mark.parametrize("loss_kind", ["topk_reverse_kl", "topk_forward_kl"])
 def test_topk_trainer_losses_equal_float64_reference_at_tp2(loss_kind):
     reference = run_distributed(_topk_reference, 1, 0.5, loss_kind, tp=1)[0]
-    _assert_matches(run_distributed(_pipeline, 2, 0.5, loss_kind, 3, False, "logits", K, tp=2)[-1], reference)
+    _assert_matches(run_distributed(_pipeline, 2, 0.5, loss_kind, 3, False, False, "logits", K, tp=2)[-1], reference)
 
 
 def _topk_op(k: int, temperature: float, vocab: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -23,7 +23,7 @@ def _configs():
     return student, teacher
 
 
-def _models(train_perception: bool = False):
+def _models(train_perception: bool = False, sequence_parallel: bool = False, recompute=None):
     from megatron_xopd.models import SpeechStudent, build_teacher, load_canonical_state_dict
     from megatron_xopd.runtime import set_seed
 
@@ -31,9 +31,9 @@ def _models(train_perception: bool = False):
     student_cfg, teacher_cfg = _configs()
     perception = tiny_perception_config()
     perception.freeze_adapter = not train_perception
-    student = SpeechStudent(student_cfg, perception, LOCATOR)
+    student = SpeechStudent(student_cfg, perception, LOCATOR, sequence_parallel=sequence_parallel, recompute=recompute)
     load_canonical_state_dict(student.language_model, canonical_weights(student_cfg, seed=1))
-    teacher = build_teacher(teacher_cfg, student_cfg)
+    teacher = build_teacher(teacher_cfg, student_cfg, sequence_parallel=sequence_parallel)
     load_canonical_state_dict(teacher, canonical_weights(teacher_cfg, seed=2))
     if student.perception is not None:
         g = torch.Generator().manual_seed(3)
@@ -122,8 +122,8 @@ def _hand_reference(lam: float, loss_kind: str, train_perception: bool = False):
     return float(-objective), grads, teacher_lp
 
 
-def _pipeline(lam: float, loss_kind: str, micro_batch_size: int, train_perception: bool = False, form: str = "logits",
-              topk: int = 32):
+def _pipeline(lam: float, loss_kind: str, micro_batch_size: int, train_perception: bool = False,
+              sequence_parallel: bool = False, form: str = "logits", topk: int = 32):
     from megatron.core import parallel_state
 
     from megatron_xopd.models import gather_canonical_state_dict
@@ -132,7 +132,7 @@ def _pipeline(lam: float, loss_kind: str, micro_batch_size: int, train_perceptio
     from megatron_xopd.trainer.passes import score_with_teacher, train_pass
     from megatron_xopd.algo import rollout_weights
 
-    student, teacher = _models(train_perception)
+    student, teacher = _models(train_perception, sequence_parallel)
     r = _rollouts(student, train_perception)
     cfg = XOPDConfig(lam=lam, loss=loss_kind, responses="on_policy" if loss_kind == "sampled_token" else "teacher_greedy",
                      divergence_form=form, topk=topk)
@@ -206,3 +206,15 @@ def test_a_trainable_perception_gets_the_gradient_of_the_step():
                 torch.testing.assert_close(result[3][name], grad, atol=1e-5, rtol=1e-4, msg=f"{layout} {name}")
         if "pp" in layout:
             assert results[1][3] == {}
+
+
+@pytest.mark.parity
+def test_step_with_sequence_parallelism_equals_tp1():
+    """TP=2 with sequence parallelism (the speech splice on each rank's slice of the sequence, norms' gradients
+    summed over TP): loss, teacher log-probs, LLM and trainable-perception gradients equal the single process."""
+    reference = run_distributed(_hand_reference, 1, 0.5, "sft", True, tp=1)[0]
+    results = run_distributed(_pipeline, 2, 0.5, "sft", 3, True, True, tp=2)
+    for result in results:
+        _assert_matches(result[:3] + (None,), reference[:3])
+        for name, grad in reference[3].items():
+            torch.testing.assert_close(result[3][name], grad, atol=1e-5, rtol=1e-4, msg=name)

@@ -1,7 +1,9 @@
-"""Convert a Hugging Face Llama / Qwen2 / Qwen3 causal LM into a megatron-core dist_checkpointing checkpoint.
+"""Convert a Hugging Face Llama / Qwen2 / Qwen3 (or Qwen2-MoE / Qwen3-MoE) causal LM into a megatron-core
+dist_checkpointing checkpoint.
 
     python tools/convert_hf_to_mcore.py HF_DIR OUT_DIR
     torchrun --nproc-per-node 4 tools/convert_hf_to_mcore.py HF_DIR OUT_DIR --tp 2 --pp 2
+    torchrun --nproc-per-node 2 tools/convert_hf_to_mcore.py MOE_DIR OUT_DIR --ep 2
 
 Each rank builds its TP/PP shard and reads only its HF tensors; the checkpoint reshards at load time
 (``megatron_xopd.convert.checkpoint.load_mcore_checkpoint``). OUT_DIR also gets model_config.yaml,
@@ -27,11 +29,14 @@ def main() -> None:
     def run() -> None:
         from megatron_xopd.convert.checkpoint import convert_hf_to_mcore, prepare_hf_conversion
 
-        prepare_hf_conversion(args.hf_dir, args.tp, args.pp, params_dtype=args.dtype)  # fail before any process group
-        with model_parallel(args.tp, args.pp) as rank:
+        # fail before any process group
+        prepare_hf_conversion(args.hf_dir, args.tp, args.pp, args.ep, params_dtype=args.dtype)
+        with model_parallel(args.tp, args.pp, args.ep) as rank:
             cfg = convert_hf_to_mcore(args.hf_dir, args.out_dir, params_dtype=args.dtype)
             if rank == 0:
-                print(f"wrote {args.out_dir} ({cfg.family}, {cfg.num_layers} layers, TP={args.tp} PP={args.pp})")
+                experts = f", {cfg.num_moe_experts} experts" if cfg.num_moe_experts else ""
+                print(f"wrote {args.out_dir} ({cfg.family}, {cfg.num_layers} layers{experts}, "
+                      f"TP={args.tp} PP={args.pp} EP={args.ep})")
 
     main_guard(parser, run)
 

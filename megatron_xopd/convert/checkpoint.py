@@ -31,8 +31,10 @@ from ..models.sharding import gather_canonical_state_dict, load_canonical_state_
 from ..runtime import set_seed
 
 from .hf import (
+    ConversionError,
     HFCheckpoint,
     canonical_to_hf,
+    check_hf_expert_count,
     check_hf_keys,
     copy_tokenizer_files,
     hf_config_to_model_config,
@@ -81,12 +83,32 @@ def save_mcore_checkpoint(model: torch.nn.Module, out_dir: str | Path) -> None:
     dist_checkpointing.save(model.sharded_state_dict(), str(out))
 
 
+def _experts_per_layer(shapes: dict[str, Any]) -> int:
+    """The expert count of the routers among ``{key: sharded tensor or its metadata}`` (0: no MoE layer)."""
+    routers = {v.global_shape[0] for k, v in shapes.items() if k.endswith("mlp.router.weight") and hasattr(v, "global_shape")}
+    return max(routers, default=0)
+
+
+def check_expert_count(sharded_state_dict: dict[str, Any], ckpt_dir: str | Path) -> None:
+    """Raise naming ``model.num_moe_experts`` when the checkpoint's routers have another number of experts than
+    the model's (megatron's own error would be a shape mismatch deep in the loader)."""
+    experts = _experts_per_layer(sharded_state_dict)
+    if not experts:  # no MoE layer on this pipeline stage
+        return
+    saved = _experts_per_layer(dist_checkpointing.load_tensors_metadata(str(ckpt_dir)))
+    if saved != experts:
+        raise ConversionError(f"model.num_moe_experts ({experts}) differs from the {saved} experts per MoE layer "
+                              f"of the checkpoint {ckpt_dir}")
+
+
 def load_mcore_checkpoint(model: torch.nn.Module, ckpt_dir: str | Path) -> None:
-    """Load a ``dist_checkpointing`` checkpoint into ``model`` (this rank's shard), whatever TP/PP saved it."""
+    """Load a ``dist_checkpointing`` checkpoint into ``model`` (this rank's shard), whatever TP/PP/EP saved it."""
     ckpt = Path(ckpt_dir)
     if not (ckpt / "metadata.json").is_file():
         raise FileNotFoundError(f"{ckpt} is not a megatron dist_checkpointing checkpoint (no metadata.json)")
-    state = dist_checkpointing.load(model.sharded_state_dict(), str(ckpt))
+    sharded = model.sharded_state_dict()
+    check_expert_count(sharded, ckpt)
+    state = dist_checkpointing.load(sharded, str(ckpt))
     model.load_state_dict(state, strict=True)
 
 
@@ -134,17 +156,20 @@ def prepare_hf_conversion(
     hf_dir: str | Path,
     tensor_parallel_size: int = 1,
     pipeline_parallel_size: int = 1,
+    expert_parallel_size: int = 1,
     *,
     params_dtype: str | None = None,
 ) -> tuple[GPTModelConfig, HFCheckpoint]:
-    """Check an HF directory before any process group exists: architecture, shards, tensor names, TP/PP split.
+    """Check an HF directory before any process group exists: architecture, shards, tensor names, TP/PP/EP split.
 
-    Errors name the unsupported architecture, the missing shard file or the config field TP/PP does not divide.
+    Errors name the unsupported architecture, the missing shard file, an expert count that differs from
+    ``config.json num_experts``, or the config field TP/PP/EP does not divide.
     """
     reader = HFCheckpoint(hf_dir)
     cfg = hf_config_to_model_config(reader.config, params_dtype=params_dtype, text_vocab_size=_tokenizer_size(reader.path))
+    check_hf_expert_count(reader.keys(), reader.config)
     check_hf_keys(reader.keys(), cfg)
-    cfg.validate_parallel(tensor_parallel_size, pipeline_parallel_size)
+    cfg.validate_parallel(tensor_parallel_size, pipeline_parallel_size, expert_parallel_size)
     return cfg, reader
 
 
@@ -181,14 +206,15 @@ def write_hf_side_files(src_dir: Path, out_dir: Path, cfg: GPTModelConfig, hf_co
 def convert_hf_to_mcore(
     hf_dir: str | Path, out_dir: str | Path, *, params_dtype: str | None = None, seed: int = 0
 ) -> GPTModelConfig:
-    """HF directory -> ``dist_checkpointing`` checkpoint, under the current TP/PP layout (every rank calls it).
+    """HF directory -> ``dist_checkpointing`` checkpoint, under the current TP/PP/EP layout (every rank calls it).
 
     Each rank builds its shard, reads the HF tensors of its own parameters and saves its part; rank 0 writes
     ``model_config.yaml``, ``hf_config.json`` and the tokenizer files.
     """
     tp = parallel_state.get_tensor_model_parallel_world_size()
     pp = parallel_state.get_pipeline_model_parallel_world_size()
-    cfg, reader = prepare_hf_conversion(hf_dir, tp, pp, params_dtype=params_dtype)
+    ep = parallel_state.get_expert_model_parallel_world_size()
+    cfg, reader = prepare_hf_conversion(hf_dir, tp, pp, ep, params_dtype=params_dtype)
     set_seed(seed)  # megatron's RNG tracker must exist to build; the weights are overwritten
     model = build_gpt_model(cfg)
     load_hf_weights(model, reader, cfg)

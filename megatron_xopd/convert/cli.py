@@ -17,14 +17,16 @@ USER_ERRORS = (ValueError, FileNotFoundError, FileExistsError, NotImplementedErr
 def add_parallel_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--tp", type=int, default=1, help="tensor-parallel size (run under torchrun for > 1)")
     parser.add_argument("--pp", type=int, default=1, help="pipeline-parallel size (run under torchrun for > 1)")
+    parser.add_argument("--ep", type=int, default=1, help="expert-parallel size of an MoE model (run under torchrun for > 1)")
 
 
 @contextlib.contextmanager
-def model_parallel(tp: int, pp: int) -> Iterator[int]:
-    """Initialise torch.distributed (torchrun, SLURM or a single process) and megatron's TP/PP; yields the rank."""
+def model_parallel(tp: int, pp: int, ep: int = 1) -> Iterator[int]:
+    """Initialise torch.distributed (torchrun, SLURM or a single process) and megatron's TP/PP/EP; yields the rank."""
     init_distributed()
     try:
-        initialize_model_parallel(ParallelConfig(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp))
+        initialize_model_parallel(ParallelConfig(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp,
+                                                 expert_model_parallel_size=ep))
         yield dist.get_rank()
     finally:
         destroy_model_parallel()

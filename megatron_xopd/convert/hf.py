@@ -1,4 +1,4 @@
-"""Hugging Face causal LMs (Llama, Qwen2, Qwen3) <-> the canonical megatron-core state dict.
+"""Hugging Face causal LMs (Llama, Qwen2, Qwen3, Qwen2-MoE, Qwen3-MoE) <-> the canonical megatron-core state dict.
 
 The canonical form (see :mod:`megatron_xopd.models.sharding`) holds megatron parameter names with global
 layer numbers, TE-style fused norm names and the unpadded vocabulary. This module maps it to and from HF's
@@ -11,6 +11,10 @@ layer numbers, TE-style fused norm names and the unpadded vocabulary. This modul
   activation to the first half).
 * ``input_layernorm``/``post_attention_layernorm`` <-> ``linear_qkv.layer_norm_weight``/``linear_fc1.layer_norm_weight``;
   Qwen3's ``q_norm``/``k_norm`` <-> ``q_layernorm``/``k_layernorm``.
+* MoE layers: ``mlp.gate`` <-> ``mlp.router``; ``mlp.experts.{e}.gate_proj/up_proj/down_proj`` <->
+  ``mlp.experts.local_experts.{e}.linear_fc1/linear_fc2`` (global expert index); ``post_attention_layernorm``
+  <-> ``pre_mlp_layernorm``; Qwen2-MoE's ``shared_expert`` <-> ``shared_experts`` and ``shared_expert_gate``
+  <-> ``shared_experts.gate_weight``. On disk HF keeps one tensor per expert (transformers fuses them in memory).
 
 Why our own mapping: NVIDIA's Megatron-Bridge does this for many architectures and is used by
 :mod:`megatron_xopd.convert.checkpoint` when it is installed and supports the model, but it is not installable
@@ -26,6 +30,7 @@ reads only the tensors of the parameters it holds.
 from __future__ import annotations
 
 import json
+import re
 import shutil
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
@@ -38,8 +43,11 @@ from safetensors.torch import save_file
 from ..models.config import GPTModelConfig, ModelConfigError
 
 ARCHITECTURES = {"LlamaForCausalLM": "llama", "Qwen2ForCausalLM": "qwen2", "Qwen3ForCausalLM": "qwen3"}
-_MODEL_TYPES = {"llama": "llama", "qwen2": "qwen2", "qwen3": "qwen3"}
+MOE_ARCHITECTURES = {"Qwen2MoeForCausalLM": "qwen2", "Qwen3MoeForCausalLM": "qwen3"}
+_MODEL_TYPES = {"llama": "llama", "qwen2": "qwen2", "qwen3": "qwen3", "qwen2_moe": "qwen2", "qwen3_moe": "qwen3"}
 _FAMILY_ARCH = {family: arch for arch, family in ARCHITECTURES.items()}
+_FAMILY_MOE_ARCH = {family: arch for arch, family in MOE_ARCHITECTURES.items()}
+_EXPERT_KEY = re.compile(r"^model\.layers\.\d+\.mlp\.experts\.(\d+)\.")
 # Files of an HF model directory besides the weights that belong with a converted checkpoint.
 TOKENIZER_FILES = (
     "tokenizer.json",
@@ -69,17 +77,69 @@ class ConversionError(ModelConfigError):
 def hf_family(config: Mapping[str, Any]) -> str:
     """``llama`` / ``qwen2`` / ``qwen3`` for a supported HF config dict; a clear error naming the architecture otherwise."""
     archs = list(config.get("architectures") or [])
+    known = {**ARCHITECTURES, **MOE_ARCHITECTURES}
     for arch in archs:
-        if arch in ARCHITECTURES:
-            return ARCHITECTURES[arch]
+        if arch in known:
+            return known[arch]
     model_type = config.get("model_type")
     if not archs and model_type in _MODEL_TYPES:
         return _MODEL_TYPES[model_type]
     name = archs[0] if archs else f"model_type={model_type!r}"
     raise ConversionError(
         f"unsupported architecture {name!r} (config.json architectures={archs}, model_type={model_type!r}); "
-        f"supported: {sorted(ARCHITECTURES)}"
+        f"supported: {sorted(known)}"
     )
+
+
+def hf_is_moe(config: Mapping[str, Any]) -> bool:
+    archs = set(config.get("architectures") or [])
+    return bool(archs & MOE_ARCHITECTURES.keys()) or config.get("model_type") in ("qwen2_moe", "qwen3_moe")
+
+
+def _num_experts(config: Mapping[str, Any]) -> int:
+    """``num_experts`` (Qwen's published configs) or ``num_local_experts`` (what transformers 5 saves)."""
+    value = config.get("num_experts", config.get("num_local_experts"))
+    if not value:
+        raise ConversionError("config.json num_experts: an MoE architecture needs a positive expert count")
+    return int(value)
+
+
+def _moe_fields(config: Mapping[str, Any], family: str) -> dict[str, Any]:
+    """The MoE fields of :class:`GPTModelConfig` from a Qwen2-MoE / Qwen3-MoE ``config.json``."""
+    experts = _num_experts(config)
+    layers = int(config["num_hidden_layers"])
+    step = int(config.get("decoder_sparse_step", 1) or 1)
+    dense = set(config.get("mlp_only_layers") or [])
+    pattern = [int(i not in dense and (i + 1) % step == 0) for i in range(layers)]
+    values: dict[str, Any] = dict(
+        num_moe_experts=experts,
+        moe_router_topk=int(config["num_experts_per_tok"]),
+        moe_ffn_hidden_size=int(config["moe_intermediate_size"]),
+        # HF: softmax over all experts, top-k, then renormalise iff norm_topk_prob. megatron without pre-softmax
+        # takes the top-k logits and softmaxes them, which equals the renormalised top-k probabilities.
+        moe_router_pre_softmax=not bool(config.get("norm_topk_prob", False)),
+        moe_aux_loss_coeff=float(config.get("router_aux_loss_coef", 0.0)),
+        moe_layer_freq=1 if all(pattern) else pattern,
+    )
+    if family == "qwen2":
+        shared = config.get("shared_expert_intermediate_size")
+        if not shared:
+            raise ConversionError("config.json shared_expert_intermediate_size: Qwen2-MoE needs a shared expert")
+        values.update(moe_shared_expert_intermediate_size=int(shared), moe_shared_expert_gate=True)
+    return values
+
+
+def check_hf_expert_count(names: Iterable[str], config: Mapping[str, Any]) -> None:
+    """A checkpoint whose expert tensors do not match ``config.json num_experts`` fails here, naming the field."""
+    found = {int(m.group(1)) for n in names if (m := _EXPERT_KEY.match(n))}
+    if not found:
+        return
+    expected = _num_experts(config)
+    if found != set(range(expected)):
+        raise ConversionError(
+            f"config.json num_experts={expected}, but the checkpoint's tensors hold {len(found)} experts "
+            f"(indices {min(found)}..{max(found)})"
+        )
 
 
 def _rope_theta(config: Mapping[str, Any]) -> float:
@@ -109,6 +169,7 @@ def hf_config_to_model_config(
         raise ConversionError(f"config.json hidden_act={act!r} is not supported (SwiGLU needs 'silu')")
     if config.get("mlp_bias"):
         raise ConversionError("config.json mlp_bias=true is not supported")
+    moe = hf_is_moe(config)
     if family in ("llama", "qwen3") and config.get("attention_bias"):
         raise ConversionError(f"config.json attention_bias=true is not supported for {family} (bias on o_proj)")
     if config.get("use_sliding_window"):
@@ -136,6 +197,10 @@ def hf_config_to_model_config(
         tie_word_embeddings=bool(config.get("tie_word_embeddings", False)),
         params_dtype=dtype,
     )
+    if moe:
+        values.update(_moe_fields(config, family))
+        if family == "qwen2":
+            values["add_qkv_bias"] = bool(config.get("qkv_bias", True))
     values.update(overrides)
     return GPTModelConfig(**values)
 
@@ -143,11 +208,18 @@ def hf_config_to_model_config(
 def model_config_to_hf_config(cfg: GPTModelConfig, base: Mapping[str, Any] | None = None) -> dict[str, Any]:
     """The HF ``config.json`` dict of ``cfg``; fields of ``base`` (the source checkpoint's config: token ids,
     ``initializer_range``...) are kept unless ``cfg`` determines them."""
-    if cfg.num_moe_experts:
-        raise ConversionError("model.num_moe_experts: MoE models have no HF export here")
+    if cfg.num_moe_experts and cfg.family not in _FAMILY_MOE_ARCH:
+        raise ConversionError(f"model.num_moe_experts: no HF MoE architecture for model.family={cfg.family!r}")
+    if cfg.num_moe_experts and (cfg.family == "qwen2") != bool(cfg.moe_shared_expert_gate):
+        raise ConversionError(
+            f"model.moe_shared_expert_gate={cfg.moe_shared_expert_gate}: {_FAMILY_MOE_ARCH[cfg.family]} "
+            f"{'needs' if cfg.family == 'qwen2' else 'has no'} a gated shared expert"
+        )
     if cfg.family == "llama" and cfg.add_qkv_bias:
         raise ConversionError("model.add_qkv_bias: LlamaForCausalLM cannot hold a Q/K/V bias without an o_proj bias")
-    if (cfg.family == "qwen2") != bool(cfg.add_qkv_bias) or (cfg.family == "qwen3") != bool(cfg.qk_layernorm):
+    if ((cfg.family == "qwen2") != bool(cfg.add_qkv_bias) and not cfg.num_moe_experts) or (
+        (cfg.family == "qwen3") != bool(cfg.qk_layernorm)
+    ):
         raise ConversionError(
             f"model.add_qkv_bias={cfg.add_qkv_bias} / model.qk_layernorm={cfg.qk_layernorm} do not match the HF "
             f"{_FAMILY_ARCH[cfg.family]} architecture"
@@ -178,6 +250,22 @@ def model_config_to_hf_config(cfg: GPTModelConfig, base: Mapping[str, Any] | Non
         out["attention_bias"] = False
     if cfg.family == "llama":
         out["mlp_bias"] = False
+    if cfg.num_moe_experts:
+        out.update(
+            architectures=[_FAMILY_MOE_ARCH[cfg.family]],
+            model_type=f"{cfg.family}_moe",
+            num_experts=cfg.num_moe_experts,
+            **({"num_local_experts": cfg.num_moe_experts} if "num_local_experts" in out else {}),
+            num_experts_per_tok=cfg.moe_router_topk,
+            moe_intermediate_size=cfg.expert_ffn_hidden_size,
+            norm_topk_prob=not cfg.moe_router_pre_softmax,
+            router_aux_loss_coef=cfg.moe_aux_loss_coeff,
+            decoder_sparse_step=1,
+            mlp_only_layers=[i for i in range(cfg.num_layers) if not cfg.is_moe_layer(i)],
+        )
+        if cfg.family == "qwen2":
+            out.update(shared_expert_intermediate_size=cfg.moe_shared_expert_intermediate_size,
+                       qkv_bias=bool(cfg.add_qkv_bias))
     return out
 
 
@@ -215,10 +303,14 @@ def _entries(cfg: GPTModelConfig) -> list[tuple[str, tuple[str, ...], str]]:
             (c + "self_attention.linear_qkv.layer_norm_weight", (h + "input_layernorm.weight",), "copy"),
             (c + "self_attention.linear_qkv.weight", tuple(f"{attn}{p}_proj.weight" for p in "qkv"), "qkv"),
             (c + "self_attention.linear_proj.weight", (attn + "o_proj.weight",), "copy"),
-            (c + "mlp.linear_fc1.layer_norm_weight", (h + "post_attention_layernorm.weight",), "copy"),
-            (c + "mlp.linear_fc1.weight", (h + "mlp.gate_proj.weight", h + "mlp.up_proj.weight"), "fc1"),
-            (c + "mlp.linear_fc2.weight", (h + "mlp.down_proj.weight",), "copy"),
         ]
+        if cfg.is_moe_layer(i):
+            entries += _moe_entries(cfg, c, h)
+        else:
+            entries += [
+                (c + "mlp.linear_fc1.layer_norm_weight", (h + "post_attention_layernorm.weight",), "copy"),
+                *_mlp_entries(c + "mlp.", h + "mlp."),
+            ]
         if cfg.add_qkv_bias:
             entries.append((c + "self_attention.linear_qkv.bias", tuple(f"{attn}{p}_proj.bias" for p in "qkv"), "qkv"))
         if cfg.qk_layernorm:
@@ -226,6 +318,28 @@ def _entries(cfg: GPTModelConfig) -> list[tuple[str, tuple[str, ...], str]]:
                 (c + "self_attention.q_layernorm.weight", (attn + "q_norm.weight",), "copy"),
                 (c + "self_attention.k_layernorm.weight", (attn + "k_norm.weight",), "copy"),
             ]
+    return entries
+
+
+def _mlp_entries(c: str, h: str) -> list[tuple[str, tuple[str, ...], str]]:
+    """A SwiGLU MLP: megatron ``{c}linear_fc1/linear_fc2`` <-> HF ``{h}gate_proj/up_proj/down_proj``."""
+    return [
+        (c + "linear_fc1.weight", (h + "gate_proj.weight", h + "up_proj.weight"), "fc1"),
+        (c + "linear_fc2.weight", (h + "down_proj.weight",), "copy"),
+    ]
+
+
+def _moe_entries(cfg: GPTModelConfig, c: str, h: str) -> list[tuple[str, tuple[str, ...], str]]:
+    entries = [
+        (c + "pre_mlp_layernorm.weight", (h + "post_attention_layernorm.weight",), "copy"),
+        (c + "mlp.router.weight", (h + "mlp.gate.weight",), "copy"),
+    ]
+    for e in range(cfg.num_moe_experts or 0):
+        entries += _mlp_entries(f"{c}mlp.experts.local_experts.{e}.", f"{h}mlp.experts.{e}.")
+    if cfg.moe_shared_expert_intermediate_size:
+        entries += _mlp_entries(c + "mlp.shared_experts.", h + "mlp.shared_expert.")
+        if cfg.moe_shared_expert_gate:
+            entries.append((c + "mlp.shared_experts.gate_weight", (h + "mlp.shared_expert_gate.weight",), "copy"))
     return entries
 
 

@@ -28,46 +28,76 @@ from lhotse.audio.utils import AudioLoadingError, DurationMismatchError
 from lhotse.cut import Cut
 
 ENCODER_FEATURES_FIELD = "encoder_features"
+BAD_ENTRY_FIELD = "bad_entry"  # custom field {"field", "reason"} of an entry a reader could not map to a pair
 
 
 class BadCutError(ValueError):
-    """A cut that cannot be turned into a training example."""
+    """A cut that cannot be turned into a training example (``origin``: e.g. the manifest and line it came from)."""
 
-    def __init__(self, cut_id: str, field: str, reason: str) -> None:
-        super().__init__(f"cut {cut_id!r}, field {field!r}: {reason}")
+    def __init__(self, cut_id: str, field: str, reason: str, origin: str | None = None) -> None:
+        where = f" ({origin})" if origin else ""
+        super().__init__(f"cut {cut_id!r}{where}, field {field!r}: {reason}")
         self.cut_id = cut_id
         self.field = field
         self.reason = reason
+        self.origin = origin
 
 
 @dataclass
 class CutStats:
-    """Counts of cuts seen and skipped (by field); ``as_dict()`` gives scalars for a logger."""
+    """Counts of cuts seen and skipped (by field); ``as_dict()`` gives scalars for a logger.
+
+    A skipped cut is counted once, however many epochs draw it again (``skipped_ids``); ``errors`` lists the
+    skips recorded here, for the caller to log."""
 
     seen: int = 0
     skipped: Counter = field(default_factory=Counter)
+    skipped_ids: set[str] = field(default_factory=set)
+    errors: list[BadCutError] = field(default_factory=list)
 
-    def record_skip(self, error: BadCutError) -> None:
+    def record_skip(self, error: BadCutError) -> bool:
+        """Count a skipped cut; False (not counted again) when this cut was already skipped."""
+        if error.cut_id in self.skipped_ids:
+            return False
+        self.skipped_ids.add(error.cut_id)
         self.skipped[error.field] += 1
+        self.errors.append(error)
+        return True
 
-    def update(self, other: CutStats) -> None:
-        """Add another stats object (e.g. the per-batch one carried out of a dataloader worker)."""
+    def update(self, other: CutStats) -> list[BadCutError]:
+        """Add another stats object (e.g. the per-batch one carried out of a dataloader worker); returns the
+        skips that are new here."""
         self.seen += other.seen
-        self.skipped.update(other.skipped)
+        return [err for err in other.errors if self.record_skip(err)]
 
     def as_dict(self, prefix: str = "data/") -> dict[str, int]:
         out = {f"{prefix}cuts_seen": self.seen, f"{prefix}cuts_skipped": sum(self.skipped.values())}
         out.update({f"{prefix}skipped_{name}": count for name, count in sorted(self.skipped.items())})
         return out
 
+    def state_dict(self) -> dict[str, Any]:
+        """JSON-able counts (the logged errors are not kept)."""
+        return {"seen": self.seen, "skipped": dict(self.skipped), "skipped_ids": sorted(self.skipped_ids)}
 
-def load_prompt_cuts(path_or_cfg: str | Path | Mapping[str, Any]) -> CutSet:
+    @classmethod
+    def from_state_dict(cls, state: dict[str, Any]) -> CutStats:
+        return cls(seen=int(state["seen"]), skipped=Counter(state["skipped"]), skipped_ids=set(state["skipped_ids"]))
+
+
+def load_prompt_cuts(path_or_cfg: str | Path | Mapping[str, Any], *, seed: int = 0, finite: bool = False,
+                     on_bad_cut: str = "skip") -> CutSet:
     """Open a prompt ``CutSet`` lazily.
 
     Accepts a path to a ``.jsonl``/``.jsonl.gz`` cut manifest or to a Lhotse Shar directory, or a config with
     NeMo's keys: ``cuts_path`` (manifest), or ``shar_path`` (a Shar directory, or a mapping of field name to
-    shard list as in ``CutSet.from_shar(fields=...)``) with optional ``shuffle_shards`` and ``seed``.
+    shard list as in ``CutSet.from_shar(fields=...)``) with optional ``shuffle_shards`` and ``seed``. A NeMo
+    dataloader config (``input_cfg`` or ``manifest_filepath``) goes to NeMo's reader through
+    :func:`.nemo_config.read_nemo_cuts` (``seed``, ``finite``, ``on_bad_cut`` are for it).
     """
+    from .nemo_config import is_nemo_config, read_nemo_cuts
+
+    if is_nemo_config(path_or_cfg):
+        return read_nemo_cuts(path_or_cfg, seed=seed, finite=finite, on_bad_cut=on_bad_cut)
     if isinstance(path_or_cfg, Mapping):
         cfg = dict(path_or_cfg)
         if cfg.get("cuts_path"):
@@ -85,6 +115,13 @@ def load_prompt_cuts(path_or_cfg: str | Path | Mapping[str, Any]) -> CutSet:
     if not path.is_file():
         raise FileNotFoundError(f"prompt manifest not found: {path}")
     return CutSet.from_file(path)
+
+
+def check_entry(cut: Cut) -> None:
+    """Raise the :class:`BadCutError` a reader marked this cut with (``custom[BAD_ENTRY_FIELD]``), if any."""
+    bad = (cut.custom or {}).get(BAD_ENTRY_FIELD)
+    if bad is not None:
+        raise BadCutError(cut.id, bad["field"], bad["reason"], origin=bad.get("origin"))
 
 
 def text_prompt(cut: Cut) -> str:

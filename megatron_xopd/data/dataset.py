@@ -15,7 +15,8 @@ from lhotse.dataset import DynamicBucketingSampler
 from lhotse.dataset.collation import collate_matrices, collate_vectors
 from torch.utils.data import DataLoader
 
-from .cuts import BadCutError, CutStats, answer, load_audio, load_encoder_features, text_prompt
+from .cuts import BadCutError, CutStats, answer, check_entry, load_audio, load_encoder_features, text_prompt
+from .nemo_config import located
 from .tokenizer import format_prompt
 
 if TYPE_CHECKING:
@@ -34,11 +35,13 @@ class PairedPromptDataset(torch.utils.data.Dataset):
       the speech prompt holds the audio-locator token where the speech embeddings go;
     * ``speech_input="audio"``: ``audio`` float32 ``[B, T]`` (16 kHz mono, zero-padded), ``audio_lens`` int64 ``[B]``;
       ``speech_input="features"``: ``features`` float32 ``[B, F, D]`` and ``feature_lens`` int64 ``[B]``;
+      ``speech_input="none"`` (text only: no speech is read, the cuts need none): neither;
     * ``stats``: the :class:`CutStats` of this batch (add them up in the training loop; this also works across
       dataloader worker processes).
 
-    A bad cut (see :mod:`megatron_xopd.data.cuts`) raises with ``on_bad_cut="raise"``; with ``"skip"`` it is logged,
-    counted and left out, so a batch may be smaller than sampled, or empty (``B == 0``).
+    A bad cut (see :mod:`megatron_xopd.data.cuts`) raises with ``on_bad_cut="raise"``; with ``"skip"`` it is
+    recorded in ``stats`` (the training loop logs and counts it once) and left out, so a batch may be smaller
+    than sampled, or empty (``B == 0``).
     """
 
     def __init__(
@@ -47,12 +50,12 @@ class PairedPromptDataset(torch.utils.data.Dataset):
         audio_locator: str = "<|audio|>",
         max_prompt_tokens: int = 1024,
         *,
-        speech_input: Literal["audio", "features"] = "audio",
+        speech_input: Literal["audio", "features", "none"] = "audio",
         sampling_rate: int = 16000,
         on_bad_cut: Literal["skip", "raise"] = "skip",
     ) -> None:
-        if speech_input not in ("audio", "features"):
-            raise ValueError(f"speech_input must be 'audio' or 'features', got {speech_input!r}")
+        if speech_input not in ("audio", "features", "none"):
+            raise ValueError(f"data.speech_input must be 'audio', 'features' or 'none', got {speech_input!r}")
         if on_bad_cut not in ("skip", "raise"):
             raise ValueError(f"on_bad_cut must be 'skip' or 'raise', got {on_bad_cut!r}")
         self.tokenizer = tokenizer
@@ -63,15 +66,17 @@ class PairedPromptDataset(torch.utils.data.Dataset):
         self.on_bad_cut = on_bad_cut
 
     def _example(self, cut: Cut) -> dict[str, Any]:
+        check_entry(cut)
         text = text_prompt(cut)
         text_ids = format_prompt(self.tokenizer, text, audio=False, audio_locator=self.audio_locator)
         if len(text_ids) > self.max_prompt_tokens:
             too_long = f"prompt too long: {len(text_ids)} tokens > max_prompt_tokens={self.max_prompt_tokens}"
             raise BadCutError(cut.id, "text_prompt", too_long)
         speech_ids = format_prompt(self.tokenizer, text, audio=True, audio_locator=self.audio_locator)
+        speech = None
         if self.speech_input == "audio":
             speech = load_audio(cut, self.sampling_rate)
-        else:
+        elif self.speech_input == "features":
             speech = load_encoder_features(cut)
         return {"id": cut.id, "text": text, "text_ids": text_ids, "speech_ids": speech_ids, "speech": speech,
                 "answer": answer(cut)}
@@ -83,19 +88,21 @@ class PairedPromptDataset(torch.utils.data.Dataset):
             try:
                 examples.append(self._example(cut))
             except BadCutError as err:
+                err = located(err, cut)
                 if self.on_bad_cut == "raise":
-                    raise
-                logger.warning("skipping bad cut: %s", err)
+                    raise err from None
+                logger.debug("skipping bad cut: %s", err)
                 stats.record_skip(err)
-        key, lens_key = ("audio", "audio_lens") if self.speech_input == "audio" else ("features", "feature_lens")
-        speech, lens = _pad([ex["speech"] for ex in examples], self.speech_input)
+        speech = {}
+        if self.speech_input != "none":
+            key, lens_key = ("audio", "audio_lens") if self.speech_input == "audio" else ("features", "feature_lens")
+            speech = dict(zip((key, lens_key), _pad([ex["speech"] for ex in examples], self.speech_input)))
         return {
             "cut_ids": [ex["id"] for ex in examples],
             "text_prompts": [ex["text"] for ex in examples],
             "text_prompt_ids": [ex["text_ids"] for ex in examples],
             "speech_prompt_ids": [ex["speech_ids"] for ex in examples],
-            key: speech,
-            lens_key: lens,
+            **speech,
             "answers": [ex["answer"] for ex in examples],
             "stats": stats,
         }
@@ -151,10 +158,14 @@ class PromptDataLoader:
         return sd
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Restore a position; the next ``iter()`` continues right after the last batch yielded before saving."""
+        """Restore a position; the next ``iter()`` continues right after the last batch yielded before saving.
+
+        Accepts the state after a JSON round trip (epoch keys turned into strings)."""
+        state_dict = copy.deepcopy(state_dict)  # lhotse pops the keys it reads
         diagnostics = state_dict["diagnostics"]
+        diagnostics["stats_per_epoch"] = {int(k): v for k, v in diagnostics["stats_per_epoch"].items()}
         self._consumed = diagnostics["stats_per_epoch"][diagnostics["current_epoch"]]["kept_batches"]
-        self.sampler.load_state_dict(copy.deepcopy(state_dict))  # lhotse pops the keys it reads
+        self.sampler.load_state_dict(state_dict)
         self._restored = True
 
 

@@ -1,6 +1,6 @@
 """Model builders: megatron-core GPT (Llama/Qwen2/Qwen3), the speech student and the text teacher."""
 
-from .config import GPTModelConfig, ModelConfigError
+from .config import GPTModelConfig, ModelConfigError, RecomputeConfig
 from .gpt import build_gpt_model, to_transformer_config, vocab_shard_range
 from .sharding import gather_canonical_state_dict, load_canonical_state_dict
 from .speech import (
@@ -19,6 +19,7 @@ __all__ = [
     "GPTModelConfig",
     "ModelConfigError",
     "PerceptionConfig",
+    "RecomputeConfig",
     "SpeechStudent",
     "audio_locator_id",
     "build_gpt_model",

@@ -1,4 +1,5 @@
-"""Typed model configs for the Llama, Qwen2 and Qwen3 families, mapped onto megatron-core's ``TransformerConfig``."""
+"""Typed model configs for the Llama, Qwen2 and Qwen3 families (dense and MoE), mapped onto megatron-core's
+``TransformerConfig``."""
 
 from __future__ import annotations
 
@@ -20,11 +21,44 @@ class ModelConfigError(ValueError):
 
 
 @dataclass
+class RecomputeConfig:
+    """Activation recompute of the trained model (``trainer.recompute_*``), megatron's ``TransformerConfig`` fields.
+
+    ``selective`` recomputes the core attention (megatron's default ``recompute_modules``); ``full`` recomputes
+    whole layers, ``num_layers`` per chunk (``uniform``) or the first ``num_layers`` of each stage (``block``).
+    """
+
+    granularity: str | None = None  # None | selective | full
+    method: str | None = None  # full only: uniform (default) | block
+    num_layers: int | None = None  # full only: default 1
+
+    def __post_init__(self) -> None:
+        if self.granularity not in (None, "selective", "full"):
+            raise ModelConfigError(f"trainer.recompute_granularity: {self.granularity!r} is not null|selective|full")
+        if self.granularity == "full":
+            self.method = self.method or "uniform"
+            self.num_layers = self.num_layers or 1
+            if self.method not in ("uniform", "block"):
+                raise ModelConfigError(f"trainer.recompute_method: {self.method!r} is not uniform|block")
+        elif self.method is not None or self.num_layers is not None:
+            raise ModelConfigError("trainer.recompute_method and trainer.recompute_num_layers apply only to "
+                                   "trainer.recompute_granularity=full")
+
+    def transformer_kwargs(self) -> dict[str, Any]:
+        return dict(recompute_granularity=self.granularity, recompute_method=self.method,
+                    recompute_num_layers=self.num_layers)
+
+
+@dataclass
 class GPTModelConfig:
     """A decoder-only LM: RMSNorm, SwiGLU, RoPE, grouped-query attention.
 
     ``family`` sets the defaults that differ between families: Qwen2 has a bias on Q/K/V, Qwen3 has
-    QK-norm. ``vocab_size`` is the number of embedding rows of the checkpoint (HF ``vocab_size``);
+    QK-norm. With ``num_moe_experts`` set the model is a mixture of experts (Qwen3-MoE, Qwen2-MoE; see
+    docs/moe.md): ``moe_layer_freq`` says which layers are MoE (1 = all, or a 0/1 list per layer, megatron's
+    convention), the others are dense SwiGLU MLPs of ``ffn_hidden_size``. ``moe_router_pre_softmax`` is HF's
+    ``not norm_topk_prob``: False = top-k over logits then softmax over the k (the same as renormalised top-k
+    probabilities), True = softmax over all experts then top-k, not renormalised. ``vocab_size`` is the number of embedding rows of the checkpoint (HF ``vocab_size``);
     ``text_vocab_size`` is the number of ids the tokenizer can emit (defaults to ``vocab_size``), and
     columns beyond it are padding that no loss or sampler may use. The embedding is padded to
     ``padded_vocab_size`` (or to a multiple of ``make_vocab_size_divisible_by`` x TP).
@@ -63,6 +97,9 @@ class GPTModelConfig:
     moe_router_load_balancing_type: str = "aux_loss"
     moe_aux_loss_coeff: float = 0.0
     moe_router_pre_softmax: bool = False
+    moe_layer_freq: int | list[int] = 1
+    moe_shared_expert_gate: bool = False  # Qwen2-MoE: sigmoid(x @ gate) scales the shared expert
+    moe_token_dispatcher_type: str = "alltoall"  # alltoall (runs on gloo) | allgather | flex (GPU only)
     # Any other TransformerConfig field, verbatim.
     transformer_overrides: dict[str, Any] = field(default_factory=dict)
 
@@ -88,8 +125,44 @@ class GPTModelConfig:
             raise ModelConfigError(
                 f"model.text_vocab_size ({self.text_vocab_size}) exceeds model.vocab_size ({self.vocab_size})"
             )
+        self._validate_moe()
         if self.transformer_impl not in ("auto", "local", "transformer_engine"):
             raise ModelConfigError(f"model.transformer_impl: {self.transformer_impl!r} is not auto|local|transformer_engine")
+
+    def _validate_moe(self) -> None:
+        if not self.num_moe_experts:
+            return
+        if not 1 <= self.moe_router_topk <= self.num_moe_experts:
+            raise ModelConfigError(
+                f"model.moe_router_topk ({self.moe_router_topk}) must be in [1, model.num_moe_experts "
+                f"({self.num_moe_experts})]"
+            )
+        if isinstance(self.moe_layer_freq, list):
+            if len(self.moe_layer_freq) != self.num_layers or set(self.moe_layer_freq) - {0, 1}:
+                raise ModelConfigError(
+                    f"model.moe_layer_freq: a list must hold one 0/1 per layer ({self.num_layers}), "
+                    f"got {self.moe_layer_freq}"
+                )
+        elif self.moe_layer_freq < 1:
+            raise ModelConfigError(f"model.moe_layer_freq ({self.moe_layer_freq}) must be >= 1")
+        if self.moe_token_dispatcher_type not in ("alltoall", "allgather", "flex"):
+            raise ModelConfigError(
+                f"model.moe_token_dispatcher_type: {self.moe_token_dispatcher_type!r} is not alltoall|allgather|flex"
+            )
+        if self.moe_shared_expert_gate and not self.moe_shared_expert_intermediate_size:
+            raise ModelConfigError("model.moe_shared_expert_gate needs model.moe_shared_expert_intermediate_size")
+
+    def is_moe_layer(self, layer: int) -> bool:
+        """Whether the 0-based global ``layer`` has an MoE MLP (megatron's ``moe_layer_freq`` semantics)."""
+        if not self.num_moe_experts:
+            return False
+        if isinstance(self.moe_layer_freq, list):
+            return bool(self.moe_layer_freq[layer])
+        return layer % self.moe_layer_freq == 0
+
+    @property
+    def expert_ffn_hidden_size(self) -> int:
+        return self.moe_ffn_hidden_size or self.ffn_hidden_size
 
     @property
     def torch_dtype(self) -> torch.dtype:
@@ -111,8 +184,32 @@ class GPTModelConfig:
         multiple = self.make_vocab_size_divisible_by * tensor_parallel_size
         return -(-self.vocab_size // multiple) * multiple
 
-    def validate_parallel(self, tensor_parallel_size: int, pipeline_parallel_size: int) -> None:
+    def validate_parallel(
+        self,
+        tensor_parallel_size: int,
+        pipeline_parallel_size: int,
+        expert_parallel_size: int = 1,
+        expert_tensor_parallel_size: int | None = None,
+    ) -> None:
         """Raise a one-line error naming the field when this model cannot be split as asked."""
+        if self.num_moe_experts:
+            etp = tensor_parallel_size if expert_tensor_parallel_size is None else expert_tensor_parallel_size
+            if self.num_moe_experts % expert_parallel_size:
+                raise ModelConfigError(
+                    f"model.num_moe_experts ({self.num_moe_experts}) is not divisible by "
+                    f"expert_model_parallel_size ({expert_parallel_size})"
+                )
+            if self.expert_ffn_hidden_size % etp:
+                raise ModelConfigError(
+                    f"model.moe_ffn_hidden_size ({self.expert_ffn_hidden_size}) is not divisible by "
+                    f"expert_tensor_parallel_size ({etp})"
+                )
+            shared = self.moe_shared_expert_intermediate_size
+            if shared and shared % tensor_parallel_size:
+                raise ModelConfigError(
+                    f"model.moe_shared_expert_intermediate_size ({shared}) is not divisible by "
+                    f"tensor_model_parallel_size ({tensor_parallel_size})"
+                )
         if self.num_attention_heads % tensor_parallel_size:
             raise ModelConfigError(
                 f"model.num_attention_heads ({self.num_attention_heads}) is not divisible by "

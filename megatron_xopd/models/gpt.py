@@ -1,4 +1,4 @@
-"""Build megatron-core ``GPTModel``s (Llama / Qwen2 / Qwen3) from :class:`GPTModelConfig`."""
+"""Build megatron-core ``GPTModel``s (Llama / Qwen2 / Qwen3, dense or MoE) from :class:`GPTModelConfig`."""
 
 from __future__ import annotations
 
@@ -9,16 +9,20 @@ import torch.nn.functional as F
 from megatron.core import parallel_state
 from megatron.core.models.gpt import GPTModel
 from megatron.core.models.gpt.gpt_layer_specs import (
+    get_gpt_decoder_block_spec,
     get_gpt_layer_local_spec,
     get_gpt_layer_with_transformer_engine_spec,
 )
 from megatron.core.transformer.enums import AttnBackend
+from megatron.core.transformer.identity_op import IdentityOp
 from megatron.core.transformer.spec_utils import ModuleSpec
+from megatron.core.transformer.transformer_block import TransformerBlockSubmodules, get_num_layers_to_build
 from megatron.core.transformer.transformer_config import TransformerConfig
 
 from ..ops.sharding import vocab_shard
 from .attention import InferenceSDPAttention, RotateOnceSelfAttention
-from .config import GPTModelConfig, ModelConfigError
+from .config import GPTModelConfig, ModelConfigError, RecomputeConfig
+from .norm import RMSNorm
 
 
 def transformer_engine_usable() -> bool:
@@ -36,11 +40,20 @@ def uses_transformer_engine(cfg: GPTModelConfig) -> bool:
     return transformer_engine_usable()
 
 
-def to_transformer_config(cfg: GPTModelConfig, *, sequence_parallel: bool = False) -> TransformerConfig:
+def to_transformer_config(
+    cfg: GPTModelConfig, *, sequence_parallel: bool = False, recompute: RecomputeConfig | None = None
+) -> TransformerConfig:
     """The megatron ``TransformerConfig`` for ``cfg`` under the current ``parallel_state`` layout."""
     tp = parallel_state.get_tensor_model_parallel_world_size()
     pp = parallel_state.get_pipeline_model_parallel_world_size()
-    cfg.validate_parallel(tp, pp)
+    ep = parallel_state.get_expert_model_parallel_world_size()
+    etp = parallel_state.get_expert_tensor_parallel_world_size()
+    cfg.validate_parallel(tp, pp, ep, etp)
+    if cfg.num_moe_experts and tp > 1 and not sequence_parallel:
+        raise ModelConfigError(
+            f"parallel.sequence_parallel: megatron-core's MoE layer needs sequence parallelism at "
+            f"tensor_model_parallel_size {tp} (model.num_moe_experts={cfg.num_moe_experts})"
+        )
     te = uses_transformer_engine(cfg)
     dtype = cfg.torch_dtype
     values = dict(
@@ -88,20 +101,67 @@ def to_transformer_config(cfg: GPTModelConfig, *, sequence_parallel: bool = Fals
         moe_router_load_balancing_type=cfg.moe_router_load_balancing_type,
         moe_aux_loss_coeff=cfg.moe_aux_loss_coeff,
         moe_router_pre_softmax=cfg.moe_router_pre_softmax,
+        **(recompute or RecomputeConfig()).transformer_kwargs(),
     )
+    if cfg.num_moe_experts:
+        values.update(
+            expert_model_parallel_size=ep,
+            expert_tensor_parallel_size=etp,
+            moe_layer_freq=cfg.moe_layer_freq,
+            moe_shared_expert_gate=cfg.moe_shared_expert_gate,
+            moe_token_dispatcher_type=cfg.moe_token_dispatcher_type,
+            moe_router_score_function="softmax",
+            # HF computes router logits in the model dtype; megatron's default is the same (None).
+            moe_permute_fusion=te,
+            moe_router_fusion=te,
+        )
     values.update(cfg.transformer_overrides)
     return TransformerConfig(**values)
 
 
+def _localize(spec: ModuleSpec) -> ModuleSpec:
+    """A local-spec layer with our norms (:class:`~megatron_xopd.models.norm.RMSNorm`: megatron's torch norm
+    refuses sequence parallelism) and our attention (fast CPU rollouts)."""
+    layer = spec.submodules
+    layer.input_layernorm = RMSNorm
+    if layer.pre_mlp_layernorm is not IdentityOp:
+        layer.pre_mlp_layernorm = RMSNorm
+    attention = layer.self_attention.submodules
+    if attention.q_layernorm is not IdentityOp and attention.q_layernorm is not None:
+        attention.q_layernorm = attention.k_layernorm = RMSNorm
+    layer.self_attention.module = RotateOnceSelfAttention
+    attention.core_attention = InferenceSDPAttention
+    return spec
+
+
 def layer_spec(cfg: GPTModelConfig) -> ModuleSpec:
-    """Transformer Engine spec on GPU when TE is importable, megatron's local (torch) spec otherwise."""
-    common = dict(num_experts=cfg.num_moe_experts, moe_grouped_gemm=cfg.moe_grouped_gemm, qk_layernorm=cfg.qk_layernorm)
+    """A dense layer: the Transformer Engine spec on GPU when TE is importable, megatron's local (torch) spec
+    otherwise."""
+    common = dict(num_experts=None, moe_grouped_gemm=False, qk_layernorm=cfg.qk_layernorm)
     if uses_transformer_engine(cfg):
         return get_gpt_layer_with_transformer_engine_spec(fp8=cfg.fp8, **common)
-    spec = get_gpt_layer_local_spec(normalization="RMSNorm", **common)
-    spec.submodules.self_attention.module = RotateOnceSelfAttention
-    spec.submodules.self_attention.submodules.core_attention = InferenceSDPAttention
-    return spec
+    return _localize(get_gpt_layer_local_spec(normalization="RMSNorm", **common))
+
+
+def block_spec(cfg: GPTModelConfig, config: TransformerConfig, vp_stage: int | None) -> ModuleSpec | TransformerBlockSubmodules:
+    """This stage's decoder; the local spec's final norm is also our :class:`RMSNorm`.
+
+    MoE models get megatron's decoder block spec (dense or MoE layers per ``moe_layer_freq``; sequential experts
+    on the local spec, grouped GEMM only with TE).
+    """
+    te = uses_transformer_engine(cfg)
+    if cfg.num_moe_experts:
+        if cfg.moe_grouped_gemm and not te:
+            raise ModelConfigError("model.moe_grouped_gemm needs Transformer Engine and CUDA (the CPU path runs sequential experts)")
+        block = get_gpt_decoder_block_spec(config, use_transformer_engine=te, normalization="RMSNorm", vp_stage=vp_stage)
+        if not te:
+            block.layer_specs = [_localize(spec) for spec in block.layer_specs]
+            block.layer_norm = RMSNorm
+        return block
+    spec = layer_spec(cfg)
+    if te:
+        return spec
+    return TransformerBlockSubmodules(layer_specs=[spec] * get_num_layers_to_build(config, vp_stage), layer_norm=RMSNorm)
 
 
 def build_gpt_model(
@@ -109,10 +169,14 @@ def build_gpt_model(
     *,
     pre_process: bool | None = None,
     post_process: bool | None = None,
-    sequence_parallel: bool = False,
+    sequence_parallel: bool | None = None,
+    recompute: RecomputeConfig | None = None,
     vp_stage: int | None = None,
 ) -> GPTModel:
     """Build this rank's part of the model (its TP shard of its PP stage) under ``parallel_state``.
+
+    ``sequence_parallel=None`` turns it on where megatron-core requires it (an MoE model at TP > 1) and off
+    elsewhere; ``GPTModel`` scatters and gathers the sequence itself, so callers see the same tensors.
 
     The output layer returns vocab-parallel logits (``parallel_output=True``): each TP rank holds the
     columns of its vocabulary shard, which is what the divergence ops consume.
@@ -124,9 +188,12 @@ def build_gpt_model(
     if post_process is None:
         post_process = parallel_state.is_pipeline_last_stage(ignore_virtual=vp_stage is None, vp_stage=vp_stage)
     tp = parallel_state.get_tensor_model_parallel_world_size()
+    if sequence_parallel is None:
+        sequence_parallel = bool(cfg.num_moe_experts) and tp > 1
+    config = to_transformer_config(cfg, sequence_parallel=sequence_parallel, recompute=recompute)
     model = GPTModel(
-        config=to_transformer_config(cfg, sequence_parallel=sequence_parallel),
-        transformer_layer_spec=layer_spec(cfg),
+        config=config,
+        transformer_layer_spec=block_spec(cfg, config, vp_stage),
         vocab_size=cfg.padded_vocab(tp),
         max_sequence_length=cfg.max_position_embeddings,
         pre_process=pre_process,

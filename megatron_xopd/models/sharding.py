@@ -6,6 +6,11 @@ It is the meeting point of the HF converters, the parity tests and the exporters
 tensor-parallel attributes megatron sets on each parameter (``partition_dim``, ``partition_stride``:
 SwiGLU's ``linear_fc1`` has stride 2, so each rank holds its slice of gate and of up). For large models
 the converters write megatron ``dist_checkpointing`` checkpoints, which reshard at load time.
+
+MoE layers: experts carry their *global* index (``mlp.experts.local_experts.{e}``, e over all experts, as an
+EP=1 model names them); expert weights are sliced over the expert-tensor-parallel group and gathered over it and
+the expert-parallel group. An MoE layer keeps its ``pre_mlp_layernorm`` (there is no fused ``linear_fc1`` to
+hold it, in either spec).
 """
 
 from __future__ import annotations
@@ -18,6 +23,7 @@ from megatron.core import parallel_state
 from megatron.core.transformer.transformer_layer import get_transformer_layer_offset
 
 _LAYER = re.compile(r"^(decoder\.layers\.)(\d+)(\..*)$")
+_EXPERT = re.compile(r"^(\.mlp\.experts\.local_experts\.)(\d+)(\..*)$")
 _VOCAB_PARAMS = ("embedding.word_embeddings.weight", "output_layer.weight")
 
 
@@ -40,13 +46,34 @@ def local_to_global_name(model: torch.nn.Module, name: str) -> str:
     match = _LAYER.match(name)
     if match is None:
         return name
-    config = _unwrap(model).config
-    offset = get_transformer_layer_offset(config, getattr(_unwrap(model), "vp_stage", None))
+    inner = _unwrap(model)
+    config = inner.config
+    offset = get_transformer_layer_offset(config, getattr(inner, "vp_stage", None))
     suffix = match.group(3)
+    moe_layer = config.num_moe_experts and hasattr(inner.decoder.layers[int(match.group(2))].mlp, "router")
     for local, fused in _LOCAL_NORMS.items():
-        if suffix.endswith(local) and not (local.startswith(".pre_mlp") and config.num_moe_experts):
+        if suffix.endswith(local) and not (local.startswith(".pre_mlp") and moe_layer):
             suffix = suffix[: -len(local)] + fused
+    expert = _EXPERT.match(suffix)
+    if expert is not None:
+        num_local = config.num_moe_experts // parallel_state.get_expert_model_parallel_world_size()
+        first = parallel_state.get_expert_model_parallel_rank() * num_local
+        suffix = f"{expert.group(1)}{int(expert.group(2)) + first}{expert.group(3)}"
     return f"{match.group(1)}{int(match.group(2)) + offset}{suffix}"
+
+
+def _is_expert(name: str) -> bool:
+    return ".mlp.experts." in name
+
+
+def _tp_group_of(name: str) -> tuple[int, int, "dist.ProcessGroup"]:
+    """(rank, size, group) of the tensor-parallel group that splits parameter ``name``: expert weights are
+    split over the expert-tensor-parallel group, everything else over the TP group."""
+    if _is_expert(name):
+        return (parallel_state.get_expert_tensor_parallel_rank(), parallel_state.get_expert_tensor_parallel_world_size(),
+                parallel_state.get_expert_tensor_parallel_group())
+    return (parallel_state.get_tensor_model_parallel_rank(), parallel_state.get_tensor_model_parallel_world_size(),
+            parallel_state.get_tensor_model_parallel_group())
 
 
 def _tp_slice(full: torch.Tensor, param: torch.Tensor, tp_rank: int, tp_size: int) -> torch.Tensor:
@@ -69,10 +96,9 @@ def _pad_vocab(full: torch.Tensor, rows: int) -> torch.Tensor:
 def load_canonical_state_dict(model: torch.nn.Module, full: dict[str, torch.Tensor], *, strict: bool = True) -> None:
     """Copy this rank's slices of ``full`` (canonical form) into ``model``'s parameters and buffers."""
     inner = _unwrap(model)
-    tp_rank = parallel_state.get_tensor_model_parallel_rank()
-    tp_size = parallel_state.get_tensor_model_parallel_world_size()
     missing = []
     for name, param in inner.named_parameters():
+        tp_rank, tp_size, _ = _tp_group_of(name)
         key = local_to_global_name(inner, name)
         if key == "output_layer.weight" and key not in full and inner.share_embeddings_and_output_weights:
             key = "embedding.word_embeddings.weight"  # tied: the last PP stage keeps its own copy
@@ -96,14 +122,13 @@ def gather_canonical_state_dict(
 ) -> dict[str, torch.Tensor]:
     """The full canonical state dict (or gradients, with ``grads=True``), assembled over TP and PP.
 
-    Every rank receives it (an all-gather over TP, then over PP). This materialises the whole model on
+    Every rank receives it (an all-gather over TP, then the experts over EP, then over PP). This materialises the whole model on
     each rank: for tests, exports and small models; large models export through ``dist_checkpointing``.
     """
     inner = _unwrap(model)
-    tp_size = parallel_state.get_tensor_model_parallel_world_size()
-    tp_group = parallel_state.get_tensor_model_parallel_group()
     local: dict[str, torch.Tensor] = {}
     for name, param in inner.named_parameters():
+        _, tp_size, tp_group = _tp_group_of(name)
         tensor = param.main_grad if grads and hasattr(param, "main_grad") else (param.grad if grads else param)
         if tensor is None:
             tensor = torch.zeros_like(param)
@@ -119,6 +144,12 @@ def gather_canonical_state_dict(
         if name == "output_layer.weight" and inner.share_embeddings_and_output_weights:
             continue  # tied: the canonical form holds the embedding only
         local[local_to_global_name(inner, name)] = tensor
+    if parallel_state.get_expert_model_parallel_world_size() > 1:
+        experts = {k: v for k, v in local.items() if _is_expert(k)}
+        parts: list[dict[str, torch.Tensor] | None] = [None] * parallel_state.get_expert_model_parallel_world_size()
+        dist.all_gather_object(parts, experts, group=parallel_state.get_expert_model_parallel_group())
+        for part in parts:
+            local.update(part)
     if parallel_state.get_pipeline_model_parallel_world_size() > 1:
         stages: list[dict[str, torch.Tensor] | None] = [None] * parallel_state.get_pipeline_model_parallel_world_size()
         dist.all_gather_object(stages, local, group=parallel_state.get_pipeline_model_parallel_group())

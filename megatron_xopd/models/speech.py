@@ -23,7 +23,7 @@ from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
 from ..runtime.device import current_device
-from .config import GPTModelConfig, ModelConfigError
+from .config import GPTModelConfig, ModelConfigError, RecomputeConfig
 from .gpt import build_gpt_model
 
 
@@ -99,13 +99,18 @@ class SpeechStudent(MegatronModule):
     def __init__(
         self,
         llm_cfg: GPTModelConfig,
-        perception_cfg: PerceptionConfig,
+        perception_cfg: PerceptionConfig | None,
         audio_locator_id: int,
         *,
         pre_process: bool | None = None,
         post_process: bool | None = None,
+        sequence_parallel: bool = False,
+        recompute: RecomputeConfig | None = None,
     ) -> None:
-        language_model = build_gpt_model(llm_cfg, pre_process=pre_process, post_process=post_process)
+        language_model = build_gpt_model(
+            llm_cfg, pre_process=pre_process, post_process=post_process, sequence_parallel=sequence_parallel,
+            recompute=recompute,
+        )
         super().__init__(config=language_model.config)
         if not llm_cfg.text_vocab_size <= audio_locator_id < llm_cfg.vocab_size:
             raise ModelConfigError(
@@ -119,7 +124,7 @@ class SpeechStudent(MegatronModule):
         self.pre_process = language_model.pre_process
         self.post_process = language_model.post_process
         self.perception = None
-        if self.pre_process:
+        if self.pre_process and perception_cfg is not None:  # None: a text-only student (data.speech_input=none)
             with torch.random.fork_rng(devices=[]):
                 torch.manual_seed(perception_cfg.init_seed)
                 # built on the CPU by NeMo; megatron builds the GPT on this rank's device already
@@ -149,7 +154,7 @@ class SpeechStudent(MegatronModule):
         ``audio`` is [B, samples] waveforms (``source="audio"``) or [B, frames, feature_dim] features.
         """
         if self.perception is None:
-            raise RuntimeError("embed_audio runs on the first pipeline stage only")
+            raise RuntimeError("embed_audio: no perception here (a text-only student, or not the first pipeline stage)")
         if isinstance(self.perception, FeaturePerception):
             emb, lens = self.perception(audio, audio_lens)
         else:

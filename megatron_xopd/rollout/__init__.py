@@ -2,7 +2,7 @@
 collection of a step's rollouts from a batch of paired prompts."""
 
 from ..ops.sampling import SamplingParams
-from .collect import RolloutCollector, StudentPrompts, speech_inputs
+from .collect import RolloutCollector, StudentPrompts, has_speech, speech_inputs
 from .engine import RolloutBatch, RolloutEngine, rollout_mode
 
 __all__ = [
@@ -12,5 +12,6 @@ __all__ = [
     "SamplingParams",
     "StudentPrompts",
     "rollout_mode",
+    "has_speech",
     "speech_inputs",
 ]

@@ -37,6 +37,11 @@ class StudentPrompts:
     skipped: list[BadCutError] = field(default_factory=list)  # speech prompts too long with the audio expanded
 
 
+def has_speech(batch: dict[str, Any]) -> bool:
+    """Whether the batch carries speech (``data.speech_input`` is not ``none``)."""
+    return "features" in batch or "audio" in batch
+
+
 def speech_inputs(batch: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
     """The batch's perception inputs: cached encoder features, or audio."""
     if "features" in batch:
@@ -98,7 +103,7 @@ class RolloutCollector:
         """The student's prompts for every (prompt, modality): T ids, or S ids with one audio locator and its
         perception output. Speech prompts too long once the locator is expanded are left out and listed."""
         embeds, frames = self._audio_embeddings(batch) if CROSS_MODAL in modalities else ([], [])
-        speech, speech_lens = speech_inputs(batch)
+        speech, speech_lens = speech_inputs(batch) if CROSS_MODAL in modalities else (None, None)
         out = StudentPrompts()
         for m in modalities:
             for i in range(len(batch["cut_ids"])):

@@ -2,7 +2,7 @@
 are listed in ``runtime/mcore_overrides.py``).
 
 megatron-core hard-codes CUDA in a few places that are on the path of a ``GPTModel`` forward/backward,
-the pipeline schedules and ``dist_checkpointing``. Three shims make the *real* megatron code run on CPU
+the pipeline schedules, ``dist_checkpointing``, activation recompute and the MoE layer. These shims make the *real* megatron code run on CPU
 processes, which is how the project's parallel tests check TP/PP against single-process references:
 
 1. RNG tracker. ``megatron/core/tensor_parallel/random.py``: ``CudaRNGStatesTracker.add``/``fork`` call
@@ -18,12 +18,30 @@ processes, which is how the project's parallel tests check TP/PP against single-
    exchange in ``pipeline_parallel/p2p_communication.py``, ``tensor_parallel/layers.py``,
    ``transformer/attention.py``, ``models/gpt/gpt_model.py``) and ``Tensor.cuda()``: a
    :class:`~torch.overrides.TorchFunctionMode` maps CUDA devices (``"cuda"``, ``"cuda:i"``, ints) to CPU,
-   and ``torch.cuda.current_device``/``synchronize`` become harmless (``0`` and a no-op), since
-   ``parallel_state.py`` and ``p2p_communication.py`` call them unconditionally. The same mode answers
+   and ``torch.cuda.current_device``/``synchronize`` become harmless (the CPU device and a no-op), since
+   ``parallel_state.py`` and ``p2p_communication.py`` call them unconditionally. ``current_device`` returns
+   the CPU device rather than ``0`` because torch function modes are not active inside the autograd engine's
+   backward calls: the sequence-parallel backward of ``tensor_parallel/layers.py`` allocates there with
+   ``device=torch.cuda.current_device()``. The same mode answers
    ``Tensor.type()`` (no arguments) with the CUDA type name, because the optimizer asserts it:
    ``optimizer/clip_grads.py`` (``clip_grad_by_total_norm_fp32``: ``param.grad.type() ==
    'torch.cuda.FloatTensor'``) and ``optimizer/optimizer.py`` (``Float16OptimizerWithFloat16Params``
    sorts parameters by ``param.type()``).
+
+4. Activation recompute. megatron's ``CheckpointFunction`` (``tensor_parallel/random.py``) saves and restores
+   the CUDA RNG state with ``_get_cuda_rng_state``/``_set_cuda_rng_state``; on CPU they read and set the CPU
+   generator. The recomputed forward runs inside the autograd engine, where the device mode of 3. is not
+   active, so ``get_default_causal_mask`` (``transformer/utils.py``, imported by ``fusions/fused_softmax.py``),
+   which builds its mask with ``device="cuda"``, is replaced with a CPU one.
+
+5. MoE (``transformer/moe``), without Transformer Engine: ``moe_utils.RouterGatingLinearFunction`` tests
+   ``te_general_gemm is not None``, a name only bound when TE imports (NameError otherwise): we bind it to
+   ``None`` so the torch ``mm`` path runs. ``MoEAlltoAllTokenDispatcher.__init__`` creates a class-wide
+   ``torch.cuda.Stream`` for device-to-host copies of the split sizes, and ``_maybe_dtoh_and_synchronize``
+   moves them there with stream/event calls: we set the class attribute to a CPU placeholder (so no stream
+   is made) and replace the method with its CPU meaning (the tensors are on the host already, so nothing is
+   copied and nothing waits; the split sizes become numpy arrays, as the original makes them). The all-to-all itself is gloo's ``all_to_all_single``. (The allgather dispatcher's
+   backward calls an accelerator-only API; on CPU the alltoall dispatcher is the one that runs.)
 
 Enable with :func:`enable_cpu_compat`; it refuses to run when CUDA is available.
 """
@@ -127,8 +145,48 @@ def _cpu_get_tensor(self, tensor_shape, dtype, name, mem_alloc_context=None):
     return buf[:required].view(*tensor_shape)
 
 
+def _cpu_get_rng_state(device: Any = "cuda", clone: bool = False, graph_safe: bool = False) -> torch.Tensor:
+    """``tensor_parallel.random._get_cuda_rng_state`` on CPU: the CPU generator's state (a new tensor)."""
+    return torch.get_rng_state()
+
+
+def _cpu_set_rng_state(new_state: torch.Tensor, device: Any = -1, graph_safe: bool = False) -> None:
+    """``tensor_parallel.random._set_cuda_rng_state`` on CPU."""
+    torch.set_rng_state(new_state)
+
+
+def _cpu_causal_mask(sq: int) -> torch.Tensor:
+    """``transformer.utils.get_default_causal_mask`` on CPU: True above the diagonal (masked)."""
+    return torch.triu(torch.ones(sq, sq, device="cpu"), diagonal=1).bool()
+
+
+class _HostStream:
+    """Stands in for ``MoEAlltoAllTokenDispatcher.cuda_dtoh_stream`` on CPU: never used, only not None."""
+
+
+def _host_dtoh_and_synchronize(self, point: str, tokens_per_expert: torch.Tensor | None = None) -> torch.Tensor | None:
+    """``MoEAlltoAllTokenDispatcher._maybe_dtoh_and_synchronize`` on CPU: the tensors already live on the host, so
+    nothing is copied or waited for; the split sizes become numpy arrays at the same point, as the original's
+    ``maybe_move_tensor_to_cpu(..., as_numpy=True)`` makes them (the all-to-all takes sequences of ints)."""
+    if not self.drop_and_pad and point == self.cuda_dtoh_point:
+        for name in ("input_splits", "output_splits", "output_splits_tp"):
+            value = getattr(self, name)
+            if torch.is_tensor(value):
+                setattr(self, name, value.numpy())
+    return tokens_per_expert
+
+
+def _install_moe_shims() -> None:
+    from megatron.core.transformer.moe import moe_utils, token_dispatcher
+
+    if not hasattr(moe_utils, "te_general_gemm"):
+        moe_utils.te_general_gemm = None
+    token_dispatcher.MoEAlltoAllTokenDispatcher.cuda_dtoh_stream = _HostStream()
+    token_dispatcher.MoEAlltoAllTokenDispatcher._maybe_dtoh_and_synchronize = _host_dtoh_and_synchronize
+
+
 def enable_cpu_compat() -> None:
-    """Install the three shims (idempotent). Raises if CUDA is available: use the real code there."""
+    """Install the shims (idempotent). Raises if CUDA is available: use the real code there."""
     global _ENABLED, _MODE
     if _ENABLED:
         return
@@ -136,7 +194,9 @@ def enable_cpu_compat() -> None:
         raise RuntimeError("enable_cpu_compat() is for CPU-only processes; CUDA is available here")
 
     from megatron.core import utils as mcore_utils
+    from megatron.core.fusions import fused_softmax
     from megatron.core.tensor_parallel import random as mcore_random
+    from megatron.core.transformer import utils as transformer_utils
 
     tracker = CPURNGStatesTracker()
 
@@ -149,8 +209,12 @@ def enable_cpu_compat() -> None:
     mcore_random.CudaRNGStatesTracker = CPURNGStatesTracker
     initialize_rng_tracker()
     mcore_utils.GlobalMemoryBuffer.get_tensor = _cpu_get_tensor
+    mcore_random._get_cuda_rng_state = _cpu_get_rng_state
+    mcore_random._set_cuda_rng_state = _cpu_set_rng_state
+    transformer_utils.get_default_causal_mask = fused_softmax.get_default_causal_mask = _cpu_causal_mask
+    _install_moe_shims()
 
-    torch.cuda.current_device = lambda: 0
+    torch.cuda.current_device = lambda: torch.device("cpu")
     torch.cuda.synchronize = lambda device=None: None
     _MODE = CudaToCpuMode()
     _MODE.__enter__()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch.distributed as dist
 
@@ -11,7 +12,12 @@ from .cpu_compat import maybe_enable_cpu_compat
 
 @dataclass
 class ParallelConfig:
-    """Model-parallel layout. The data-parallel size is what the world size leaves."""
+    """The parallel layout of a run (``trainer.parallel``). The data-parallel size is what the world size leaves.
+
+    ``use_distributed_optimizer`` shards the optimizer state over DP; ``None`` uses it when DP > 1, ``True``
+    also at DP = 1 (checkpoints then move between DP sizes: the optimizer state keeps one format).
+    ``overlap_grad_reduce`` starts megatron DDP's bucketed gradient reduction during the backward.
+    """
 
     tensor_model_parallel_size: int = 1
     pipeline_model_parallel_size: int = 1
@@ -20,6 +26,8 @@ class ParallelConfig:
     expert_tensor_parallel_size: int | None = None
     virtual_pipeline_model_parallel_size: int | None = None
     sequence_parallel: bool = False
+    use_distributed_optimizer: bool | None = None
+    overlap_grad_reduce: bool = False
 
     def data_parallel_size(self, world_size: int) -> int:
         model_parallel = (
@@ -32,6 +40,58 @@ class ParallelConfig:
                 f"({self.pipeline_model_parallel_size}) x context_parallel_size ({self.context_parallel_size})"
             )
         return world_size // model_parallel
+
+    def problems(self, world_size: int, *models: tuple[str, Any]) -> list[str]:
+        """Every reason this layout cannot run ``models`` (``(name, GPTModelConfig)`` pairs) on ``world_size``
+        ranks, one line each naming the ``trainer.parallel`` key and the model field; empty when it fits."""
+        key = "trainer.parallel"
+        tp, pp, cp = self.tensor_model_parallel_size, self.pipeline_model_parallel_size, self.context_parallel_size
+        ep, etp = self.expert_model_parallel_size, self.expert_tensor_parallel_size or tp
+        vpp = self.virtual_pipeline_model_parallel_size
+        out = []
+        for name, size in (("tensor_model_parallel_size", tp), ("pipeline_model_parallel_size", pp),
+                           ("context_parallel_size", cp), ("expert_model_parallel_size", ep),
+                           ("expert_tensor_parallel_size", etp), ("virtual_pipeline_model_parallel_size", vpp or 1)):
+            if size < 1:
+                out.append(f"{key}.{name} must be >= 1, got {size}")
+        if out:
+            return out
+        if world_size % (tp * pp * cp):
+            out.append(f"{key}: world size {world_size} is not divisible by tensor_model_parallel_size ({tp}) x "
+                       f"pipeline_model_parallel_size ({pp}) x context_parallel_size ({cp})")
+        if world_size % (etp * ep * pp):
+            out.append(f"{key}: world size {world_size} is not divisible by expert_tensor_parallel_size ({etp}) x "
+                       f"expert_model_parallel_size ({ep}) x pipeline_model_parallel_size ({pp})")
+        if vpp is not None and vpp > 1 and pp == 1:
+            out.append(f"{key}.virtual_pipeline_model_parallel_size ({vpp}) needs pipeline_model_parallel_size > 1")
+        stages = pp * (vpp or 1)
+        for where, cfg in models:
+            for field, value, size, what in (
+                ("num_attention_heads", cfg.num_attention_heads, tp, "tensor_model_parallel_size"),
+                ("num_query_groups", cfg.num_query_groups, tp, "tensor_model_parallel_size"),
+                ("ffn_hidden_size", cfg.ffn_hidden_size, tp, "tensor_model_parallel_size"),
+                ("num_layers", cfg.num_layers, stages,
+                 "pipeline_model_parallel_size x virtual_pipeline_model_parallel_size"),
+            ):
+                if value % size:
+                    out.append(f"{where}.{field} ({value}) is not divisible by {key}.{what} ({size})")
+            if cfg.padded_vocab_size is not None and cfg.padded_vocab_size % tp:
+                out.append(f"{where}.padded_vocab_size ({cfg.padded_vocab_size}) is not divisible by "
+                           f"{key}.tensor_model_parallel_size ({tp})")
+            experts = getattr(cfg, "num_moe_experts", None)
+            if experts and experts % ep:
+                out.append(f"{where}.num_moe_experts ({experts}) is not divisible by "
+                           f"{key}.expert_model_parallel_size ({ep})")
+            if experts and tp > 1 and not self.sequence_parallel:
+                out.append(f"{where} is a mixture of experts: megatron-core needs {key}.sequence_parallel=true "
+                           f"with tensor_model_parallel_size ({tp}) > 1")
+        return out
+
+    def validate(self, world_size: int, *models: tuple[str, Any]) -> None:
+        """Raise one ``ValueError`` listing every problem of :meth:`problems`."""
+        found = self.problems(world_size, *models)
+        if found:
+            raise ValueError("parallel layout does not fit:\n  " + "\n  ".join(found))
 
 
 def initialize_model_parallel(cfg: ParallelConfig, timeout_minutes: int = 30) -> None:

@@ -21,3 +21,21 @@ def reduce_over_replicas(values: dict[str, float], op: dist.ReduceOp.RedOpType =
     tensor = torch.tensor([values[k] if own else 0.0 for k in keys], dtype=torch.float64, device=current_device())
     dist.all_reduce(tensor, op=op)
     return dict(zip(keys, tensor.tolist()))
+
+
+def agree_on_step(has_input: bool, has_work: bool) -> tuple[bool, bool]:
+    """(does any rank have input, does every rank have work): one all-reduce over the world.
+
+    Every rank must take the same branch: a rank that skipped a step alone would leave the others waiting in
+    the step's collectives until they time out.
+    """
+    flags = torch.tensor([-float(has_input), float(has_work)], device=current_device())
+    dist.all_reduce(flags, op=dist.ReduceOp.MIN)
+    return bool(flags[0] < 0), bool(flags[1] > 0)
+
+
+def all_ranks_agree(ok: bool) -> bool:
+    """True only if ``ok`` holds on every rank (one all-reduce over the world)."""
+    flag = torch.tensor([1.0 if ok else 0.0], device=current_device())
+    dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+    return bool(flag.item() > 0)

@@ -6,6 +6,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from megatron.core import parallel_state
 from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
 from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
@@ -16,11 +17,13 @@ from ..convert.checkpoint import load_hf_weights, load_mcore_checkpoint, load_mo
 from ..convert.hf import HFCheckpoint, hf_config_to_model_config
 from ..convert.sources import resolve_path
 from ..data.tokenizer import check_vocab_compat, load_tokenizer
+from ..runtime.parallel import ParallelConfig
 
 from ..models import (
     GPTModelConfig,
     ModelConfigError,
     PerceptionConfig,
+    RecomputeConfig,
     SpeechStudent,
     audio_locator_id,
     build_teacher,
@@ -66,12 +69,13 @@ def build_models(cfg: RunConfig, tokenizer: Any) -> Models:
     locator = audio_locator_id(tokenizer, cfg.model.audio_locator)
     student_cfg = llm_config(cfg.model.student, "model.student.llm")
     teacher_cfg = llm_config(cfg.model.teacher, "model.teacher.llm")
-    if cfg.model.teacher_tokenizer:
-        teacher_tok = load_tokenizer(str(resolve_path(cfg.model.teacher_tokenizer)), audio_locator=cfg.model.audio_locator)
+    teacher_tokenizer, key = teacher_tokenizer_source(cfg)
+    if teacher_tokenizer is not None:
+        teacher_tok = load_tokenizer(str(teacher_tokenizer), audio_locator=cfg.model.audio_locator)
         try:
             check_vocab_compat(tokenizer, teacher_tok, audio_locator=cfg.model.audio_locator)
         except ValueError as err:
-            raise ModelConfigError(f"unequal vocab: model.tokenizer vs model.teacher_tokenizer: {err}") from err
+            raise ModelConfigError(f"unequal vocab: model.tokenizer vs {key}={teacher_tokenizer}: {err}") from err
     # One tokenizer: its ids below the audio locator are the text vocabulary of both models; embedding rows
     # beyond it (HF padding rows, the locator) are excluded from every loss and sampler.
     text_vocab = locator
@@ -83,33 +87,87 @@ def build_models(cfg: RunConfig, tokenizer: Any) -> Models:
             )
         llm.text_vocab_size = text_vocab
     student_cfg.vocab_size = max(student_cfg.vocab_size, locator + 1)
+    layout = cfg.trainer.parallel
+    try:
+        layout.validate(dist.get_world_size(), ("model.student.llm", student_cfg), ("model.teacher.llm", teacher_cfg))
+    except ValueError as err:
+        raise ModelConfigError(str(err)) from None
     tp = parallel_state.get_tensor_model_parallel_world_size()
-    padded = common_padded_vocab([student_cfg, teacher_cfg], tp)
+    padded = padded_vocab(cfg, student_cfg, teacher_cfg, tp)
     student_cfg.padded_vocab_size = teacher_cfg.padded_vocab_size = padded
 
-    perception = PerceptionConfig(**cfg.model.student.perception)
-    student = SpeechStudent(student_cfg, perception, locator)
+    perception = None  # a text-only run (data.speech_input=none) needs no perception
+    if cfg.data.speech_input != "none" or cfg.model.student.perception:
+        perception = PerceptionConfig(**cfg.model.student.perception)
+    recompute = RecomputeConfig(cfg.trainer.recompute_granularity, cfg.trainer.recompute_method,
+                                cfg.trainer.recompute_num_layers)
+    student = SpeechStudent(student_cfg, perception, locator, sequence_parallel=layout.sequence_parallel,
+                            recompute=recompute)
     load_llm_weights(student.language_model, cfg.model.student, student_cfg)
     if cfg.model.student.perception_weights and student.perception is not None:
         student.perception.load_state_dict(load_file(str(resolve_path(cfg.model.student.perception_weights))))
     if cfg.model.student.freeze_llm:
         student.language_model.requires_grad_(False)
-    teacher = build_teacher(teacher_cfg, student_cfg)
+    teacher = build_teacher(teacher_cfg, student_cfg, sequence_parallel=layout.sequence_parallel)
     load_llm_weights(teacher, cfg.model.teacher, teacher_cfg)
     return Models(student, teacher, student_cfg, teacher_cfg, text_vocab, locator)
 
 
-def wrap_ddp(model: torch.nn.Module) -> DistributedDataParallel:
-    """megatron's DDP: gradient buffers, DP reduction, and ``finalize_model_grads`` as the schedule's hook."""
+def teacher_tokenizer_source(cfg: RunConfig) -> tuple[Any, str]:
+    """The teacher's own tokenizer and the config key that names it: ``model.teacher_tokenizer``, else the
+    teacher's HF directory when it ships a tokenizer; ``(None, "")`` when there is nothing to compare."""
+    if cfg.model.teacher_tokenizer:
+        return resolve_path(cfg.model.teacher_tokenizer), "model.teacher_tokenizer"
+    if cfg.model.teacher.hf_path:
+        path = resolve_path(cfg.model.teacher.hf_path)
+        if any((path / name).is_file() for name in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")):
+            return path, "model.teacher.hf_path"
+    return None, ""
+
+
+def padded_vocab(cfg: RunConfig, student: GPTModelConfig, teacher: GPTModelConfig, tp: int) -> int:
+    """The one embedding padding of both models: a ``padded_vocab_size`` given inline by the user if it fits both
+    (and equals the other's when both are given), else the smallest common one."""
+    needed = common_padded_vocab([student, teacher], tp)
+    given = {f"model.{name}.llm.padded_vocab_size": section.llm["padded_vocab_size"]
+             for name, section in (("student", cfg.model.student), ("teacher", cfg.model.teacher))
+             if section.llm.get("padded_vocab_size") is not None}
+    if not given:
+        return needed
+    if len(set(given.values())) > 1:
+        raise ModelConfigError(f"student and teacher share one vocabulary partition: {given} must be equal")
+    (key, value), = list(given.items())[:1]
+    rows = max(student.vocab_size, teacher.vocab_size)
+    if value < rows or value % tp:
+        raise ModelConfigError(f"{key}={value} must be >= {rows} (the larger model's vocabulary with the student's "
+                               f"audio locator) and divisible by tensor_model_parallel_size={tp}; {needed} fits")
+    return value
+
+
+def distributed_optimizer(layout: ParallelConfig) -> bool:
+    """``trainer.parallel.use_distributed_optimizer``; unset: shard the optimizer state when DP > 1."""
+    if layout.use_distributed_optimizer is None:
+        return parallel_state.get_data_parallel_world_size() > 1
+    return layout.use_distributed_optimizer
+
+
+def wrap_ddp(model: torch.nn.Module, layout: ParallelConfig | None = None) -> DistributedDataParallel:
+    """megatron's DDP: gradient buffers, DP reduction (overlapped with the backward when ``overlap_grad_reduce``),
+    and ``finalize_model_grads`` as the schedule's hook."""
+    layout = layout or ParallelConfig()
     ddp = DistributedDataParallel(
         model.config,
         DistributedDataParallelConfig(
-            grad_reduce_in_fp32=True, use_distributed_optimizer=parallel_state.get_data_parallel_world_size() > 1
+            grad_reduce_in_fp32=True,
+            overlap_grad_reduce=layout.overlap_grad_reduce,
+            use_distributed_optimizer=distributed_optimizer(layout),
         ),
         model,
     )
     model.config.finalize_model_grads_func = finalize_model_grads
     model.config.no_sync_func = ddp.no_sync
+    if layout.overlap_grad_reduce:
+        model.config.grad_sync_func = ddp.start_grad_sync
     return ddp
 
 

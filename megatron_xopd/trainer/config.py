@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..algo import XOPDConfig
+from ..algo import CROSS_MODAL, XOPDConfig
 from ..runtime.parallel import ParallelConfig
 
 
@@ -24,11 +24,19 @@ class TrainerSection:
     seed: int = 1234
     parallel: ParallelConfig = field(default_factory=ParallelConfig)  # the layout; data parallel = what the world leaves
     micro_batch_size: int = 8  # sequences per micro-batch in the teacher and training passes
+    recompute_granularity: str | None = None  # activation recompute of the student: null | selective | full
+    recompute_method: str | None = None  # full only: uniform (default) | block
+    recompute_num_layers: int | None = None  # full only: layers per recompute chunk (default 1)
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
     offload_teacher: bool = False  # keep teacher weights on CPU outside the teacher phase (GPU only)
     eval_every: int = 0  # 0: no evaluation during training
     eval_at_start: bool = False  # evaluate (student from S and T, and the teacher from T) before the first step
     eval_max_new_tokens: int = 64
+    max_bad_steps: int = 20  # consecutive steps with a non-finite loss/gradient (update skipped) before the run stops
+
+    def __post_init__(self) -> None:
+        if self.max_bad_steps < 1:
+            raise ValueError(f"trainer.max_bad_steps must be >= 1, got {self.max_bad_steps}")
 
 
 @dataclass
@@ -63,9 +71,11 @@ class ModelSection:
 
 @dataclass
 class DataSection:
-    train: str = "???"  # lhotse manifest (jsonl.gz) or Shar dir
-    validation: str | None = None
-    speech_input: str = "features"  # audio | features (cached encoder outputs)
+    # a lhotse manifest (jsonl.gz) or Shar dir, or a NeMo dataloader config (input_cfg blend, manifest_filepath,
+    # tarred_audio_filepaths, ...; docs/nemo.md)
+    train: Any = "???"
+    validation: Any = None
+    speech_input: str = "features"  # audio | features (cached encoder outputs) | none (text only: xopd.lam=1)
     prompts_per_step: int = 4  # max_cuts per DP rank and step
     max_duration: float | None = None
     num_buckets: int = 4
@@ -77,6 +87,8 @@ class DataSection:
     def __post_init__(self) -> None:
         if self.num_buckets < 2:
             raise ValueError(f"data.num_buckets must be >= 2 (lhotse's bucketing sampler), got {self.num_buckets}")
+        if self.speech_input not in ("audio", "features", "none"):
+            raise ValueError(f"data.speech_input: {self.speech_input!r} is not 'audio', 'features' or 'none'")
         if self.on_bad_cut not in ("skip", "raise"):
             raise ValueError(f"data.on_bad_cut: {self.on_bad_cut!r} is not 'skip' or 'raise'")
 
@@ -100,14 +112,26 @@ class CheckpointSection:
     init_from: str | None = None  # student weights to start from when there is nothing to resume: a step_* dir or a
     # checkpoint root (its newest step); optimizer and data position start fresh
     save_every: int = 0  # 0: only at the end
-    resume: bool = True
-    keep_last: int = 2
+    resume: bool = True  # from the newest checkpoint under ``dir`` that verifies (see docs/robustness.md)
+    keep_last: int = 2  # 0: keep all
+    async_save: bool = False  # megatron-core's asynchronous save (CUDA only; on CPU a synchronous save, logged once)
+
+    def __post_init__(self) -> None:
+        if self.keep_last < 0:
+            raise ValueError(f"checkpoint.keep_last must be >= 0, got {self.keep_last}")
 
 
 @dataclass
 class LoggingSection:
+    """Where the run writes its logs (``trainer/run_dir.py``): ``dir``, or with ``exp_dir`` NeMo exp_manager's
+    ``<exp_dir>/<name>/<version>``."""
+
     dir: str = "runs/xopd"
+    exp_dir: str | None = None  # set: the run directory is <exp_dir>/<name>/<version>, as NeMo's exp_manager
+    name: str = "xopd"
+    version: str | None = None  # None: the start date-time, or no version level when checkpoint.resume is on
     tensorboard: bool = True
+    wandb: dict[str, Any] | None = None  # wandb.init arguments (project, entity, name, mode, ...); None: off
     progress: bool = True
 
 
@@ -121,6 +145,11 @@ class RunConfig:
     checkpoint: CheckpointSection = field(default_factory=CheckpointSection)
     logging: LoggingSection = field(default_factory=LoggingSection)
 
+    def __post_init__(self) -> None:
+        if self.data.speech_input == "none" and CROSS_MODAL in self.xopd.modalities:
+            raise ValueError(f"data.speech_input=none (text only) needs xopd.lam=1.0 (no speech-prompted term), "
+                             f"got xopd.lam={self.xopd.lam}")
+
 
 def register_schema() -> None:
     """Register :class:`RunConfig` with Hydra so that recipes are validated against it (strict keys, types)."""
@@ -130,9 +159,14 @@ def register_schema() -> None:
 
 
 def to_run_config(cfg: Any) -> RunConfig:
-    """An OmegaConf/Hydra config (or a plain dict) -> a validated :class:`RunConfig`."""
-    from omegaconf import OmegaConf
+    """An OmegaConf/Hydra config (or a plain dict) -> a validated :class:`RunConfig`.
 
+    The config is merged as a plain container, so keys added with Hydra's ``+key=...`` are checked against the
+    schema like any other (an OmegaConf node typed by the schema would carry them through unchecked)."""
+    from omegaconf import DictConfig, OmegaConf
+
+    if isinstance(cfg, DictConfig):
+        cfg = OmegaConf.to_container(cfg, resolve=False)
     merged = OmegaConf.merge(OmegaConf.structured(RunConfig), cfg)
     run = OmegaConf.to_object(merged)
     assert isinstance(run, RunConfig)

@@ -8,7 +8,7 @@ from typing import Any, Iterable
 import torch
 
 from ..algo import CROSS_MODAL, IN_MODAL
-from ..rollout import RolloutBatch, RolloutCollector
+from ..rollout import RolloutBatch, RolloutCollector, has_speech
 from ..runtime.reduce import reduce_over_replicas
 from .scoring import Scorer
 
@@ -28,15 +28,18 @@ def evaluate(
     with_teacher: bool = False,
 ) -> dict[str, float]:
     """Accuracy from S and from T over this DP rank's ``batches`` (prompts without a reference are not counted),
-    summed over the data-parallel replicas; ``with_teacher`` adds the text teacher's accuracy from T."""
+    summed over the data-parallel replicas; ``with_teacher`` adds the text teacher's accuracy from T. Text-only
+    data (``data.speech_input=none``) has no accuracy from S."""
     tokenizer = collector.tokenizer
     greedy = collector.greedy(max_new_tokens)
     totals = {"acc_s": 0.0, "acc_t": 0.0, "acc_teacher": 0.0, "n": 0.0}
+    speech = True
     for batch in batches:
         if not batch["cut_ids"] or totals["n"] >= max_prompts:
             continue
         answers = batch["answers"]
-        prompts = collector.prompts(batch, (IN_MODAL, CROSS_MODAL))
+        speech = has_speech(batch)
+        prompts = collector.prompts(batch, (IN_MODAL, CROSS_MODAL) if speech else (IN_MODAL,))
         out = collector.generate(prompts, greedy)
         for row, p in enumerate(out.sample_to_prompt.tolist()):
             reference = answers[prompts.index[p]]
@@ -51,8 +54,9 @@ def evaluate(
                     totals["acc_teacher"] += scorer(_decoded(tokenizer, out, row), reference)
     g = reduce_over_replicas(totals)
     n = max(g["n"], 1.0)
-    metrics = {"eval/acc_speech": g["acc_s"] / n, "eval/acc_text": g["acc_t"] / n,
-               "eval/gap": (g["acc_t"] - g["acc_s"]) / n, "eval/prompts": g["n"]}
+    metrics = {"eval/acc_text": g["acc_t"] / n, "eval/prompts": g["n"]}
+    if speech:
+        metrics.update({"eval/acc_speech": g["acc_s"] / n, "eval/gap": (g["acc_t"] - g["acc_s"]) / n})
     if with_teacher:
         metrics["eval/acc_teacher_text"] = g["acc_teacher"] / n
     return metrics

@@ -16,6 +16,7 @@ from typing import Any, Iterator
 import torch
 import torch.distributed as dist
 from megatron.core import parallel_state
+from omegaconf import OmegaConf
 from tqdm import tqdm
 
 from ..algo import CROSS_MODAL, IN_MODAL, LossStats, Rollouts, rollout_sums, rollout_weights
@@ -29,13 +30,15 @@ from ..rollout import RolloutCollector
 from ..runtime import init_distributed, initialize_model_parallel, set_seed
 from ..runtime.device import current_device, resident
 from ..runtime.memory import peak_memory_mb, reset_peak_memory
-from ..runtime.reduce import reduce_over_replicas
+from ..runtime.reduce import agree_on_step, all_ranks_agree, reduce_over_replicas
 from .build import build_models, build_optimizer, wrap_ddp
-from .checkpoint import latest_checkpoint, load_checkpoint, load_model_weights, save_checkpoint
+from .checkpoint import CheckpointError, CheckpointSaver, find_resumable, load_checkpoint, load_model_weights
 from .config import RunConfig
 from .evaluate import evaluate
+from .guard import FiniteStepGuard
 from .metrics import MetricsLogger
 from .passes import score_with_teacher, train_pass
+from .run_dir import prepare_run_dir
 from .scoring import load_scorer
 
 log = logging.getLogger("megatron_xopd")
@@ -47,6 +50,7 @@ class XOPDTrainer:
     def __init__(self, cfg: RunConfig) -> None:
         self.cfg = cfg
         init_distributed()
+        cfg = self.cfg = prepare_run_dir(cfg)  # logging.dir, checkpoint.dir: NeMo exp_manager's layout
         initialize_model_parallel(cfg.trainer.parallel)
         set_seed(cfg.trainer.seed)
         self.tokenizer = load_tokenizer(str(resolve_path(cfg.model.tokenizer)), audio_locator=cfg.model.audio_locator)
@@ -55,7 +59,7 @@ class XOPDTrainer:
         self.offload_teacher = cfg.trainer.offload_teacher and torch.cuda.is_available()
         if self.offload_teacher:
             self.teacher.cpu()
-        self.ddp = wrap_ddp(self.student)
+        self.ddp = wrap_ddp(self.student, cfg.trainer.parallel)
         self.optimizer, self.scheduler = build_optimizer(self.ddp, cfg.optim, cfg.trainer.max_steps)
         rollout = cfg.trainer.rollout
         self.collector = RolloutCollector(
@@ -75,20 +79,32 @@ class XOPDTrainer:
         max_prompt = min(rollout.max_prompt_tokens, self.collector.prompt_limit)
         self.dataset = PairedPromptDataset(self.tokenizer, cfg.model.audio_locator, max_prompt,
                                            speech_input=cfg.data.speech_input, on_bad_cut=cfg.data.on_bad_cut)
-        self.loader = self._loader(cfg.data.train, shuffle=cfg.data.shuffle)
+        self.loader = self._loader(cfg.data.train, "data.train", shuffle=cfg.data.shuffle)
         self.data_stats = CutStats()
+        self.guard = FiniteStepGuard(cfg.trainer.max_bad_steps)
         self.step = 0
+        self._saved_step: int | None = None  # the step of the checkpoint written or resumed from last
+        self.saver = None
+        if cfg.checkpoint.dir:
+            self.saver = CheckpointSaver(cfg.checkpoint.dir, cfg.checkpoint.keep_last, cfg.checkpoint.async_save)
         self.epoch = 0
+        self.skipped_steps = 0
         self._restored_position = False
         self._resume()
         self.logger = MetricsLogger(
-            cfg.logging.dir, enabled=dist.get_rank() == 0, tensorboard=cfg.logging.tensorboard, resume_step=self.step
+            cfg.logging.dir, enabled=dist.get_rank() == 0, tensorboard=cfg.logging.tensorboard, resume_step=self.step,
+            wandb=cfg.logging.wandb, hparams=OmegaConf.to_container(OmegaConf.structured(cfg)),
         )
 
     # ----------------------------------------------------------------------------------------------- data
-    def _loader(self, manifest: str, *, shuffle: bool):
+    def _loader(self, manifest: Any, key: str, *, shuffle: bool, validation: bool = False):
+        try:
+            cuts = load_prompt_cuts(manifest, seed=self.cfg.trainer.seed, finite=validation,
+                                    on_bad_cut=self.cfg.data.on_bad_cut)
+        except (FileNotFoundError, ValueError) as err:
+            raise type(err)(f"{key}: {err}") from err
         return build_dataloader(
-            load_prompt_cuts(manifest),
+            cuts,
             self.dataset,
             max_cuts=self.cfg.data.prompts_per_step,
             max_duration=self.cfg.data.max_duration,
@@ -100,13 +116,36 @@ class XOPDTrainer:
         )
 
     def _batches(self) -> Iterator[dict[str, Any]]:
+        """This rank's batches with at least one usable cut, epoch after epoch; an epoch without any is an error
+        (rather than an endless loop over cuts that are all skipped)."""
         restored = self._restored_position  # the loader already sits inside an epoch
         while True:
             if not restored:
                 self.loader.set_epoch(self.epoch)
+            usable = restored  # the part of a resumed epoch before the checkpoint had usable cuts
             restored = False
-            yield from self.loader
+            for batch in self.loader:
+                self._count_cuts(batch["stats"])
+                if batch["cut_ids"]:
+                    usable = True
+                    yield batch
+            if not usable:
+                skipped = {k: v for k, v in self.data_stats.as_dict().items() if k.startswith("data/skipped_")}
+                raise RuntimeError(
+                    f"data.train={self.cfg.data.train}: epoch {self.epoch} has no usable cut on data-parallel rank "
+                    f"{parallel_state.get_data_parallel_rank()} (skipped so far: {skipped or 'none; empty manifest'}; "
+                    f"data.speech_input={self.cfg.data.speech_input}); set data.on_bad_cut=raise to see the first one"
+                )
             self.epoch += 1
+
+    def _count_cuts(self, stats: CutStats) -> None:
+        """Add a batch's cut counts; each skipped cut is logged once, by one rank of its model-parallel group."""
+        self._log_skips(self.data_stats.update(stats))
+
+    def _log_skips(self, errors: list) -> None:
+        if parallel_state.get_tensor_model_parallel_rank() == 0 and parallel_state.is_pipeline_first_stage():
+            for error in errors:
+                log.warning("%s; skipped (counted once)", error)
 
     def _teacher_resident(self):
         """With ``trainer.offload_teacher`` on GPU, the teacher's weights live in host memory outside its phase."""
@@ -130,16 +169,24 @@ class XOPDTrainer:
             global_tokens={m: counts[2 * m + 1] for m in (IN_MODAL, CROSS_MODAL)},
         )
 
-    def train_step(self, batch: dict[str, Any]) -> dict[str, float]:
+    def train_step(self, batch: dict[str, Any]) -> dict[str, float] | None:
+        """One step; ``None`` when no rank had a batch. When some DP rank has no usable prompt, every rank skips
+        the step (it is counted in ``skipped_steps``, and nothing is updated)."""
         cfg = self.cfg
         reset_peak_memory()
         t0 = time.perf_counter()
-        rollouts, skipped = self.collector.collect(batch, self.step)
-        for error in skipped:
-            log.warning("%s; skipped", error)
-            self.data_stats.record_skip(error)
-        if rollouts is None:
-            raise RuntimeError(f"step {self.step}: no usable prompt in the batch (cuts {batch['cut_ids']})")
+        rollouts = None
+        if batch["cut_ids"]:
+            rollouts, skipped = self.collector.collect(batch, self.step)
+            self._log_skips([error for error in skipped if self.data_stats.record_skip(error)])
+        anyone, everyone = agree_on_step(bool(batch["cut_ids"]), rollouts is not None)
+        if not everyone:
+            self.data_stats.update(batch["stats"])
+            if not anyone:
+                return None
+            self.skipped_steps += 1
+            log.warning("step %d skipped: a data-parallel rank has no usable prompt", self.step)
+            return {"skipped_steps": self.skipped_steps, **self.data_stats.as_dict()}
         t_rollout = time.perf_counter() - t0
         if cfg.xopd.loss != "sft":
             with self._teacher_resident():
@@ -149,20 +196,30 @@ class XOPDTrainer:
         self._set_weights(rollouts)
         stats = LossStats()
         grad_norm = 0.0
+        updated = True
         self.student.train()
         for rows in torch.arange(len(rollouts)).chunk(cfg.xopd.minibatches):
             self.ddp.zero_grad_buffer()
             self.optimizer.zero_grad()
+            loss_before = stats.loss
             train_pass(self.ddp, rollouts, rows, cfg.xopd, cfg.trainer.micro_batch_size, self.models.text_vocab_size,
                        stats, minibatches=cfg.xopd.minibatches)
-            _, norm, _ = self.optimizer.step()
-            grad_norm = float(norm) if norm is not None else 0.0
+            # The guard before the step (megatron's FP32/BF16 optimizers would apply a NaN), and the optimizer's
+            # own verdict after it (the FP16 loss scaler skips overflows itself); all ranks agree on both.
+            updated = self.guard.update_allowed(self.ddp, stats.loss - loss_before)
+            if updated:
+                ok, norm, _ = self.optimizer.step()
+                grad_norm = float(norm) if norm is not None else 0.0
+                updated = all_ranks_agree(bool(ok))
+            if not updated:
+                grad_norm = float("nan")
+                break  # the remaining mini-batches of this rollout batch are dropped with it
             self.scheduler.step(increment=1)
+        self.guard.end_step(self.step + 1, updated, loss=stats.loss, grad_norm=grad_norm)
         t_train = time.perf_counter() - t0 - t_rollout - t_teacher
         on_policy = cfg.xopd.responses == "on_policy"  # the sampled-token KL estimate needs student samples
         g = reduce_over_replicas({**rollout_sums(rollouts, on_policy), **stats.sums()})
         ratio_max = reduce_over_replicas({"ratio_max": stats.ratio_max}, op=dist.ReduceOp.MAX)["ratio_max"]
-        self.data_stats.update(batch["stats"])
         step_time = t_rollout + t_teacher + t_train
         return {
             **step_metrics(g, ratio_max, on_policy),
@@ -174,26 +231,41 @@ class XOPDTrainer:
             "tokens_per_s": (g["tok_cm"] + g["tok_im"]) / step_time,
             "lr": self.optimizer.param_groups[0]["lr"],
             "grad_norm": grad_norm,
+            "skipped_steps": self.skipped_steps,
+            "skipped_update": float(not updated),
+            "bad_steps": self.guard.total,
             **self.data_stats.as_dict(),
         }
 
     # -------------------------------------------------------------------------------------- checkpoints
     def _trainer_state(self) -> dict[str, Any]:
+        """This rank's position and counters, JSON-able (saved without pickle)."""
         return {
             "step": self.step,
             "epoch": self.epoch,
             "loader": self.loader.state_dict(),
             "scheduler": self.scheduler.state_dict(),
-            "data_stats": self.data_stats,
+            "data_stats": self.data_stats.state_dict(),
+            "guard": self.guard.state_dict(),
+            "skipped_steps": self.skipped_steps,
         }
 
     def save(self) -> None:
-        if self.cfg.checkpoint.dir:
-            save_checkpoint(self.cfg.checkpoint.dir, self.step, self.student, self.optimizer, self._trainer_state(),
-                            keep_last=self.cfg.checkpoint.keep_last)
+        if self.saver is not None and self._saved_step != self.step:
+            self.saver.save(self.step, self.student, self.optimizer, self._trainer_state())
+            self._saved_step = self.step
 
     def _resume(self) -> None:
-        path = latest_checkpoint(self.cfg.checkpoint.dir) if self.cfg.checkpoint.resume else None
+        path = None
+        if self.cfg.checkpoint.resume:
+            path = find_resumable(self.cfg.checkpoint.dir, dist.get_world_size())
+            chosen = torch.tensor([int(path.name[5:]) if path else -1], device=current_device())
+            low, high = chosen.clone(), chosen.clone()
+            dist.all_reduce(low, op=dist.ReduceOp.MIN)
+            dist.all_reduce(high, op=dist.ReduceOp.MAX)
+            if low.item() != high.item():
+                raise CheckpointError(f"checkpoint.dir={self.cfg.checkpoint.dir}: the ranks see different newest "
+                                      f"valid checkpoints (steps {low.item()} and {high.item()}); is it shared?")
         if path is None:
             if self.cfg.checkpoint.init_from:
                 loaded = load_model_weights(resolve_path(self.cfg.checkpoint.init_from), self.student)
@@ -205,7 +277,10 @@ class XOPDTrainer:
         self.loader.load_state_dict(state["loader"])
         self._restored_position = True
         self.scheduler.load_state_dict(state["scheduler"])
-        self.data_stats = state["data_stats"]
+        self.data_stats = CutStats.from_state_dict(state["data_stats"])
+        self.guard.load_state_dict(state["guard"])
+        self._saved_step = self.step
+        self.skipped_steps = state.get("skipped_steps", 0)
         if dist.get_rank() == 0:
             log.info("resumed from %s at step %d", path, self.step)
 
@@ -214,7 +289,8 @@ class XOPDTrainer:
         """Greedy accuracy on the validation set (``data.validation``); empty when there is none."""
         if not self.cfg.data.validation:
             return {}
-        return evaluate(self.collector, self._loader(self.cfg.data.validation, shuffle=False), self.scorer,
+        return evaluate(self.collector, self._loader(self.cfg.data.validation, "data.validation", shuffle=False,
+                                                     validation=True), self.scorer,
                         max_new_tokens=self.cfg.trainer.eval_max_new_tokens,
                         max_prompts=self.cfg.data.max_eval_prompts, with_teacher=with_teacher)
 
@@ -229,24 +305,33 @@ class XOPDTrainer:
         try:
             if cfg.trainer.eval_at_start and self.step == 0:
                 self.logger.log(0, self.evaluate(with_teacher=True))
+            save_s = 0.0
             while self.step < cfg.trainer.max_steps:
-                batch = next(batches)
-                if not batch["cut_ids"]:
-                    self.data_stats.update(batch["stats"])
+                metrics = self.train_step(next(batches))
+                if metrics is None:
                     continue
-                metrics = self.train_step(batch)
                 self.step += 1
                 if cfg.trainer.eval_every and self.step % cfg.trainer.eval_every == 0:
                     metrics.update(self.evaluate())
+                # save_s: the time the previous step's checkpoint save took (logged before its own save, so that
+                # a crash in a save never loses a metrics line), and its share of that step's time
+                step_time = metrics["time_rollout_s"] + metrics["time_teacher_s"] + metrics["time_train_s"]
+                metrics.update(save_s=save_s, save_share=save_s / (save_s + step_time))
                 self.logger.log(self.step, metrics)
+                self.guard.raise_if_exhausted(self.step)
                 if progress is not None:
                     progress.update(1)
                     shown = ("kl_cm", "kl_im") if cfg.xopd.responses == "on_policy" else ("loss",)
-                    progress.set_postfix({k: f"{metrics[k]:.3f}" for k in shown})
+                    progress.set_postfix({k: f"{metrics[k]:.3f}" for k in shown if k in metrics})
+                save_s = 0.0
                 if saves and self.step % saves == 0:
+                    t0 = time.perf_counter()
                     self.save()
-            if cfg.checkpoint.dir and not (saves and self.step % saves == 0):
+                    save_s = time.perf_counter() - t0
+            if self.step > 0:  # max_steps=0 writes no (untrained) checkpoint
                 self.save()
+            if self.saver is not None:
+                self.saver.finish()
         finally:
             if progress is not None:
                 progress.close()

@@ -34,10 +34,12 @@ class MicroBatch:
 
 def micro_batches(rollouts: Rollouts, rows: torch.Tensor, size: int, *, teacher: bool) -> list[MicroBatch]:
     """Cut ``rows`` into micro-batches of exactly ``size`` rows (repeating a row with weight 0 to fill the
-    last) and one common sequence length, on this rank's device."""
+    last) and one common sequence length (a multiple of the TP size), on this rank's device."""
     device = current_device()
     prompts = rollouts.teacher_prompts if teacher else rollouts.student_prompts
     seq_len = max(len(prompts[r]) for r in rows.tolist()) + rollouts.responses.shape[1]
+    tp = parallel_state.get_tensor_model_parallel_world_size()
+    seq_len = -(-seq_len // tp) * tp  # sequence parallelism splits the sequence over TP; causal: padding is inert
     out = []
     for start in range(0, len(rows), size):
         chunk = rows[start : start + size].tolist()

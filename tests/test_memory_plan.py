@@ -1,0 +1,252 @@
+"""The memory plan (models/memory.py, tools/plan_memory.py): parameter, gradient and optimizer counts equal those of
+the built megatron-core models, the tool prints a table for the quickstart and the paper recipes, bad layouts fail
+with one clear error."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from megatron_xopd.models import GPTModelConfig
+from megatron_xopd.models.memory import Layout, LayoutError, model_params, rank_params, validate_layout
+from megatron_xopd.runtime import ParallelConfig
+from megatron_xopd.testing import run_distributed
+
+from ._trainer_setup import run_config, tiny_llm
+
+REPO = Path(__file__).resolve().parents[1]
+TOOL = REPO / "tools" / "plan_memory.py"
+
+# Dense variants (untied, tied + Q/K/V bias, QK-norm) and a MoE with a shared expert; 4 layers, odd vocabulary.
+CONFIGS = {
+    "llama": dict(family="llama", tie_word_embeddings=False),
+    "qwen2_tied_bias": dict(family="qwen2", tie_word_embeddings=True),
+    "qwen3_qk_norm": dict(family="qwen3", tie_word_embeddings=True),
+    "moe": dict(family="qwen3", num_moe_experts=4, moe_router_topk=2, moe_ffn_hidden_size=32,
+                moe_shared_expert_intermediate_size=48),
+}
+
+
+def _config(name: str) -> GPTModelConfig:
+    return GPTModelConfig(num_layers=4, hidden_size=32, ffn_hidden_size=64, num_attention_heads=4, num_query_groups=2,
+                          vocab_size=301, max_position_embeddings=64, **CONFIGS[name])
+
+
+def _split(model) -> tuple[int, int]:
+    """(dense, expert) parameters of a built model; the routed experts live under ``mlp.experts``."""
+    dense = expert = 0
+    for name, param in model.named_parameters():
+        if ".mlp.experts." in name:
+            expert += param.numel()
+        else:
+            dense += param.numel()
+    return dense, expert
+
+
+def _optimizer_bytes(optimizer) -> int:
+    """Adam state (and fp32 main copies of 16-bit params) the megatron optimizer holds after a step."""
+    total = 0
+    for opt in getattr(optimizer, "chained_optimizers", [optimizer]):
+        for state in opt.optimizer.state.values():
+            total += sum(v.numel() * v.element_size() for k, v in state.items() if k != "step" and v.dim() > 0)
+        for name in ("fp32_from_float16_groups", "shard_fp32_from_float16_groups"):
+            total += sum(p.numel() * p.element_size() for group in getattr(opt, name, []) for p in group)
+    return total
+
+
+def _built_vs_planned(parallel: ParallelConfig, run_cfg: dict, names: tuple[str, ...]) -> dict:
+    """On this rank: each CONFIGS model's (dense, expert) parameters built and planned; then the recipe's student
+    and teacher as the trainer builds them, and its gradient-buffer and optimizer bytes after one step."""
+    import torch
+    import torch.distributed as dist
+    from megatron.core import parallel_state
+
+    from megatron_xopd.convert.sources import resolve_path
+    from megatron_xopd.data.tokenizer import load_tokenizer
+    from megatron_xopd.models import build_gpt_model
+    from megatron_xopd.models.memory import weight_lines
+    from megatron_xopd.runtime import initialize_model_parallel
+    from megatron_xopd.trainer import to_run_config
+    from megatron_xopd.trainer.build import build_models, build_optimizer, wrap_ddp
+    from megatron_xopd.trainer.memory_plan import plan_run
+
+    initialize_model_parallel(parallel)
+    layout = Layout(parallel, dist.get_world_size())
+    stage = parallel_state.get_pipeline_model_parallel_rank()
+    out = {}
+    for name in names:
+        cfg = _config(name)
+        out[name] = (_split(build_gpt_model(cfg)), rank_params(cfg, layout, stage))
+
+    run = to_run_config({**run_cfg, "trainer": {**run_cfg["trainer"], "parallel": dataclasses.asdict(parallel)}})
+    plan, student_cfg, _, work = plan_run(run, dist.get_world_size(), 80.0)
+    assert plan.layout == layout
+    tokenizer = load_tokenizer(str(resolve_path(run.model.tokenizer)), audio_locator=run.model.audio_locator)
+    models = build_models(run, tokenizer)
+    assert models.student_cfg.padded_vocab(layout.tp) == student_cfg.padded_vocab(layout.tp)
+    ddp = wrap_ddp(models.student)
+    optimizer, _ = build_optimizer(ddp, run.optim, 1)
+    for param in ddp.module.parameters():
+        if param.requires_grad:
+            param.main_grad.normal_()
+    optimizer.step()
+    grads = sum(b.grad_data.numel() * b.grad_data.element_size() for b in ddp.buffers + ddp.expert_parallel_buffers)
+    lines = weight_lines(student_cfg, layout, work, stage)
+    # megatron's local torch norms stay fp32 in a 16-bit model (TE's norms and models/norm.py follow params_dtype);
+    # the plan, made for GPUs, counts every LLM parameter in params_dtype: count those here to compare.
+    fp32_extra = sum(p.numel() for p in models.student.language_model.parameters()
+                     if p.dtype == torch.float32 and student_cfg.params_dtype != "float32")
+    out["student"] = {
+        "fp32_extra": fp32_extra,
+        "built": sum(p.numel() * p.element_size() for p in models.student.parameters()) - 2 * fp32_extra,
+        "planned": lines["student weights"].bytes,
+        "teacher_built": sum(p.numel() for p in models.teacher.parameters()),
+        "teacher_planned": rank_params(models.teacher_cfg, layout, stage).total,
+        "grads_built": grads, "grads_planned": lines["gradients"].bytes,
+        # fp32 parameters need no fp32 main copy: 4 B less each (shards of the distributed optimizer add up to it)
+        "optim_built": _optimizer_bytes(optimizer),
+        "optim_planned": lines["optimizer"].bytes - 4 * fp32_extra / (layout.dp if layout.distributed_optimizer else 1),
+        "optim_shard_exact": not layout.distributed_optimizer,
+    }
+    return out
+
+
+def _check(results: list[dict], names: tuple[str, ...]) -> None:
+    for rank, out in enumerate(results):
+        for name in names:
+            (dense, expert), planned = out[name]
+            assert (dense, expert) == (planned.dense, planned.expert), (rank, name)
+        s = out["student"]
+        assert s["built"] == s["planned"], rank
+        assert s["teacher_built"] == s["teacher_planned"], rank
+        if s["optim_shard_exact"]:
+            assert (s["grads_built"], s["optim_built"]) == (s["grads_planned"], s["optim_planned"]), rank
+        else:  # the distributed optimizer pads its buffers (alignment to 64 values, buckets to DP x 128)
+            assert s["grads_planned"] <= s["grads_built"] <= s["grads_planned"] * 1.02 + 4 * 128 * len(results), rank
+
+
+def _run_cfg(tmp_path: Path, **llm) -> dict:
+    manifest = tmp_path / "cuts.jsonl.gz"  # not read: planning and building need no data
+    return run_config(tmp_path, manifest, model={"student": {"llm": tiny_llm(**llm)}, "teacher": {"llm": tiny_llm(**llm)}})
+
+
+@pytest.mark.parity
+@pytest.mark.slow
+def test_counts_equal_built_models_at_tp2_pp2(tmp_path):
+    """TP=2 x PP=2 (4 gloo ranks): every stage's parameters (embedding, tied output copy, Q/K/V biases, QK-norm),
+    and the recipe's student/teacher weights, fp32 gradient buffers and Adam state (fp32 weights, DP=1)."""
+    parallel = ParallelConfig(tensor_model_parallel_size=2, pipeline_model_parallel_size=2)
+    names = ("llama", "qwen2_tied_bias", "qwen3_qk_norm")  # MoE at TP > 1 needs SP, whose norms arrive with MoE support
+    _check(run_distributed(_built_vs_planned, 4, parallel, _run_cfg(tmp_path), names), names)
+
+
+@pytest.mark.parity
+@pytest.mark.slow
+def test_counts_equal_built_models_with_experts_split_and_distributed_optimizer(tmp_path):
+    """EP=2 x DP=2 (2 ranks): a MoE's router, shared expert and routed experts (split over EP); the recipe's bf16
+    student under the distributed optimizer (Adam state and fp32 main copies sharded over DP): the shards of all
+    ranks add up to the planned total."""
+    parallel = ParallelConfig(expert_model_parallel_size=2)
+    results = run_distributed(_built_vs_planned, 2, parallel, _run_cfg(tmp_path, params_dtype="bfloat16"), tuple(CONFIGS))
+    _check(results, tuple(CONFIGS))
+    built = sum(r["student"]["optim_built"] for r in results)
+    planned = sum(r["student"]["optim_planned"] for r in results)
+    assert planned - 12 * len(results) <= built <= planned  # per rank: ceil(n / DP) x 12 B
+
+
+@pytest.mark.parity
+@pytest.mark.slow
+def test_quickstart_weights_grads_and_optimizer_equal_the_built_models():
+    """The quickstart recipe itself (SmolLM2-135M padded to 12 heads, TP=2 on 2 ranks, the Whisper-width
+    projection trainable): the plan's weights, gradients and Adam state equal the trainer's built models."""
+    sys.path.insert(0, str(TOOL.parent))
+    from plan_memory import compose
+
+    run = compose("quickstart", [])
+    _check(run_distributed(_built_vs_planned, 2, run.trainer.parallel, dataclasses.asdict(run), ()), ())
+
+
+def test_whole_model_counts_match_transformers():
+    """The preset's formula totals equal transformers' Qwen3-MoE model (4 layers, built on the meta device)."""
+    import torch
+    from transformers import Qwen3MoeConfig, Qwen3MoeForCausalLM
+
+    cfg = GPTModelConfig.load(REPO / "examples" / "conf" / "models" / "qwen3_30b_a3b.yaml")
+    cfg.num_layers = 4
+    with torch.device("meta"):
+        hf = Qwen3MoeForCausalLM(Qwen3MoeConfig(num_hidden_layers=4, num_experts=128, head_dim=128))
+    assert model_params(cfg)["total"] == sum(p.numel() for p in hf.parameters())
+
+
+@pytest.mark.parametrize("preset,total,active", [("qwen3_30b_a3b", 30.5e9, 3.3e9), ("qwen3_235b_a22b", 235e9, 22e9)])
+def test_presets_have_the_model_cards_sizes(preset, total, active):
+    counts = model_params(GPTModelConfig.load(REPO / "examples" / "conf" / "models" / f"{preset}.yaml"))
+    assert abs(counts["total"] - total) / total < 0.01 and abs(counts["active"] - active) / active < 0.02
+
+
+@pytest.mark.parametrize("parallel,world,match", [
+    (dict(tensor_model_parallel_size=3), 3, "num_attention_heads"),
+    (dict(pipeline_model_parallel_size=3), 3, "num_layers"),
+    (dict(expert_model_parallel_size=3), 3, "num_moe_experts"),
+    (dict(tensor_model_parallel_size=2), 3, "world size 3"),
+    (dict(tensor_model_parallel_size=2), 2, "sequence_parallel"),
+])
+def test_bad_layout_gives_one_clear_error(parallel, world, match):
+    moe = GPTModelConfig(num_layers=4, hidden_size=32, ffn_hidden_size=64, num_attention_heads=4, num_query_groups=2,
+                         vocab_size=301, num_moe_experts=4, moe_ffn_hidden_size=32)
+    with pytest.raises(LayoutError, match=match):
+        validate_layout(Layout(ParallelConfig(**parallel), world), {"model.student.llm": moe})
+
+
+def _tool(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(TOOL), *args], capture_output=True, text=True, cwd=REPO, timeout=300)
+
+
+@pytest.mark.slow
+def test_tool_prints_the_paper_recipes_table_and_a_layout():
+    result = _tool("--config-name", "paper_qwen3_omni", "--gpus", "64", "--student-model", "qwen3_omni_30b_a3b_thinker",
+                   "--teacher-model", "qwen3_30b_a3b", "trainer.parallel.sequence_parallel=true",
+                   "trainer.parallel.expert_model_parallel_size=8")
+    assert result.returncode == 0, result.stderr
+    for phase in ("[rollout]", "[teacher]", "[training]"):
+        assert phase in result.stdout
+    assert "KV cache" in result.stdout and "smallest layout that fits on 64 x 80 GiB" in result.stdout
+    bad = _tool("--config-name", "paper_qwen3_omni", "--gpus", "64", "--student-model", "qwen3_omni_30b_a3b_thinker",
+                "--teacher-model", "qwen3_30b_a3b", "--no-suggest", "trainer.parallel.sequence_parallel=true",
+                "trainer.parallel.expert_model_parallel_size=3")
+    assert bad.returncode == 2 and "expert_model_parallel_size" in bad.stderr
+
+
+def test_tool_prints_the_quickstart_plan_as_json():
+    """The tool on the quickstart recipe (--json): its own layout, a dense student, fits on 80 GB. (That the bytes
+    equal the built models' is test_quickstart_weights_grads_and_optimizer_equal_the_built_models.)"""
+    result = _tool("--config-name", "quickstart", "--json", "--no-suggest")
+    assert result.returncode == 0, result.stderr
+    plan = json.loads(result.stdout.strip().splitlines()[-1])["plan"]
+    assert plan["layout"] == "TP=2 PP=1 DP=1" and plan["fits"]
+    assert plan["student_params"]["expert"] == 0 and plan["student_params"]["dense"] > 0
+
+
+CHECK = REPO / "benchmarks" / "memory_plan_check.py"
+
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="checks the no-CUDA path")
+def test_gpu_check_skips_cleanly_without_cuda():
+    result = subprocess.run([sys.executable, str(CHECK)], capture_output=True, text=True, cwd=REPO, timeout=300)
+    assert result.returncode == 0 and json.loads(result.stdout.strip().splitlines()[-1]) == {"skipped": "no CUDA"}
+
+
+@pytest.mark.slow
+def test_gpu_check_runs_its_code_on_cpu():
+    """The GPU check's own code path (model, DDP, training micro-batch, rollout) on CPU, nothing measured: a GPU
+    session does not spend its time on a broken script. Planned bytes are positive for both measurements."""
+    result = subprocess.run([sys.executable, str(CHECK), "--cpu-smoke"], capture_output=True, text=True, cwd=REPO,
+                            timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    out = json.loads(result.stdout.strip().splitlines()[-1])
+    assert out["training"]["planned"] > 0 and out["rollout"]["planned"] > 0 and out["training"]["measured"] is None
