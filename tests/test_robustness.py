@@ -28,7 +28,8 @@ from megatron_xopd.trainer.checkpoint import (
 )
 from tests._trainer_setup import PROMPTS, run_config, snapshot, train, write_feature_cuts
 
-TIMING = {"time_rollout_s", "time_teacher_s", "time_train_s", "tokens_per_s", "save_s", "save_share"}
+TIMING = {"time_rollout_s", "time_teacher_s", "time_train_s", "time_step_s", "peak_mem_mb", "tokens_per_s", "save_s",
+          "save_share"}
 
 
 class _Messages(logging.Handler):

@@ -50,7 +50,7 @@ def _train_steps(steps: int = 1, micro_batch_size: int = 2, layout: dict | None 
     optimizer, _ = build_optimizer(ddp, OptimSection(lr=LR, adam_eps=1e-4, clip_grad=0.0), max_steps=10)
     if load_from:
         load_checkpoint(load_from, student, optimizer)
-    score_with_teacher(teacher, r, micro_batch_size, VOCAB, keep_logits=False)
+    score_with_teacher(teacher, r, micro_batch_size, VOCAB, cfg)
     counts = {m: float((r.modality == m).sum()) for m in (IN_MODAL, CROSS_MODAL)}
     tokens = {m: float(r.lengths[r.modality == m].sum()) for m in (IN_MODAL, CROSS_MODAL)}
     r.weights = rollout_weights(r.lengths, r.modality, cfg, global_rollouts=counts, global_tokens=tokens)

@@ -12,8 +12,10 @@ from megatron_xopd.trainer.checkpoint import latest_checkpoint
 from tests._trainer_setup import PROMPTS, run_config, train, train_with_snapshots, write_feature_cuts
 
 REQUIRED = {"kl_cm", "kl_im", "loss", "L_im", "L_cm", "ratio_mean", "ratio_max", "response_len_cm", "response_len_im",
-            "time_rollout_s", "time_teacher_s", "time_train_s", "tokens_per_s", "lr", "grad_norm"}
-TIMING = {"time_rollout_s", "time_teacher_s", "time_train_s", "tokens_per_s", "save_s", "save_share"}
+            "time_rollout_s", "time_teacher_s", "time_train_s", "time_step_s", "peak_mem_mb", "tokens_per_s", "lr",
+            "grad_norm"}
+TIMING = {"time_rollout_s", "time_teacher_s", "time_train_s", "time_step_s", "peak_mem_mb", "tokens_per_s", "save_s",
+          "save_share"}
 
 
 def _deterministic(rows):

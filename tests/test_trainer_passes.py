@@ -123,7 +123,7 @@ def _hand_reference(lam: float, loss_kind: str, train_perception: bool = False):
 
 
 def _pipeline(lam: float, loss_kind: str, micro_batch_size: int, train_perception: bool = False,
-              sequence_parallel: bool = False):
+              sequence_parallel: bool = False, form: str = "logits", topk: int = 32):
     from megatron.core import parallel_state
 
     from megatron_xopd.models import gather_canonical_state_dict
@@ -134,9 +134,10 @@ def _pipeline(lam: float, loss_kind: str, micro_batch_size: int, train_perceptio
 
     student, teacher = _models(train_perception, sequence_parallel)
     r = _rollouts(student, train_perception)
-    cfg = XOPDConfig(lam=lam, loss=loss_kind, responses="on_policy" if loss_kind == "sampled_token" else "teacher_greedy")
+    cfg = XOPDConfig(lam=lam, loss=loss_kind, responses="on_policy" if loss_kind == "sampled_token" else "teacher_greedy",
+                     divergence_form=form, topk=topk)
     ddp = wrap_ddp(student)
-    score_with_teacher(teacher, r, micro_batch_size, VOCAB, keep_logits=loss_kind != "sampled_token")
+    score_with_teacher(teacher, r, micro_batch_size, VOCAB, cfg)
     counts = {m: float((r.modality == m).sum()) for m in (IN_MODAL, CROSS_MODAL)}
     tokens = {m: float(r.lengths[r.modality == m].sum()) for m in (IN_MODAL, CROSS_MODAL)}
     r.weights = rollout_weights(r.lengths, r.modality, cfg, global_rollouts=counts, global_tokens=tokens)

@@ -6,16 +6,19 @@ from .loss import (
     LossInputs,
     LossOutput,
     divergence_loss,
-    needs_teacher_logits,
     policy_gradient_terms,
     rollout_weights,
     sampled_token_loss,
     sft_loss,
+    student_outputs_hidden,
+    teacher_keeps,
     token_advantages,
+    topk_loss,
     weighted_loss,
 )
 from .metrics import LossStats, rollout_sums, step_metrics
 from .rollouts import Rollouts
+from .teacher import TeacherScores, clear_teacher_scores, store_teacher_scores, teacher_scores
 from .sequences import PackedSequences, pack_sequences, response_logits, response_logprobs
 
 __all__ = [
@@ -31,7 +34,6 @@ __all__ = [
     "Rollouts",
     "XOPDConfig",
     "divergence_loss",
-    "needs_teacher_logits",
     "pack_sequences",
     "policy_gradient_terms",
     "response_logits",
@@ -40,7 +42,14 @@ __all__ = [
     "rollout_weights",
     "sampled_token_loss",
     "sft_loss",
+    "student_outputs_hidden",
+    "teacher_keeps",
+    "topk_loss",
     "step_metrics",
+    "TeacherScores",
+    "clear_teacher_scores",
+    "store_teacher_scores",
+    "teacher_scores",
     "token_advantages",
     "weighted_loss",
 ]

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-LOSSES = ("sampled_token", "reverse_kl", "jsd", "sft")
+LOSSES = ("sampled_token", "reverse_kl", "jsd", "topk_reverse_kl", "topk_forward_kl", "sft")
+DIVERGENCE_FORMS = ("linear", "logits")
 RESPONSES = ("on_policy", "teacher_greedy", "transcript")
 IN_MODAL, CROSS_MODAL = 0, 1  # modality of a rollout: prompted with T, or with S
 
@@ -15,7 +16,13 @@ class XOPDConfig:
 
     lam: float = 0.5  # weight of the in-modal (text-prompted) term; 1 - lam for the cross-modal one
     n_samples: int = 4  # responses sampled per prompt and modality
-    loss: str = "sampled_token"  # sampled_token (paper) | reverse_kl | jsd | sft (log-likelihood of the responses)
+    # sampled_token (paper) | reverse_kl | jsd | topk_reverse_kl | topk_forward_kl (against the teacher's top-k and
+    # a tail bucket) | sft (log-likelihood of the responses)
+    loss: str = "sampled_token"
+    # reverse_kl / jsd from the final hidden states through the output-layer shards, chunked over tokens (linear:
+    # no [rows, length, V/TP] logits kept), or from the models' logits (logits: the teacher's kept per row)
+    divergence_form: str = "linear"
+    topk: int = 32  # teacher tokens kept per position by the topk_* losses (the rest is one tail bucket)
     # on_policy: n student samples | teacher_greedy: the teacher's greedy answer to T | transcript: T's text itself
     # (with loss=sft and lam=0: speech recognition, the usual first alignment of a speech adapter)
     responses: str = "on_policy"
@@ -40,6 +47,10 @@ class XOPDConfig:
         if self.loss == "sampled_token" and self.responses != "on_policy":
             raise ValueError("xopd.loss=sampled_token is the on-policy X-OPD loss: set xopd.responses=on_policy "
                              "(or use loss=sft / reverse_kl / jsd on the teacher's answers)")
+        if self.divergence_form not in DIVERGENCE_FORMS:
+            raise ValueError(f"xopd.divergence_form: {self.divergence_form!r} is not one of {DIVERGENCE_FORMS}")
+        if self.topk < 1:
+            raise ValueError(f"xopd.topk must be >= 1, got {self.topk}")
         if self.normalization not in ("sequence", "token"):
             raise ValueError(f"xopd.normalization: {self.normalization!r} is not 'sequence' or 'token'")
         if not 0.0 <= self.beta <= 1.0:

@@ -10,7 +10,10 @@ Every rollout j gets one scalar weight c_j (see :func:`rollout_weights`) so that
 data-parallel ranks reproduces the per-modality means exactly: the loss is -sum_j c_j * sum_t r_jt * A_jt.
 ``normalization="token"`` replaces the per-sequence mean by a mean over all tokens of the modality.
 The variants replace r*A by an exact per-token divergence of the student from the teacher over the whole
-(vocab-parallel) vocabulary: ``reverse_kl`` (KL(student || teacher)) or ``jsd`` (generalised JSD, TRL's beta).
+(vocab-parallel) vocabulary: ``reverse_kl`` (KL(student || teacher)) or ``jsd`` (generalised JSD, TRL's beta); by
+default (``divergence_form="linear"``) from both models' final hidden states through their output-layer shards,
+chunk by chunk, so no [rows, length, V/TP] logits are kept. ``topk_reverse_kl`` / ``topk_forward_kl`` compare the
+student with the teacher's top-k tokens plus one tail bucket for the rest of the vocabulary.
 
 The paper's baselines run through the same weights: ``loss="sft"`` maximises log p_theta(y_t) of given responses,
 and ``responses="teacher_greedy"`` takes those responses from the teacher's greedy answer to T instead of student
@@ -26,7 +29,7 @@ from typing import Callable
 
 import torch
 
-from ..ops import vocab_parallel_divergence
+from ..ops import fused_linear_divergence, vocab_parallel_divergence, vocab_parallel_topk_divergence
 from .config import XOPDConfig
 from .sequences import PackedSequences, response_logits, response_logprobs
 
@@ -93,7 +96,7 @@ class LossInputs:
     Rows are rollouts; padding rows (filling the last micro-batch) have weight 0 and an all-zero mask.
     """
 
-    logits: torch.Tensor  # [b, S, V/TP] the student's vocab-parallel logits of prompt + response
+    logits: torch.Tensor  # [b, S, V/TP] the student's vocab-parallel logits, or [b, S, H] its final hidden states
     packed: PackedSequences  # where each response token sits in the sequence
     mask: torch.Tensor  # [b, L] float: real response tokens of real rows
     weights: torch.Tensor  # [b] c_j (0 for padding rows)
@@ -101,6 +104,11 @@ class LossInputs:
     teacher_logprobs: torch.Tensor | None  # [b, L] log p_teacher(y_t | T, y<t)
     teacher_logits: torch.Tensor | None  # [b, L, V/TP] the teacher's logits at the response positions
     text_vocab_size: int
+    head_weight: torch.Tensor | None = None  # [V/TP, H] student output-layer shard: ``logits`` are hidden states
+    teacher_hidden: torch.Tensor | None = None  # [b, L, H_t] the teacher's final hidden states (linear form)
+    teacher_head: torch.Tensor | None = None  # [V/TP, H_t] the teacher's output-layer shard (linear form)
+    teacher_topk_ids: torch.Tensor | None = None  # [b, L, k] the teacher's top-k global token ids
+    teacher_topk_logprobs: torch.Tensor | None = None  # [b, L, k] their log-probs at ``xopd.kl_temperature``
 
 
 @dataclass
@@ -131,14 +139,39 @@ def divergence_loss(x: LossInputs, cfg: XOPDConfig) -> LossOutput:
     """Exact full-vocabulary divergence of the student from the teacher at every response position, minimised:
     reverse_kl: D_jt = KL(p_theta || p_teacher);  jsd: D_jt = beta KL(p_T || M) + (1 - beta) KL(p_theta || M),
     M = beta p_T + (1 - beta) p_theta (TRL's GKD; beta = 0 / 1 are the forward / reverse KL);  loss = +sum_j c_j sum_t D_jt.
-    Both on temperature-scaled vocab-parallel logits (``xopd.kl_temperature``), nothing gathered."""
+    Both on temperature-scaled vocab-parallel logits (``xopd.kl_temperature``), nothing gathered; in the linear
+    form the logits are built from the hidden states one token chunk at a time and never kept."""
+    student = response_logits(x.logits, x.packed)
+    b, length, width = student.shape
+    common = dict(beta=cfg.beta, temperature=cfg.kl_temperature, mask=x.mask.reshape(-1).bool(),
+                  vocab_size=x.text_vocab_size)
+    if x.head_weight is not None:
+        teacher = x.teacher_hidden.reshape(b * length, -1)
+        terms = fused_linear_divergence(student.reshape(b * length, width), x.head_weight, teacher, x.teacher_head,
+                                        cfg.loss, **common)
+    else:
+        terms = vocab_parallel_divergence(student.reshape(b * length, width),
+                                          x.teacher_logits.reshape(b * length, width), cfg.loss, **common)
+    terms = terms.view(b, length)
+    return LossOutput(weighted_loss(terms, x.mask, x.weights, maximise=False), terms)
+
+
+TOPK_KINDS = {"topk_reverse_kl": "reverse_kl", "topk_forward_kl": "forward_kl"}
+
+
+def topk_loss(x: LossInputs, cfg: XOPDConfig) -> LossOutput:
+    """Divergence of the student from the teacher's top-k tokens I plus a tail bucket (every other token), minimised:
+    topk_reverse_kl: D_jt = sum_{i in I + tail} q_i log(q_i / p_i);  topk_forward_kl: D_jt = sum p_i log(p_i / q_i),
+    where p are the teacher's bucket probabilities (at ``xopd.kl_temperature``) and q the student's, from its
+    vocab-parallel logits / temperature;  loss = +sum_j c_j sum_t D_jt."""
     student = response_logits(x.logits, x.packed)
     b, length, v_local = student.shape
-    terms = vocab_parallel_divergence(
+    k = x.teacher_topk_ids.shape[-1]
+    terms = vocab_parallel_topk_divergence(
         student.reshape(b * length, v_local),
-        x.teacher_logits.reshape(b * length, v_local),
-        cfg.loss,
-        beta=cfg.beta,
+        x.teacher_topk_ids.reshape(b * length, k),
+        x.teacher_topk_logprobs.reshape(b * length, k),
+        kind=TOPK_KINDS[cfg.loss],
         temperature=cfg.kl_temperature,
         mask=x.mask.reshape(-1).bool(),
         vocab_size=x.text_vocab_size,
@@ -151,9 +184,19 @@ LOSS_FUNCTIONS: dict[str, Callable[[LossInputs, XOPDConfig], LossOutput]] = {
     "sampled_token": sampled_token_loss,
     "reverse_kl": divergence_loss,
     "jsd": divergence_loss,
+    "topk_reverse_kl": topk_loss,
+    "topk_forward_kl": topk_loss,
 }
 
 
-def needs_teacher_logits(cfg: XOPDConfig) -> bool:
-    """Whether the teacher pass must keep its response logits (the full-vocabulary losses)."""
-    return LOSS_FUNCTIONS[cfg.loss] is divergence_loss
+def teacher_keeps(cfg: XOPDConfig) -> str:
+    """What the teacher pass keeps beyond the sampled tokens' log-probs: ``logits`` / ``hidden`` (full-vocabulary
+    losses, logits or linear form), ``topk`` (the top-k losses) or ``logprobs`` (nothing more)."""
+    if LOSS_FUNCTIONS[cfg.loss] is divergence_loss:
+        return "hidden" if cfg.divergence_form == "linear" else "logits"
+    return "topk" if LOSS_FUNCTIONS[cfg.loss] is topk_loss else "logprobs"
+
+
+def student_outputs_hidden(cfg: XOPDConfig) -> bool:
+    """Whether the training pass takes the student's final hidden states instead of its logits."""
+    return teacher_keeps(cfg) == "hidden"

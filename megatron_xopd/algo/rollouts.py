@@ -12,7 +12,7 @@ class Rollouts:
     """A step's rollouts, identical on every rank of a TP/PP group (``audio_embeds`` on the first stage only).
 
     Filled in three phases: collection (``rollout/collect.py``: prompts, responses, ``old_logprobs``), teacher
-    scoring (``trainer/passes.py``: ``teacher_logprobs``, and ``teacher_logits`` for the full-vocabulary losses),
+    scoring (``trainer/passes.py``: ``teacher_logprobs``, and what the loss reads: ``teacher_logits``, ``teacher_hidden`` or ``teacher_topk_*``),
     and weighting (:func:`megatron_xopd.algo.loss.rollout_weights`: ``weights``).
     """
 
@@ -28,7 +28,11 @@ class Rollouts:
     # perception trains: the training pass then reruns it with gradients instead of using ``audio_embeds``
     audio_inputs: list[torch.Tensor | None] | None = None
     teacher_logprobs: torch.Tensor | None = None  # [R, L], last stage, after the teacher pass
-    teacher_logits: list[torch.Tensor] | None = None  # per row [L, V/TP], for the divergence losses
+    teacher_logits: list[torch.Tensor] | None = None  # per row [L, V/TP], for the logits-form divergence losses
+    teacher_hidden: torch.Tensor | None = None  # [R, L, H_t] final hidden states, for the linear form
+    teacher_head: torch.Tensor | None = None  # [V/TP, H_t] the teacher's output-layer shard, for the linear form
+    teacher_topk_ids: torch.Tensor | None = None  # [R, L, k] the teacher's top-k ids, for the top-k losses
+    teacher_topk_logprobs: torch.Tensor | None = None  # [R, L, k] their log-probs
     weights: torch.Tensor | None = None  # [R] c_j of the loss
 
     def __len__(self) -> int:

@@ -103,3 +103,30 @@ def vocab_parallel_logprobs(
     spec = _Spec(1.0 / temperature, chunk_size, shard, compute_dtype(logits), return_entropy)
     logprobs, entropy = _VocabParallelLogprobs.apply(logits, targets.to(torch.int64), spec)
     return (logprobs, entropy) if return_entropy else logprobs
+
+
+@torch.no_grad()
+def fused_linear_logprobs(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    targets: torch.Tensor,
+    group: ProcessGroup | None = None,
+    *,
+    vocab_size: int | None = None,
+    temperature: float = 1.0,
+    chunk_size: int | None = None,
+) -> torch.Tensor:
+    """:func:`vocab_parallel_logprobs` of the logits ``hidden @ weight.T`` (hidden [N, H], this rank's head shard
+    [V_local, H]), built chunk by chunk so no [N, V_local] logits outlive a chunk. No gradient: it scores with
+    the frozen teacher."""
+    if hidden.dim() != 2 or weight.dim() != 2 or hidden.shape[1] != weight.shape[1]:
+        raise ValueError(f"hidden [N, H] and weight [V_local, H] must match in H, got {tuple(hidden.shape)} "
+                         f"and {tuple(weight.shape)}")
+    check_common(temperature, chunk_size)
+    n = hidden.shape[0]
+    chunk_size = default_chunk_size(chunk_size, weight.shape[0], hidden.device, linear=True)
+    out = torch.zeros(n, dtype=compute_dtype(hidden, weight), device=hidden.device)
+    for pos, _ in row_chunks(n, None, chunk_size):
+        logits = hidden[pos] @ weight.t()
+        out[pos] = vocab_parallel_logprobs(logits, targets[pos], group, vocab_size=vocab_size, temperature=temperature)
+    return out

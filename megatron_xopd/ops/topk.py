@@ -163,3 +163,47 @@ def vocab_parallel_topk_divergence(
     log_q = _TopkStudentLogprobs.apply(student_logits, ids, rows, spec)
     value = bucket_divergence(log_q, teacher_buckets(log_p, dtype), kind, beta)
     return value if rows is None else value.new_zeros(n).index_put((rows,), value)
+
+
+@torch.no_grad()
+def vocab_parallel_topk(
+    logits: torch.Tensor,
+    k: int,
+    group: ProcessGroup | None = None,
+    *,
+    vocab_size: int | None = None,
+    temperature: float = 1.0,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The ``k`` most likely global token ids [N, k] and their log-probs [N, k] under softmax(logits / temperature),
+    from this rank's vocabulary shard ``logits`` [N, V_local]: the sparse teacher of
+    :func:`vocab_parallel_topk_divergence`. Each rank proposes its local top-k (one all-gather of [N, 2k + 2]);
+    ids are ordered by decreasing probability. No gradient (the teacher is frozen)."""
+    if logits.dim() != 2:
+        raise ValueError(f"logits must be [N, V_local], got {tuple(logits.shape)}")
+    check_common(temperature, None)
+    shard = vocab_shard(logits.shape[1], group, vocab_size)
+    if not 1 <= k < shard.vocab_size:
+        raise ValueError(f"top-k needs 1 <= k < vocab_size={shard.vocab_size} (a tail must remain), got k={k}")
+    n, dtype = logits.shape[0], compute_dtype(logits)
+    s = scaled(logits[:, : shard.valid], 1.0 / temperature, dtype)
+    values = torch.full((n, k), -math.inf, dtype=dtype, device=logits.device)
+    ids = torch.zeros(n, k, dtype=dtype, device=logits.device)
+    maxes = torch.full((n, 1), -math.inf, dtype=dtype, device=logits.device)
+    z = torch.zeros(n, 1, dtype=dtype, device=logits.device)
+    kv = min(k, shard.valid)
+    if kv:
+        top = s.topk(kv, dim=1)
+        values[:, :kv], ids[:, :kv] = top.values, (top.indices + shard.offset).to(dtype)
+        maxes[:, 0] = top.values[:, 0]
+        z[:, 0] = (s - maxes).exp_().sum(dim=1)
+    m, shift = global_max(maxes, shard)
+    z = shard.all_reduce(z * shift.exp())
+    pack = torch.cat([values, ids], dim=1)
+    if shard.group is not None:
+        parts = [torch.empty_like(pack) for _ in range(torch.distributed.get_world_size(shard.group))]
+        torch.distributed.all_gather(parts, pack.contiguous(), group=shard.group)
+        pack = torch.cat([p.view(n, 2, k) for p in parts], dim=2).view(n, -1)
+    cand_values, cand_ids = pack.view(n, 2, -1).unbind(1)
+    best = cand_values.topk(k, dim=1)
+    log_p = (best.values - m) - z.log()
+    return cand_ids.gather(1, best.indices).to(torch.int64), log_p

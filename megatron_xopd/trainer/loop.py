@@ -19,7 +19,7 @@ from megatron.core import parallel_state
 from omegaconf import OmegaConf
 from tqdm import tqdm
 
-from ..algo import CROSS_MODAL, IN_MODAL, LossStats, Rollouts, needs_teacher_logits, rollout_sums, rollout_weights
+from ..algo import CROSS_MODAL, IN_MODAL, LossStats, Rollouts, rollout_sums, rollout_weights
 from ..algo import step_metrics
 from ..convert.sources import resolve_path
 from ..data.cuts import CutStats, load_prompt_cuts
@@ -29,6 +29,7 @@ from ..ops.sampling import SamplingParams
 from ..rollout import RolloutCollector
 from ..runtime import init_distributed, initialize_model_parallel, set_seed
 from ..runtime.device import current_device, resident
+from ..runtime.memory import peak_memory_mb, reset_peak_memory
 from ..runtime.reduce import agree_on_step, all_ranks_agree, reduce_over_replicas
 from .build import build_models, build_optimizer, wrap_ddp
 from .checkpoint import CheckpointError, CheckpointSaver, find_resumable, load_checkpoint, load_model_weights
@@ -172,6 +173,7 @@ class XOPDTrainer:
         """One step; ``None`` when no rank had a batch. When some DP rank has no usable prompt, every rank skips
         the step (it is counted in ``skipped_steps``, and nothing is updated)."""
         cfg = self.cfg
+        reset_peak_memory()
         t0 = time.perf_counter()
         rollouts = None
         if batch["cut_ids"]:
@@ -189,7 +191,7 @@ class XOPDTrainer:
         if cfg.xopd.loss != "sft":
             with self._teacher_resident():
                 score_with_teacher(self.teacher, rollouts, cfg.trainer.micro_batch_size,
-                                   self.models.text_vocab_size, keep_logits=needs_teacher_logits(cfg.xopd))
+                                   self.models.text_vocab_size, cfg.xopd)
         t_teacher = time.perf_counter() - t0 - t_rollout
         self._set_weights(rollouts)
         stats = LossStats()
@@ -224,6 +226,8 @@ class XOPDTrainer:
             "time_rollout_s": t_rollout,
             "time_teacher_s": t_teacher,
             "time_train_s": t_train,
+            "time_step_s": step_time,
+            "peak_mem_mb": peak_memory_mb(),  # runtime/memory.py: CUDA max allocated this step, CPU peak RSS
             "tokens_per_s": (g["tok_cm"] + g["tok_im"]) / step_time,
             "lr": self.optimizer.param_groups[0]["lr"],
             "grad_norm": grad_norm,

@@ -2,12 +2,14 @@
 
 Rows are rollouts (prompt + sampled response). Each pass cuts them into micro-batches of equal size and length
 (pipeline stages exchange fixed shapes), runs ``get_forward_backward_func()``, and computes what it needs on the
-last pipeline stage from vocab-parallel logits: nothing gathers the vocabulary. The loss of each micro-batch is
+last pipeline stage from vocab-parallel logits, or, for the linear-form divergences, from the final hidden states
+and the output-layer shards (``models/head.py``): nothing gathers the vocabulary. The loss of each micro-batch is
 the loss kind's function in :mod:`megatron_xopd.algo.loss`.
 """
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 from typing import Callable
 
@@ -16,8 +18,9 @@ from megatron.core import parallel_state
 from megatron.core.pipeline_parallel import get_forward_backward_func
 
 from ..algo import LOSS_FUNCTIONS, LossInputs, LossStats, PackedSequences, Rollouts, XOPDConfig, pack_sequences
-from ..algo import response_logits, response_logprobs
+from ..algo import clear_teacher_scores, store_teacher_scores, student_outputs_hidden, teacher_keeps, teacher_scores
 from ..data.dataset import pad_along_time
+from ..models.head import hidden_states_output
 from ..runtime.device import current_device
 
 
@@ -82,28 +85,19 @@ def _run(model: torch.nn.Module, batches: list[MicroBatch], forward_only: bool, 
 
 @torch.no_grad()
 def score_with_teacher(
-    teacher: torch.nn.Module, rollouts: Rollouts, micro_batch_size: int, text_vocab_size: int, keep_logits: bool
+    teacher: torch.nn.Module, rollouts: Rollouts, micro_batch_size: int, text_vocab_size: int, cfg: XOPDConfig
 ) -> None:
-    """Teacher log-probs of every sampled token given T (and its response logits for full-vocabulary losses)."""
-    rows = torch.arange(len(rollouts))
-    batches = micro_batches(rollouts, rows, micro_batch_size, teacher=True)
-    logprobs = torch.zeros_like(rollouts.old_logprobs)
-    logits: list[torch.Tensor | None] = [None] * len(rollouts)
+    """Teacher log-probs of every sampled token given T, and what the loss reads (:func:`teacher_keeps`)."""
+    keep = teacher_keeps(cfg)
+    batches = micro_batches(rollouts, torch.arange(len(rollouts)), micro_batch_size, teacher=True)
+    with hidden_states_output(teacher) if keep == "hidden" else contextlib.nullcontext() as head:
+        clear_teacher_scores(rollouts, head)
 
-    def collect(mb: MicroBatch, output: torch.Tensor):
-        real = mb.rows >= 0
-        lp = response_logprobs(output, mb.packed, text_vocab_size)
-        logprobs[mb.rows[real].to(logprobs.device)] = lp[real].float().to(logprobs.device)
-        if keep_logits:
-            selected = response_logits(output, mb.packed)
-            for i, r in enumerate(mb.rows.tolist()):
-                if r >= 0:
-                    logits[r] = selected[i].detach().clone()
-        return output.new_zeros(()), {}
+        def collect(mb: MicroBatch, output: torch.Tensor):
+            store_teacher_scores(rollouts, mb.rows, teacher_scores(output, mb.packed, keep, text_vocab_size, cfg, head))
+            return output.new_zeros(()), {}
 
-    _run(teacher, batches, True, collect, student=False)
-    rollouts.teacher_logprobs = logprobs
-    rollouts.teacher_logits = logits if keep_logits else None
+        _run(teacher, batches, True, collect, student=False)
 
 
 def train_pass(
@@ -127,6 +121,7 @@ def train_pass(
     batches = micro_batches(rollouts, rows, micro_batch_size, teacher=False)
     scale = len(batches) * parallel_state.get_data_parallel_world_size() * minibatches
     loss_kind = LOSS_FUNCTIONS[cfg.loss]
+    hidden = student_outputs_hidden(cfg)
 
     def loss_fn(mb: MicroBatch, output: torch.Tensor):
         device = output.device
@@ -148,9 +143,16 @@ def train_pass(
             teacher_logprobs=rows_of(rollouts.teacher_logprobs),
             teacher_logits=teacher_logits,
             text_vocab_size=text_vocab_size,
+            head_weight=head,
+            teacher_hidden=rows_of(rollouts.teacher_hidden),
+            teacher_head=None if rollouts.teacher_head is None else rollouts.teacher_head.to(device),
+            teacher_topk_ids=rows_of(rollouts.teacher_topk_ids),
+            teacher_topk_logprobs=rows_of(rollouts.teacher_topk_logprobs),
         )
         out = loss_kind(inputs, cfg)
         stats.add(inputs, out, rows_of(rollouts.modality), cfg)
         return out.loss * scale, {}
 
-    _run(model, batches, False, loss_fn, student=True)
+    # the linear form: the model returns hidden states and loss_fn reads the student's head shard ``head``
+    with hidden_states_output(model) if hidden else contextlib.nullcontext() as head:
+        _run(model, batches, False, loss_fn, student=True)
