@@ -135,6 +135,12 @@ def _convert_and_run(hf: str, work: str, ids: torch.Tensor, mel: torch.Tensor, l
     out["features_params"] = sum(p.numel() for p in features.perception.parameters())
     out["features"] = _student_logits(features, ids, audio=cached[0], audio_lens=cached[1])
     export_mcore_student_to_qwen3_omni(f"{work}/audio", hf, f"{work}/export")
+    # a trainer step checkpoint ({"model": the whole student}) exports with --meta-dir the converted directory
+    from megatron.core import dist_checkpointing
+
+    Path(f"{work}/step").mkdir()
+    dist_checkpointing.save({"model": student.sharded_state_dict()}, f"{work}/step")
+    export_mcore_student_to_qwen3_omni(f"{work}/step", hf, f"{work}/export_step", meta_dir=f"{work}/audio")
     return out
 
 
@@ -199,6 +205,8 @@ def test_export_gives_identical_transformers_logits(omni):
     assert old.keys() == new.keys() and all(torch.equal(old[k], new[k]) for k in old)
     got = hf_logits(export, omni["ids"], omni["mel"], omni["lens"])
     assert torch.equal(got, omni["ref"])
+    step = load_file(str(omni["root"] / "export_step" / "model.safetensors"))
+    assert all(torch.equal(old[k], step[k]) for k in old)
 
 
 @pytest.mark.parity
@@ -229,3 +237,55 @@ def test_conversion_cli_end_to_end(omni, tmp_path):
     bad = subprocess.run([sys.executable, str(ROOT / "tools/convert_qwen3_omni_to_mcore.py"), str(omni["hf"]),
                           str(tmp_path / "bad"), "--ep", "4"], capture_output=True, text=True, env=env)
     assert bad.returncode == 2 and "num_moe_experts" in bad.stderr, bad.stderr[-500:]
+
+
+# --------------------------------------------------------------------------------------------- the paper recipe
+
+
+def _recipe_models(run) -> list[tuple[str, object]]:
+    """The recipe's student and teacher on paper: the model presets with the recipe's llm fields on top."""
+    import yaml
+
+    from megatron_xopd.models import GPTModelConfig
+
+    presets = {"model.student.llm": "qwen3_omni_30b_a3b_thinker", "model.teacher.llm": "qwen3_30b_a3b"}
+    sections = {"model.student.llm": run.model.student.llm, "model.teacher.llm": run.model.teacher.llm}
+    out = []
+    for where, preset in presets.items():
+        values = yaml.safe_load((ROOT / "examples/conf/models" / f"{preset}.yaml").read_text())
+        out.append((where, GPTModelConfig.from_dict({**values, **dict(sections[where])}, where=where)))
+    return out
+
+
+def test_paper_recipe_layout_fits_the_paper_models():
+    """paper_qwen3_omni.yaml composes with Hydra, states its expert-parallel layout in real keys, and that layout
+    fits the paper's models on 64 GPUs (no weights built); the commands its header names exist."""
+    import re
+
+    from hydra import compose, initialize_config_dir
+
+    from megatron_xopd.trainer import register_schema, to_run_config
+
+    register_schema()
+    with initialize_config_dir(config_dir=str(ROOT / "examples" / "conf"), version_base=None):
+        run = to_run_config(compose("paper_qwen3_omni"))
+    layout = run.trainer.parallel
+    assert (layout.tensor_model_parallel_size, layout.pipeline_model_parallel_size,
+            layout.expert_model_parallel_size, layout.sequence_parallel) == (4, 2, 8, True)
+    assert layout.data_parallel_size(64) == 8
+    models = _recipe_models(run)
+    assert layout.problems(64, *models) == []
+    for _, cfg in models:
+        cfg.validate_parallel(4, 2, 8, layout.expert_tensor_parallel_size or 4)
+    student = dict(models)["model.student.llm"]
+    assert run.model.student.perception["feature_dim"] == student.hidden_size  # cached tower outputs, no projection
+    # the same recipe without sequence parallelism, or with an EP that does not divide 128 experts, is refused
+    layout.sequence_parallel = False
+    assert any("sequence_parallel" in p for p in layout.problems(64, *models))
+    layout.sequence_parallel, layout.expert_model_parallel_size = True, 3
+    assert any("num_moe_experts (128)" in p for p in layout.problems(64, *models))
+    text = (ROOT / "examples/conf/paper_qwen3_omni.yaml").read_text()
+    commands = set(re.findall(r"(?:tools|examples)/[\w/]+\.(?:py|sbatch)", text))
+    assert {"tools/convert_hf_to_mcore.py", "tools/convert_qwen3_omni_to_mcore.py",
+            "tools/export_student_to_qwen3_omni.py"} <= commands
+    assert all((ROOT / c).is_file() for c in commands), [c for c in commands if not (ROOT / c).is_file()]

@@ -5,8 +5,9 @@
 
 The thinker's MoE LLM becomes an MCore MoE GPT, its audio tower the frozen perception (``--perception
 features``: no tower, the student takes cached tower outputs); the vision tower is dropped (logged).
-OUT_DIR: dist_checkpointing files, model_config.yaml, perception_config.yaml, student.yaml, omni_config.json and
-the tokenizer. tools/export_student_to_qwen3_omni.py writes it back into the original HF layout.
+OUT_DIR: the LLM's dist_checkpointing files (the trainer's model.student.mcore_path), perception.safetensors
+(the frozen tower: model.student.perception_weights), model_config.yaml, perception_config.yaml, student.yaml,
+omni_config.json and the tokenizer. tools/export_student_to_qwen3_omni.py writes it back into the original HF layout.
 """
 
 from __future__ import annotations

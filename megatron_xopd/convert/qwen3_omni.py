@@ -22,8 +22,8 @@ from typing import Any
 
 import torch
 import yaml
-from megatron.core import parallel_state
-from safetensors.torch import save_file
+from megatron.core import dist_checkpointing, parallel_state
+from safetensors.torch import load_file, save_file
 
 from ..models.config import GPTModelConfig
 from ..models.qwen3_omni import OmniPerceptionConfig, Qwen3OmniStudent
@@ -50,6 +50,7 @@ log = logging.getLogger(__name__)
 ARCHITECTURES = ("Qwen3OmniMoeForConditionalGeneration", "Qwen3OmniMoeThinkerForConditionalGeneration")
 PERCEPTION_CONFIG = "perception_config.yaml"
 STUDENT_CONFIG = "student.yaml"
+PERCEPTION_WEIGHTS = "perception.safetensors"
 OMNI_CONFIG = "omni_config.json"
 _LLM_PREFIXES = ("model.", "lm_head.")
 
@@ -109,14 +110,16 @@ def omni_student_configs(
 ) -> tuple[GPTModelConfig, OmniPerceptionConfig, dict[str, Any]]:
     """(LLM config, perception config, student metadata) of the student that holds this thinker.
 
-    The audio token and every id after it are not text (``text_vocab_size`` = the smaller of the tokenizer's
-    size and ``audio_token_id``), so no loss or sampler emits them.
+    The audio tokens (``audio_start_token_id``, ``audio_token_id``) and every id after them are not text:
+    ``text_vocab_size`` is the smallest of those and the tokenizer's size, so no loss or sampler emits them, and
+    it equals the Qwen3 text teacher's vocabulary when the Omni tokenizer adds its audio tokens after Qwen3's.
     """
     thinker = omni.thinker_config
     audio_token = int(thinker["audio_token_id"])
+    audio_start = int(thinker.get("audio_start_token_id", audio_token))
     text = text_config_as_qwen3_moe(thinker)
     tokens = _tokenizer_size(omni.path) or int(text["vocab_size"])
-    llm_cfg = hf_config_to_model_config(text, params_dtype=params_dtype, text_vocab_size=min(tokens, audio_token))
+    llm_cfg = hf_config_to_model_config(text, params_dtype=params_dtype, text_vocab_size=min(tokens, audio_start, audio_token))
     if not llm_cfg.num_moe_experts:
         raise ConversionError(f"{omni.path}/config.json text_config.num_experts: the thinker's LLM must be an MoE")
     audio = {k: v for k, v in thinker["audio_config"].items() if k not in ("model_type", "architectures")}
@@ -151,7 +154,9 @@ def convert_qwen3_omni_to_mcore(
 ) -> Qwen3OmniStudent:
     """HF Qwen3-Omni directory -> ``dist_checkpointing`` checkpoint of the student (every rank calls it, under
     the current TP/PP/EP layout). Rank 0 also writes ``model_config.yaml``, ``perception_config.yaml``,
-    ``student.yaml``, ``omni_config.json`` (the source ``config.json``) and the tokenizer files."""
+    ``student.yaml``, ``omni_config.json`` (the source ``config.json``), the tokenizer files and
+    ``perception.safetensors`` (the frozen tower; empty with ``perception_source="features"``). The
+    dist_checkpointing files hold the LLM alone, as a checkpoint of ``tools/convert_hf_to_mcore.py`` does."""
     omni, llm_cfg, pcfg, meta = prepare_omni_conversion(
         hf_dir, parallel_state.get_tensor_model_parallel_world_size(),
         parallel_state.get_pipeline_model_parallel_world_size(), parallel_state.get_expert_model_parallel_world_size(),
@@ -167,9 +172,14 @@ def convert_qwen3_omni_to_mcore(
         if missing:
             raise ConversionError(f"{omni.path}: the audio tower lacks tensor(s) {missing[:5]}")
         tower.load_state_dict({n: omni.reader[names[n]] for n in tower.state_dict()}, strict=True)
-    save_mcore_checkpoint(student, out_dir)
+    # The LLM alone in dist_checkpointing (what the trainer's model.student.mcore_path loads); the frozen tower
+    # beside it as safetensors (model.student.perception_weights).
+    save_mcore_checkpoint(student.language_model, out_dir)
     if _rank() == 0:
         out = Path(out_dir)
+        perception = {} if student.perception is None else student.perception.state_dict()
+        save_file({k: v.contiguous() for k, v in perception.items()}, str(out / PERCEPTION_WEIGHTS),
+                  metadata={"format": "pt"})
         llm_cfg.save(out / MODEL_CONFIG)
         (out / PERCEPTION_CONFIG).write_text(yaml.safe_dump(_config_dict(pcfg)))
         (out / STUDENT_CONFIG).write_text(yaml.safe_dump(meta))
@@ -189,11 +199,27 @@ def load_omni_student_configs(ckpt_dir: str | Path) -> tuple[GPTModelConfig, Omn
     return llm_cfg, pcfg, yaml.safe_load((ckpt / STUDENT_CONFIG).read_text())
 
 
+def _load_llm(student: Qwen3OmniStudent, ckpt: Path) -> None:
+    """The LLM from a converted checkpoint (the LLM alone) or from a trainer's step checkpoint
+    (``{"model": the student's sharded state dict, "optimizer": ...}``, of which only the LLM is read)."""
+    if (ckpt / MODEL_CONFIG).is_file():
+        load_mcore_checkpoint(student.language_model, ckpt)
+        return
+    if not (ckpt / "metadata.json").is_file():
+        raise FileNotFoundError(f"{ckpt} is not a megatron dist_checkpointing checkpoint (no metadata.json)")
+    prefix = "language_model."
+    state = dist_checkpointing.load({"model": student.language_model.sharded_state_dict(prefix=prefix)}, str(ckpt))
+    student.language_model.load_state_dict({k[len(prefix):]: v for k, v in state["model"].items()}, strict=True)
+
+
 def build_omni_student_from_mcore(ckpt_dir: str | Path, meta_dir: str | Path | None = None) -> tuple[Qwen3OmniStudent, dict[str, Any]]:
     """Build this rank's student shard from a converted (or trained) checkpoint and load it (caller sets the seed)."""
-    llm_cfg, pcfg, meta = load_omni_student_configs(meta_dir or ckpt_dir)
+    meta_dir = Path(meta_dir or ckpt_dir)
+    llm_cfg, pcfg, meta = load_omni_student_configs(meta_dir)
     student = Qwen3OmniStudent(llm_cfg, pcfg, meta["audio_token_id"])
-    load_mcore_checkpoint(student, ckpt_dir)
+    _load_llm(student, Path(ckpt_dir))
+    if student.perception is not None:
+        student.perception.load_state_dict(load_file(str(meta_dir / PERCEPTION_WEIGHTS)), strict=True)
     return student, meta
 
 
