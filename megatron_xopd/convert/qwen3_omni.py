@@ -212,10 +212,14 @@ def _load_llm(student: Qwen3OmniStudent, ckpt: Path) -> None:
     student.language_model.load_state_dict({k[len(prefix):]: v for k, v in state["model"].items()}, strict=True)
 
 
-def build_omni_student_from_mcore(ckpt_dir: str | Path, meta_dir: str | Path | None = None) -> tuple[Qwen3OmniStudent, dict[str, Any]]:
-    """Build this rank's student shard from a converted (or trained) checkpoint and load it (caller sets the seed)."""
+def build_omni_student_from_mcore(ckpt_dir: str | Path, meta_dir: str | Path | None = None,
+                                  **llm_overrides: Any) -> tuple[Qwen3OmniStudent, dict[str, Any]]:
+    """Build this rank's student shard from a converted (or trained) checkpoint and load it (caller sets the seed).
+    ``llm_overrides``: :class:`GPTModelConfig` fields that change no weight (e.g. ``moe_token_dispatcher_type``)."""
     meta_dir = Path(meta_dir or ckpt_dir)
     llm_cfg, pcfg, meta = load_omni_student_configs(meta_dir)
+    for key, value in llm_overrides.items():
+        setattr(llm_cfg, key, value)
     student = Qwen3OmniStudent(llm_cfg, pcfg, meta["audio_token_id"])
     _load_llm(student, Path(ckpt_dir))
     if student.perception is not None:
