@@ -199,16 +199,17 @@ def _train_own_manifest(configs: list[dict]):
 @pytest.mark.parity
 @pytest.mark.slow
 def test_a_rank_whose_batch_is_all_bad_cuts_makes_every_rank_skip_the_step(tmp_path):
-    """DP=2: rank 1 draws only bad cuts (empty prompts). Both ranks skip both steps (one all-reduce of "I have
-    work"), count them, update nothing, and the run finishes instead of waiting in a collective."""
+    """DP=2, speech prompts only (lam=0): every cut of rank 1 has more audio frames than the positions a prompt may
+    take, so rank 1 has no usable prompt. Both ranks skip both steps (one all-reduce of "I have work"), count them,
+    update nothing, and the run finishes instead of waiting in a collective."""
     from tests._trainer_setup import run_config, write_feature_cuts
 
     (tmp_path / "good").mkdir()
     (tmp_path / "bad").mkdir()
     good = write_feature_cuts(tmp_path / "good")
-    bad = write_feature_cuts(tmp_path / "bad", ["   "] * 8)
+    bad = write_feature_cuts(tmp_path / "bad", frames=300)  # > 256 positions - 6 new tokens
     configs = [run_config(tmp_path / "run", manifest, trainer={"max_steps": 2}, data={"prompts_per_step": 2},
-                          checkpoint={"dir": None}) for manifest in (good, bad)]
+                          xopd={"lam": 0.0}, checkpoint={"dir": None}) for manifest in (good, bad)]
     (rows, skipped0, changed0), (_, skipped1, changed1) = run_distributed(_train_own_manifest, 2, configs,
                                                                           timeout_s=400)
     assert [r["step"] for r in rows] == [1, 2]

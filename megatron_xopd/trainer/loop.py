@@ -181,12 +181,12 @@ class XOPDTrainer:
             self._log_skips([error for error in skipped if self.data_stats.record_skip(error)])
         anyone, everyone = agree_on_step(bool(batch["cut_ids"]), rollouts is not None)
         if not everyone:
-            self.data_stats.update(batch["stats"])
             if not anyone:
                 return None
             self.skipped_steps += 1
             log.warning("step %d skipped: a data-parallel rank has no usable prompt", self.step)
-            return {"skipped_steps": self.skipped_steps, **self.data_stats.as_dict()}
+            return {"skipped_steps": self.skipped_steps, "time_rollout_s": time.perf_counter() - t0,
+                    "time_teacher_s": 0.0, "time_train_s": 0.0, **self.data_stats.as_dict()}
         t_rollout = time.perf_counter() - t0
         if cfg.xopd.loss != "sft":
             with self._teacher_resident():
