@@ -31,7 +31,9 @@ Parallelism: the last pipeline stage samples with :func:`sample_vocab_parallel` 
 exchanged over the TP group, never the logits) and broadcasts the tokens and log-probs to the other stages,
 so every rank of the model-parallel group ends with identical outputs. megatron's
 ``broadcast_from_last_pipeline_stage`` asserts CUDA tensors, so the broadcast is a plain
-``torch.distributed.broadcast`` over megatron's pipeline group.
+``torch.distributed.broadcast`` over megatron's pipeline group. Under expert parallelism (an MoE model at EP > 1)
+the ranks of the expert-parallel group hold different prompts but each MoE forward is an all-to-all over them:
+they agree on every decode step (see :meth:`RolloutEngine._keep_stepping`).
 
 Life cycle: :meth:`RolloutEngine.generate` puts the model in eval mode (dropout off), turns sequence
 parallelism off (megatron's static inference does not support it) and runs under ``no_grad``; on exit it
