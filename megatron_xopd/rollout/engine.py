@@ -31,7 +31,9 @@ Parallelism: the last pipeline stage samples with :func:`sample_vocab_parallel` 
 exchanged over the TP group, never the logits) and broadcasts the tokens and log-probs to the other stages,
 so every rank of the model-parallel group ends with identical outputs. megatron's
 ``broadcast_from_last_pipeline_stage`` asserts CUDA tensors, so the broadcast is a plain
-``torch.distributed.broadcast`` over megatron's pipeline group.
+``torch.distributed.broadcast`` over megatron's pipeline group. Under expert parallelism (an MoE model at EP > 1)
+the ranks of the expert-parallel group hold different prompts but each MoE forward is an all-to-all over them:
+they agree on every decode step (see :meth:`RolloutEngine._keep_stepping`).
 
 Life cycle: :meth:`RolloutEngine.generate` puts the model in eval mode (dropout off), turns sequence
 parallelism off (megatron's static inference does not support it) and runs under ``no_grad``; on exit it
@@ -57,6 +59,7 @@ from megatron.core.transformer.enums import AttnBackend
 from megatron.core.utils import get_model_config
 
 from ..models.speech import SpeechStudent, expand_audio_locators
+from ..runtime.parallel import expert_parallel_group, max_over_group
 
 from ..ops.sampling import SamplingParams, row_keys, sample_vocab_parallel
 
@@ -200,6 +203,7 @@ class RolloutEngine:
         self.pp_size = parallel_state.get_pipeline_model_parallel_world_size()
         self.first_stage = parallel_state.is_pipeline_first_stage(ignore_virtual=True)
         self.last_stage = parallel_state.is_pipeline_last_stage(ignore_virtual=True)
+        self.ep_group = expert_parallel_group(self.config)
 
     # -- life cycle -------------------------------------------------------------------------------------
 
@@ -293,6 +297,13 @@ class RolloutEngine:
         else:
             logits = wrapper.forward_pass_without_pipeline_parallel(inp)
         return logits[:, -1] if logits is not None else None
+
+    def _keep_stepping(self, local: bool, device: torch.device) -> bool:
+        """Whether to make another decode step: this rank's own decision, or under expert parallelism whether any
+        rank of the expert-parallel group continues (one all-reduce per step, only then)."""
+        if self.ep_group is None:
+            return local
+        return bool(max_over_group([int(local)], self.ep_group, device)[0])
 
     # -- generation -------------------------------------------------------------------------------------
 
@@ -400,9 +411,15 @@ class RolloutEngine:
                 finished[idx] |= hit
                 done[idx] |= hit | (count[idx] >= max_new)
                 seq[idx, p] = tok
-            if bool(done.all()) or p + 1 >= s_max:
+            if not self._keep_stepping(not bool(done.all()) and p + 1 < s_max, device):
                 break
-            if use_cache:
+            if bool(done.all()) or p + 1 >= s_max:
+                # Expert parallelism: another rank of the group still generates, and each of its forwards runs an
+                # all-to-all that this rank must join. Forward one pad token per row at position 0 (the cache
+                # slot is overwritten, never read: this rank's rows are complete) and ignore the output.
+                self.context.reset()
+                self._forward(wrapper, torch.full((rows, 1), params.pad_id, dtype=torch.int64, device=device), 0, None)
+            elif use_cache:
                 logits = self._forward(wrapper, seq[:, p : p + 1], p, window_audio(sample_to_prompt, p, p + 1))
             else:
                 self.context.reset()

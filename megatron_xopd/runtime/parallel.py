@@ -124,3 +124,27 @@ def destroy_model_parallel() -> None:
 
     if parallel_state.model_parallel_is_initialized():
         parallel_state.destroy_model_parallel()
+
+
+def expert_parallel_group(config: Any) -> "dist.ProcessGroup | None":
+    """The expert-model-parallel group when a model of ``config`` (a megatron ``TransformerConfig``) has MoE layers
+    and EP > 1, else None.
+
+    Each forward of an MoE layer then runs an all-to-all over this group, whose ranks are different data-parallel
+    ranks with different inputs: every rank of it must make the same number of forward calls (rollout steps,
+    micro-batches), or the ones that stop early leave the others waiting in the all-to-all.
+    """
+    from megatron.core import parallel_state
+
+    if not getattr(config, "num_moe_experts", None) or parallel_state.get_expert_model_parallel_world_size() == 1:
+        return None
+    return parallel_state.get_expert_model_parallel_group()
+
+
+def max_over_group(values: list[int], group: "dist.ProcessGroup", device: Any) -> list[int]:
+    """Element-wise maximum of ``values`` over ``group`` (one all-reduce)."""
+    import torch
+
+    t = torch.tensor(values, dtype=torch.int64, device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX, group=group)
+    return [int(v) for v in t.tolist()]

@@ -16,12 +16,14 @@ from typing import Callable
 import torch
 from megatron.core import parallel_state
 from megatron.core.pipeline_parallel import get_forward_backward_func
+from megatron.core.utils import get_model_config
 
 from ..algo import LOSS_FUNCTIONS, LossInputs, LossStats, PackedSequences, Rollouts, XOPDConfig, pack_sequences
 from ..algo import clear_teacher_scores, store_teacher_scores, student_outputs_hidden, teacher_keeps, teacher_scores
 from ..data.dataset import pad_along_time
 from ..models.head import hidden_states_output
 from ..runtime.device import current_device
+from ..runtime.parallel import expert_parallel_group, max_over_group
 
 
 @dataclass
@@ -61,6 +63,23 @@ def micro_batches(rollouts: Rollouts, rows: torch.Tensor, size: int, *, teacher:
     return out
 
 
+def pad_for_expert_parallelism(model: torch.nn.Module, batches: list[MicroBatch]) -> list[MicroBatch]:
+    """Under expert parallelism, as many micro-batches as the rank of the expert-parallel group with the most.
+
+    Each micro-batch's forward (and backward) runs all-to-alls over that group, whose ranks hold different rows:
+    a rank with fewer would leave the others waiting. The added micro-batches repeat the last one with every row
+    marked padding (-1): zero weight and mask, so they add nothing to the loss, the gradient or the teacher scores.
+    Without expert parallelism (or MoE layers) ``batches`` is returned as is, with no collective.
+    """
+    group = expert_parallel_group(get_model_config(model))
+    if group is None:
+        return batches
+    count = max_over_group([len(batches)], group, current_device())[0]
+    last = batches[-1]
+    pad = MicroBatch(torch.full_like(last.rows, -1), last.packed, last.audio_embeds, last.audio)
+    return batches + [pad] * (count - len(batches))
+
+
 def _run(model: torch.nn.Module, batches: list[MicroBatch], forward_only: bool, loss_fn: Callable, student: bool) -> None:
     def forward_step(data_iterator, model):
         mb: MicroBatch = next(data_iterator)
@@ -89,7 +108,8 @@ def score_with_teacher(
 ) -> None:
     """Teacher log-probs of every sampled token given T, and what the loss reads (:func:`teacher_keeps`)."""
     keep = teacher_keeps(cfg)
-    batches = micro_batches(rollouts, torch.arange(len(rollouts)), micro_batch_size, teacher=True)
+    batches = pad_for_expert_parallelism(
+        teacher, micro_batches(rollouts, torch.arange(len(rollouts)), micro_batch_size, teacher=True))
     with hidden_states_output(teacher) if keep == "hidden" else contextlib.nullcontext() as head:
         clear_teacher_scores(rollouts, head)
 
@@ -114,11 +134,12 @@ def train_pass(
     """Forward and backward of the ``xopd.loss`` over ``rows`` (gradients accumulate in megatron's DDP buffers).
 
     Each micro-batch's loss (its share of the step loss, see :mod:`megatron_xopd.algo.loss`) is multiplied by
-    the number of micro-batches and the DP size, which megatron's schedule and DDP divide by: the gradient is
+    the number of micro-batches (padded ones included, see :func:`pad_for_expert_parallelism`) and the DP size,
+    which megatron's schedule and DDP divide by: the gradient is
     that of the whole step's loss. With ``minibatches`` > 1 optimizer steps per rollout batch, each mini-batch's
     loss is scaled up to a full-batch mean.
     """
-    batches = micro_batches(rollouts, rows, micro_batch_size, teacher=False)
+    batches = pad_for_expert_parallelism(model, micro_batches(rollouts, rows, micro_batch_size, teacher=False))
     scale = len(batches) * parallel_state.get_data_parallel_world_size() * minibatches
     loss_kind = LOSS_FUNCTIONS[cfg.loss]
     hidden = student_outputs_hidden(cfg)
