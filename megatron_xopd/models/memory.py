@@ -77,8 +77,10 @@ class Layout:
 
     @property
     def distributed_optimizer(self) -> bool:
-        """Optimizer state sharded over DP: the trainer's choice when DP > 1 (overridable by the layout)."""
-        return bool(getattr(self.parallel, "use_distributed_optimizer", True)) and self.dp > 1
+        """Optimizer state sharded over DP: ``trainer.parallel.use_distributed_optimizer``, unset meaning DP > 1 (as
+        ``trainer.build.distributed_optimizer`` decides)."""
+        flag = self.parallel.use_distributed_optimizer
+        return self.dp > 1 if flag is None else bool(flag)
 
     def describe(self) -> str:
         parts = [f"TP={self.tp}", f"PP={self.pp}"]

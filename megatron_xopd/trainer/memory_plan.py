@@ -87,7 +87,7 @@ def workload(run: RunConfig, recompute: str | None = None) -> Workload:
     """One DP rank's step from the recipe; speech prompts are bounded by ``trainer.rollout.max_prompt_tokens``."""
     xopd = run.xopd
     rollout = run.trainer.rollout
-    recompute = recompute or getattr(run.trainer.parallel, "recompute_granularity", None) or None
+    recompute = recompute or run.trainer.recompute_granularity or None
     return Workload(
         prompts=run.data.prompts_per_step,
         n_samples=xopd.n_samples if xopd.responses == "on_policy" else 1,
