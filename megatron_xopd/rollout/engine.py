@@ -59,7 +59,8 @@ from megatron.core.transformer.enums import AttnBackend
 from megatron.core.utils import get_model_config
 
 from ..models.speech import SpeechStudent, expand_audio_locators
-from ..runtime.parallel import expert_parallel_group, max_over_group
+from ..runtime.parallel import expert_parallel_group
+from ..runtime.reduce import max_over_group
 
 from ..ops.sampling import SamplingParams, row_keys, sample_vocab_parallel
 

@@ -139,12 +139,3 @@ def expert_parallel_group(config: Any) -> "dist.ProcessGroup | None":
     if not getattr(config, "num_moe_experts", None) or parallel_state.get_expert_model_parallel_world_size() == 1:
         return None
     return parallel_state.get_expert_model_parallel_group()
-
-
-def max_over_group(values: list[int], group: "dist.ProcessGroup", device: Any) -> list[int]:
-    """Element-wise maximum of ``values`` over ``group`` (one all-reduce)."""
-    import torch
-
-    t = torch.tensor(values, dtype=torch.int64, device=device)
-    dist.all_reduce(t, op=dist.ReduceOp.MAX, group=group)
-    return [int(v) for v in t.tolist()]

@@ -39,3 +39,10 @@ def all_ranks_agree(ok: bool) -> bool:
     flag = torch.tensor([1.0 if ok else 0.0], device=current_device())
     dist.all_reduce(flag, op=dist.ReduceOp.MIN)
     return bool(flag.item() > 0)
+
+
+def max_over_group(values: list[int], group: dist.ProcessGroup, device: torch.device) -> list[int]:
+    """Element-wise maximum of ``values`` over ``group`` (one all-reduce)."""
+    t = torch.tensor(values, dtype=torch.int64, device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX, group=group)
+    return [int(v) for v in t.tolist()]

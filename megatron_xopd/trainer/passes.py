@@ -23,7 +23,8 @@ from ..algo import clear_teacher_scores, store_teacher_scores, student_outputs_h
 from ..data.dataset import pad_along_time
 from ..models.head import hidden_states_output
 from ..runtime.device import current_device
-from ..runtime.parallel import expert_parallel_group, max_over_group
+from ..runtime.parallel import expert_parallel_group
+from ..runtime.reduce import max_over_group
 
 
 @dataclass
