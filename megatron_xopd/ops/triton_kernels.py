@@ -27,15 +27,22 @@ import triton
 import triton.language as tl
 
 _KIND_IDS = {"reverse_kl": 0, "forward_kl": 1, "jsd": 2}
-# (BLOCK, num_warps) tried by the autotuner on CUDA: 4 to 32 elements per thread.
-_TUNE = ((1024, 4), (2048, 4), (2048, 8), (4096, 8), (4096, 16), (8192, 16))
+# (BLOCK, num_warps) tried by the autotuner on CUDA (8 to 16 elements per thread); each is one more compilation.
+_TUNE = ((1024, 4), (2048, 8), (4096, 8), (8192, 16))
 INTERPRET_BLOCK = 32  # the block on CPU tensors (the interpreter), where nothing is tuned
 _SCALE_BLOCK, _SCALE_WARPS = 4096, 8  # scale_rows is in place, so it cannot be autotuned (runs would compound)
 
 
-def _tuned(kernel: triton.JITFunction) -> triton.runtime.Autotuner:
+def _tuned(kernel: triton.JITFunction, key: list[str]) -> triton.runtime.Autotuner:
+    """``kernel`` autotuned over ``_TUNE`` per value of ``key`` (and per dtype of its tensors)."""
     configs = [triton.Config({"BLOCK": b}, num_warps=w) for b, w in _TUNE]
-    return triton.autotune(configs, key=["n_cols"])(kernel)
+    return triton.autotune(configs, key=key, prune_configs_by={"early_config_prune": _fitting})(kernel)
+
+
+def _fitting(configs: list[triton.Config], named_args: dict, **kwargs) -> list[triton.Config]:
+    """The configs whose block is not wider than the row needs (a short row compiles and times only one)."""
+    widest = max(_TUNE[0][0], triton.next_power_of_2(named_args["n_cols"]))
+    return [c for c in configs if c.kwargs["BLOCK"] <= widest]
 
 
 @triton.jit
@@ -181,7 +188,11 @@ def _scale_kernel(x_ptr, rows_ptr, g_ptr, stride, n_cols, HAS_ROWS: tl.constexpr
 
 
 _KERNELS = {"stats": _stats_kernel, "jsd": _jsd_kernel, "grad": _grad_kernel}
-_TUNED = {name: _tuned(kernel) for name, kernel in _KERNELS.items()}
+_TUNED = {
+    "stats": _tuned(_stats_kernel, ["n_cols", "KIND"]),
+    "jsd": _tuned(_jsd_kernel, ["n_cols"]),
+    "grad": _tuned(_grad_kernel, ["n_cols", "KIND", "HAS_G"]),
+}
 
 
 def _launch(name: str, x: torch.Tensor, n: int, *args, **kwargs) -> None:
