@@ -292,6 +292,25 @@ def sec_bandwidth(ctx: Ctx, n: int, cols: int) -> dict:
     return out
 
 
+def bandwidth_table(res: dict) -> str:
+    """The bandwidth section as a markdown table: time and fraction of the copy bandwidth per variant."""
+    labels = ("recompute", "grad_in_forward", "grad_in_forward_ones", "v1")
+    lines = [
+        f"Forward+backward at {res['shape'][0]} x {res['shape'][1]}; copy bandwidth {res['copy']['gb_s']} GB/s; "
+        "ms (fraction of copy bandwidth achieved on the least bytes: inputs read twice, gradient written once).",
+        "",
+        "| dtype | kind | " + " | ".join(labels) + " | speedup vs v1 |",
+        "|" + "---|" * (len(labels) + 3),
+    ]
+    for dtype in ("float32", "bfloat16"):
+        for kind, row in res.get(dtype, {}).items():
+            if not isinstance(row, dict):
+                continue
+            cells = [f"{row[label][0]} ({row[label][2]})" for label in labels]
+            lines.append(f"| {dtype} | {kind} | " + " | ".join(cells) + f" | {row['speedup_vs_v1']} |")
+    return "\n".join(lines) + "\n"
+
+
 def _fwd_bwd(s, t, g, kind, beta, opts):
     from megatron_xopd.ops import vocab_parallel_divergence
 
@@ -534,6 +553,10 @@ def main() -> int:
         print(f"[gpu_check] {name}: {time.monotonic() - t1:.1f}s", file=sys.stderr, flush=True)
     ctx.result["wall_s"] = round(time.monotonic() - t0, 1)
     ctx.save()
+    bandwidth = ctx.result["sections"].get("bandwidth")
+    if args.out and isinstance(bandwidth, dict) and "copy" in bandwidth:
+        with open(os.path.splitext(args.out)[0] + "_bandwidth.md", "w") as f:
+            f.write(bandwidth_table(bandwidth))
     print(json.dumps(ctx.result), flush=True)
     return 0 if ctx.result["ok"] else 1
 

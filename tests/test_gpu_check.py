@@ -55,3 +55,5 @@ def test_gpu_check_times_every_kernel_variant_on_cpu(tmp_path):
                 assert ms > 0 and gb_s > 0 and fraction > 0, (dtype, kind, label, row[label])
             assert row["grad_in_forward_vs_recompute_grad"][2] and row["v1_vs_recompute_grad"][2]
     assert result["sections"]["logits_tp_fp32"]["kinds"]["jsd"]["triton_padding_grad_zero"] is True
+    table = (tmp_path / "out_bandwidth.md").read_text().splitlines()
+    assert len([line for line in table if line.startswith("| float32") or line.startswith("| bfloat16")]) == 6
