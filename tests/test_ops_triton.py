@@ -125,7 +125,8 @@ def _run_checks(device: str = "cpu") -> dict[str, tuple[float, float]]:
     x = torch.randn(4, 40, generator=torch.Generator().manual_seed(8)).to(device)
     got = x.clone()
     # Rows 1, 3, 2 times -2, 0.5, 1 (row 2 skipped: a factor of 1); row 0 not selected.
-    triton_kernels.scale_rows(got, torch.tensor([-2.0, 0.5, 1.0], device=device), torch.tensor([1, 3, 2], device=device))
+    factors, rows = torch.tensor([-2.0, 0.5, 1.0], device=device), torch.tensor([1, 3, 2], device=device)
+    triton_kernels.scale_rows(got, factors, rows)
     results["scale-rows"] = _err(got, x * torch.tensor([1.0, -2.0, 1.0, 0.5], device=device)[:, None], 0.0, 1e-7)
     return results
 

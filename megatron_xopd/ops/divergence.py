@@ -174,7 +174,6 @@ class _LogitsDivergence(torch.autograd.Function):
         value, state = _forward(load, n, rows, spec, student.device, kernels.Workspace())
         ctx.spec = spec
         ctx.grad_in_forward = grad_in_forward and ctx.needs_input_grad[0]
-        ctx.scaled = False
         if ctx.grad_in_forward:
             # The gradient for a unit upstream gradient: backward only scales it, and the logits are not kept.
             ctx.save_for_backward(_logits_grad(student, teacher, rows, state, spec.inv_temp, spec), rows)
@@ -187,15 +186,14 @@ class _LogitsDivergence(torch.autograd.Function):
     def backward(ctx, grad_out):
         spec: _Spec = ctx.spec
         if ctx.grad_in_forward:
+            # Scaled in place: a second backward through this graph fails autograd's saved-tensor version check.
             grad, rows = ctx.saved_tensors
-            if ctx.scaled:
-                raise RuntimeError("backward through a divergence with grad_in_forward=True runs only once")
-            ctx.scaled = True
             g = (grad_out if rows is None else grad_out[rows]).to(spec.dtype)
             kernels.scale_rows(grad, g, rows)
             return grad, None, None, None, None
         student, teacher, rows, state = ctx.saved_tensors
-        return _logits_grad(student, teacher, rows, state, _upstream(grad_out, rows, spec), spec), None, None, None, None
+        grad = _logits_grad(student, teacher, rows, state, _upstream(grad_out, rows, spec), spec)
+        return grad, None, None, None, None
 
 
 def _logits_loader(student: torch.Tensor, teacher: torch.Tensor, valid: int) -> Loader:
