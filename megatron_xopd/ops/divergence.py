@@ -149,7 +149,7 @@ def _logits_grad(
     """The gradient w.r.t. the student logits, written once: the kernels write the selected rows (their padding
     columns as zeros), and only the unselected rows are zero-filled."""
     valid = spec.shard.valid
-    grad = torch.empty_like(student)
+    grad = torch.empty_like(student, memory_format=torch.contiguous_format)
     if not valid:
         return grad.zero_()
     if rows is not None:
