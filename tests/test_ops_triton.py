@@ -256,7 +256,8 @@ def test_kernel_compiles_for_hopper_vectorised_without_spills(name, dtype):
 
     from megatron_xopd.ops import triton_kernels as tk
 
-    kernel = {"stats": tk._stats_kernel, "jsd": tk._jsd_kernel, "grad": tk._grad_kernel, "scale": tk._scale_kernel}[name]
+    kernels = {"stats": tk._stats_kernel, "jsd": tk._jsd_kernel, "grad": tk._grad_kernel, "scale": tk._scale_kernel}
+    kernel = kernels[name]
     params = [p.name for p in kernel.params]
     out_type = f"*{dtype}" if name == "grad" else "*fp32"
     signature = {p: "constexpr" if p.isupper() else _ARG_TYPES.get(p, out_type).replace("IN", f"*{dtype}")
