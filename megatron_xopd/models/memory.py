@@ -17,17 +17,13 @@ import math
 from dataclasses import dataclass, field, replace
 
 from ..ops.divergence import LOGITS_CHUNK_ELEMENTS
-from ..runtime.parallel import ParallelConfig
+from ..runtime.parallel import LayoutError, ParallelConfig
 from .config import GPTModelConfig
 from .speech import common_padded_vocab
 
 GiB = 1024**3
 _BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 FP32 = 4
-
-
-class LayoutError(ValueError):
-    """A parallel layout that cannot hold the models or the world size; the message names the key."""
 
 
 # ------------------------------------------------------------------------------------------------- layout
@@ -99,48 +95,9 @@ class Layout:
 
 
 def validate_layout(layout: Layout, models: dict[str, GPTModelConfig]) -> None:
-    """Raise :class:`LayoutError` (one problem, naming the key) when ``layout`` cannot run ``models``."""
-    key = "trainer.parallel"
-    t, p, c, e, et, v = layout.tp, layout.pp, layout.cp, layout.ep, layout.etp, layout.vp
-    for name, size in (("tensor_model_parallel_size", t), ("pipeline_model_parallel_size", p),
-                       ("context_parallel_size", c), ("expert_model_parallel_size", e),
-                       ("expert_tensor_parallel_size", et), ("virtual_pipeline_model_parallel_size", v)):
-        if size < 1:
-            raise LayoutError(f"{key}.{name} must be >= 1, got {size}")
-    if layout.world_size % (t * p * c):
-        raise LayoutError(f"{key}: world size {layout.world_size} is not divisible by tensor_model_parallel_size ({t}) "
-                          f"x pipeline_model_parallel_size ({p}) x context_parallel_size ({c})")
-    if layout.world_size % (et * e * p):
-        raise LayoutError(f"{key}: world size {layout.world_size} is not divisible by expert_tensor_parallel_size ({et}) "
-                          f"x expert_model_parallel_size ({e}) x pipeline_model_parallel_size ({p})")
-    if v > 1 and p == 1:
-        raise LayoutError(f"{key}.virtual_pipeline_model_parallel_size ({v}) needs pipeline_model_parallel_size > 1")
-    for where, cfg in models.items():
-        if cfg.num_attention_heads % t:
-            raise LayoutError(f"{where}.num_attention_heads ({cfg.num_attention_heads}) is not divisible by "
-                              f"{key}.tensor_model_parallel_size ({t})")
-        if cfg.num_query_groups % t:
-            raise LayoutError(f"{where}.num_query_groups ({cfg.num_query_groups}) is not divisible by "
-                              f"{key}.tensor_model_parallel_size ({t})")
-        if cfg.num_layers % (p * v):
-            raise LayoutError(f"{where}.num_layers ({cfg.num_layers}) is not divisible by "
-                              f"{key}.pipeline_model_parallel_size ({p}) x virtual_pipeline_model_parallel_size ({v})")
-        if cfg.num_moe_experts:
-            if cfg.num_moe_experts % e:
-                raise LayoutError(f"{where}.num_moe_experts ({cfg.num_moe_experts}) is not divisible by "
-                                  f"{key}.expert_model_parallel_size ({e})")
-            if _expert_ffn(cfg) % et:
-                raise LayoutError(f"{where}.moe_ffn_hidden_size ({_expert_ffn(cfg)}) is not divisible by "
-                                  f"{key}.expert_tensor_parallel_size ({et})")
-            if t > 1 and not layout.sp:
-                raise LayoutError(f"{key}.sequence_parallel must be true for a MoE model ({where}) with "
-                                  f"tensor_model_parallel_size {t} > 1 (megatron-core requires it)")
-        if any(_moe_pattern(cfg)[i] == 0 for i in range(cfg.num_layers)) and cfg.ffn_hidden_size % t:
-            raise LayoutError(f"{where}.ffn_hidden_size ({cfg.ffn_hidden_size}) is not divisible by "
-                              f"{key}.tensor_model_parallel_size ({t})")
-        if (cfg.moe_shared_expert_intermediate_size or 0) % t:
-            raise LayoutError(f"{where}.moe_shared_expert_intermediate_size ({cfg.moe_shared_expert_intermediate_size})"
-                              f" is not divisible by {key}.tensor_model_parallel_size ({t})")
+    """Raise :class:`LayoutError` (every problem, naming the keys) when ``layout`` cannot run ``models``; the rules
+    are :meth:`ParallelConfig.problems`'."""
+    layout.parallel.validate(layout.world_size, *models.items())
 
 
 # ------------------------------------------------------------------------------------------ parameter counts
