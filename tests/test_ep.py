@@ -207,6 +207,14 @@ class _StopIds:
     def convert_tokens_to_ids(self, token: str) -> int:
         return 3
 
+    def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
+        return " ".join(str(i) for i in ids)
+
+
+def _token_score(response: str, reference: str) -> float:
+    """A score that depends on every generated token (random models answer nothing right)."""
+    return sum(int(t) for t in response.split()) % 89 / 89
+
 
 def _batch(cuts: list[int], frames: int = 3) -> dict:
     """Paired prompts for ``cuts``: T ids and S ids (one audio locator) with ``frames`` feature frames each."""
@@ -215,12 +223,13 @@ def _batch(cuts: list[int], frames: int = 3) -> dict:
             "text_prompt_ids": [[10 + c, 20 + c, 30 + c][: 2 + c % 2] for c in cuts],
             "speech_prompt_ids": [[1, LOCATOR, 2 + c] for c in cuts],
             "features": torch.randn(len(cuts), frames, 16, generator=g),
-            "feature_lens": torch.full((len(cuts),), frames)}
+            "feature_lens": torch.full((len(cuts),), frames), "answers": [str(c) for c in cuts]}
 
 
 def _collect(ep: int) -> dict:
     """Rollout collection at EP=``ep`` x DP=2 (rank d = data-parallel rank d), where one rank has (a) no batch,
-    (a) only speech prompts too long for the rollout, then (b) only cut ids whose teacher answers are cached."""
+    (a) only speech prompts too long for the rollout, then (b) only cut ids whose teacher answers are cached; then
+    evaluation, rank 0 with more validation batches than rank 1."""
     import torch.distributed as dist
 
     from megatron_xopd.rollout import RolloutCollector, SamplingParams
@@ -247,6 +256,13 @@ def _collect(ep: int) -> dict:
     first = given.teacher_greedy_answers(_batch([10 * rank, 10 * rank + 1]))
     again = given.teacher_greedy_answers(_batch([0, 1]) if rank == 0 else _batch([12, 13, 14]))  # rank 0: cached
     out["teacher"] = (first, again)
+
+    # evaluation: rank 0 has two validation batches, rank 1 one (DP ranks' shares of a validation set differ)
+    from megatron_xopd.trainer.evaluate import evaluate
+
+    validation = [_batch([40, 41]), _batch([42])] if rank == 0 else [_batch([50, 51, 52])]
+    out["evaluate"] = evaluate(collector(XOPDConfig(lam=0.5)), validation, _token_score, max_new_tokens=4,
+                               max_prompts=100, with_teacher=True)
     return out
 
 
@@ -255,7 +271,7 @@ def _collect_runs(eps: list[int]) -> list[dict]:
 
 
 @pytest.mark.parity
-def test_collection_at_ep2_when_a_rank_has_no_prompt_or_only_cached_teacher_answers():
+def test_collection_and_evaluation_at_ep2_when_a_rank_has_no_prompt_cached_answers_or_fewer_batches():
     per_rank = run_distributed(_collect_runs, 2, [1, 2], timeout_s=HANG_S)
     for rank, (ep1, ep2) in enumerate(per_rank):
         # (a) a rank without a usable prompt: every rank skips the step, before generating
@@ -270,6 +286,10 @@ def test_collection_at_ep2_when_a_rank_has_no_prompt_or_only_cached_teacher_answ
         assert len(first) == 2 and len(again) == (2 if rank == 0 else 3) and all(first) and all(again)
         if rank == 0:
             assert again == first
+        # evaluation with different numbers of validation batches per rank
+        assert ep1["evaluate"]["eval/prompts"] == 6
+        assert ep2["evaluate"] == pytest.approx(ep1["evaluate"], abs=1e-9), rank
+        assert all(ep1["evaluate"][k] > 0 for k in ("eval/acc_text", "eval/acc_speech", "eval/acc_teacher_text"))
 
 
 def _minibatch_steps(ep: int, minibatches: int) -> dict:

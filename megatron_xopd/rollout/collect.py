@@ -134,15 +134,17 @@ class RolloutCollector:
         return out
 
     # -------------------------------------------------------------------------------------------- engines
-    def generate(self, prompts: StudentPrompts, params: SamplingParams) -> RolloutBatch:
-        """The student's responses to ``prompts`` (speech embeddings fed on the first stage)."""
+    def generate(self, prompts: StudentPrompts, params: SamplingParams) -> RolloutBatch | None:
+        """The student's responses to ``prompts`` (speech embeddings fed on the first stage); ``None`` for no
+        prompts, when under expert parallelism this rank joins the others' generation
+        (:meth:`RolloutEngine.generate_or_join`, called on every rank of the group)."""
         speech = [a for a in prompts.audio if a is not None]
         first = parallel_state.is_pipeline_first_stage()
-        return self.engine.generate(prompts.prompts, params, audio_embeds=speech if first else None)
+        return self.engine.generate_or_join(prompts.prompts, params, audio_embeds=speech if first else None)
 
-    def teacher_generate(self, prompts: list[list[int]], params: SamplingParams) -> RolloutBatch:
-        with self.teacher_resident():
-            return self.teacher_engine.generate(prompts, params)
+    def teacher_generate(self, prompts: list[list[int]], params: SamplingParams) -> RolloutBatch | None:
+        """The teacher's responses to T prompts, as :meth:`generate`; its weights resident for the generation."""
+        return self.teacher_engine.generate_or_join(prompts, params, resident=self.teacher_resident)
 
     def greedy(self, max_new_tokens: int) -> SamplingParams:
         return SamplingParams(greedy=True, max_new_tokens=max_new_tokens, stop_ids=self.stop_ids())
@@ -176,6 +178,7 @@ class RolloutCollector:
         """n samples per prompt from the live student; ``old_logprobs`` are its log-probs at temperature 1."""
         seed = self.seed * 1_000_003 + step * 1009 + parallel_state.get_data_parallel_rank()
         out = self.generate(prompts, replace(self.sampling, seed=seed))
+        assert out is not None  # this rank has prompts
         src = out.sample_to_prompt.tolist()
         expanded = [out.prompt_ids[p, : out.prompt_lengths[p]].tolist() for p in range(len(prompts.prompts))]
         return Rollouts(
@@ -194,9 +197,8 @@ class RolloutCollector:
         """The teacher's greedy answer to each prompt's T (ending with its stop token), generated once per cut."""
         missing = [i for i, cut in enumerate(batch["cut_ids"]) if cut not in self._teacher_answers]
         # under expert parallelism a rank whose answers are all cached joins the others' generation
-        out = self.teacher_engine.generate_or_join([batch["text_prompt_ids"][i] for i in missing],
-                                                   self.greedy(self.sampling.max_new_tokens),
-                                                   resident=self.teacher_resident)
+        out = self.teacher_generate([batch["text_prompt_ids"][i] for i in missing],
+                                    self.greedy(self.sampling.max_new_tokens))
         if out is not None:
             for row, i in enumerate(missing):
                 self._teacher_answers[batch["cut_ids"][i]] = out.tokens[row, : out.lengths[row]].tolist()
