@@ -48,8 +48,8 @@ def evaluate(
             continue
         answers = batch["answers"] if usable else []
         speech = has_speech(batch) if usable else speech
-        prompts = collector.prompts(batch, (IN_MODAL, CROSS_MODAL) if speech else (IN_MODAL,)) if usable else \
-            StudentPrompts()
+        modalities = (IN_MODAL, CROSS_MODAL) if speech else (IN_MODAL,)
+        prompts = collector.prompts(batch, modalities) if usable else StudentPrompts()  # none: join the others
         out = collector.generate(prompts, greedy)
         for row, p in enumerate(out.sample_to_prompt.tolist() if out is not None else []):
             reference = answers[prompts.index[p]]
