@@ -66,6 +66,7 @@ from megatron.core.utils import get_model_config
 
 from ..models.attention import PaddedStaticContext, padded_rows_supported
 from ..models.speech import SpeechStudent, expand_audio_locators
+from ..runtime.cpu_compat import device_mode_suspended
 from ..runtime.parallel import expert_parallel_group
 from ..runtime.reduce import max_over_group
 
@@ -301,10 +302,11 @@ class RolloutEngine:
                 mask = get_attention_mask(end)[..., start:end, :end]
             position_ids = torch.arange(start, end, device=ids.device).expand(rows, -1)
         inp = {"tokens": ids, "position_ids": position_ids, "attention_mask": mask, "audio_embeds": audio_embeds}
-        if self.pp_size > 1:
-            logits = wrapper.forward_pass_with_pipeline_parallel_small_input_batch(inp)
-        else:
-            logits = wrapper.forward_pass_without_pipeline_parallel(inp)
+        with device_mode_suspended():
+            if self.pp_size > 1:
+                logits = wrapper.forward_pass_with_pipeline_parallel_small_input_batch(inp)
+            else:
+                logits = wrapper.forward_pass_without_pipeline_parallel(inp)
         return logits[:, -1] if logits is not None else None
 
     def _keep_stepping(self, local: bool, device: torch.device) -> bool:
