@@ -4,7 +4,8 @@
 
 ``--form logits`` (default) differentiates w.r.t. student logits [N, V] (``vocab_parallel_divergence`` vs
 ``log_softmax`` + ``kl_div``); ``--form linear`` starts from hidden states and output-layer weights
-(``fused_linear_divergence`` vs building both full logits tensors first). TP = 1, float32.
+(``fused_linear_divergence_loss``, the trainer's op, which takes the gradients in its forward, vs building both
+full logits tensors first). Both differentiate the sum of the per-token divergences. TP = 1, float32.
 
 Peak memory is the memory above the inputs: on CPU each path runs in a fresh subprocess that reports its peak
 RSS (``VmHWM``, reset after the inputs are allocated) minus its RSS then; on CUDA it is
@@ -30,7 +31,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-from megatron_xopd.ops import fused_linear_divergence, vocab_parallel_divergence
+from megatron_xopd.ops import fused_linear_divergence_loss, vocab_parallel_divergence
 from megatron_xopd.ops.divergence import default_chunk_size
 
 _SAMPLE_ROWS = 16  # gradient rows compared between the paths
@@ -85,18 +86,24 @@ def _naive_kl(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
     return F.kl_div(log_p, log_q, reduction="none", log_target=True).sum(-1)
 
 
-def _step(path: str, args: argparse.Namespace, x: dict[str, torch.Tensor]) -> torch.Tensor:
+def _step(path: str, args: argparse.Namespace, x: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """The per-token divergences and their sum (the loss differentiated)."""
     if args.form == "logits":
         if path == "fused":
-            return vocab_parallel_divergence(x["student"], x["teacher"], "reverse_kl", chunk_size=args.chunk_size)
-        return _naive_kl(x["student"], x["teacher"].detach())
+            value = vocab_parallel_divergence(x["student"], x["teacher"], "reverse_kl", chunk_size=args.chunk_size)
+        else:
+            value = _naive_kl(x["student"], x["teacher"].detach())
+        return value, value.sum()
     if path == "fused":
-        return fused_linear_divergence(
-            x["h_s"], x["w_s"], x["h_t"], x["w_t"], "reverse_kl", chunk_size=args.chunk_size
+        ones = torch.ones(args.tokens, device=x["h_s"].device)
+        loss, value = fused_linear_divergence_loss(
+            x["h_s"], x["w_s"], x["h_t"], x["w_t"], "reverse_kl", ones, chunk_size=args.chunk_size
         )
+        return value, loss
     with torch.no_grad():
         teacher = x["h_t"] @ x["w_t"].t()
-    return _naive_kl(x["h_s"] @ x["w_s"].t(), teacher)
+    value = _naive_kl(x["h_s"] @ x["w_s"].t(), teacher)
+    return value, value.sum()
 
 
 def _run(path: str, args: argparse.Namespace, device: torch.device) -> dict:
@@ -117,8 +124,8 @@ def _run(path: str, args: argparse.Namespace, device: torch.device) -> dict:
         for p in params:
             p.grad = None
         start, cpu_start = time.perf_counter(), _cpu_seconds()
-        value = _step(path, args, x)
-        value.sum().backward()
+        value, loss = _step(path, args, x)
+        loss.backward()
         if device.type == "cuda":
             torch.cuda.synchronize()
         times.append(time.perf_counter() - start)

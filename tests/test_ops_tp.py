@@ -12,6 +12,7 @@ import torch.distributed as dist
 
 from megatron_xopd.ops import (
     fused_linear_divergence,
+    fused_linear_divergence_loss,
     vocab_parallel_divergence,
     vocab_parallel_logprobs,
     vocab_parallel_topk_divergence,
@@ -91,6 +92,14 @@ def _tp_checks(group_name: str) -> dict:
     )
     (value * UPSTREAM).sum().backward()
     out["linear"] = [_out(value), _out(h.grad), _out(w.grad)]
+    # The same loss with its gradients taken in the forward (per-chunk collectives: 5 chunks of 4 tokens).
+    h, w = h_s.detach().clone().requires_grad_(), w_s[cols].clone().requires_grad_()
+    loss, value = fused_linear_divergence_loss(
+        h, w, h_t, w_t[cols], "jsd", UPSTREAM, beta=0.6, temperature=TEMPERATURE, mask=MASK, group=group,
+        chunk_size=4, vocab_size=9,
+    )
+    loss.backward()
+    out["linear_loss"] = [_out(value), _out(h.grad), _out(w.grad)]
     x = s[:, cols].clone().requires_grad_()
     lp, entropy = vocab_parallel_logprobs(
         x, ids[:, 1], group, vocab_size=9, temperature=TEMPERATURE, return_entropy=True, chunk_size=4
@@ -136,7 +145,7 @@ def _expected() -> dict[str, list[torch.Tensor]]:
     h, w = h_s.requires_grad_(), w_s.requires_grad_()
     value = ref.divergence(h @ w.t(), h_t @ w_t.t(), "jsd", 0.6, TEMPERATURE, MASK, 9)
     (value * UPSTREAM).sum().backward()
-    expected["linear"] = [value.detach(), h.grad, w.grad]
+    expected["linear"] = expected["linear_loss"] = [value.detach(), h.grad, w.grad]
     x = s.clone().requires_grad_()
     lp, entropy = ref.logprobs(x, ids[:, 1], TEMPERATURE, 9)
     (lp * UPSTREAM + entropy).sum().backward()
@@ -157,7 +166,7 @@ def _tolerance(name: str, expected: torch.Tensor) -> dict[str, float]:
 def _shard_dim(name: str, i: int) -> int | None:
     """Which output is a vocabulary shard (and along which dim): the logits' gradient (dim 1) and the output
     weight's (dim 0). Per-token outputs and the replicated hidden state's gradient are full on every rank."""
-    if name == "linear":
+    if name in ("linear", "linear_loss"):
         return 0 if i == 2 else None
     return 1 if i == (2 if name == "logprobs" else 1) else None
 

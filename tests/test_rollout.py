@@ -20,6 +20,7 @@ GREEDY = SamplingParams(max_new_tokens=MAX_NEW, greedy=True)
 FILTERED = SamplingParams(max_new_tokens=MAX_NEW, temperature=0.9, top_k=20, top_p=0.9, n=2, seed=7)
 PLAIN = SamplingParams(max_new_tokens=MAX_NEW, temperature=1.3, n=2, seed=11)
 LOCATOR = VOCAB  # the student's added audio-locator token, just past the text vocabulary
+MIXED = [[9], PROMPTS[2] * 3, PROMPTS[1]]  # very different lengths: 1, 24, 3
 SPEECH_PROMPTS = [[1, 2, LOCATOR, 3], [5, 6, 7, 8, 9, 10]]  # speech (3 + 5 frames) and text (6) in one batch
 SPEECH_FRAMES = 5
 
@@ -86,6 +87,24 @@ def _ratio_with_trainer_op(model, batch):
         return f"{type(err).__name__}: {err}"
 
 
+def _mixed_lengths_and_stops(engine, model) -> dict:
+    """Prompts of lengths 1, 24 and 3 whose rows stop at different steps: the batch's rows, each row generated
+    alone, the recomputed references, and the (rows, width) of every forward of the batch."""
+    full = engine.generate(MIXED, GREEDY).tokens
+    stops = (int(full[0, 2]), int(full[1, 5]))
+    params = SamplingParams(max_new_tokens=MAX_NEW, greedy=True, stop_ids=stops)
+    calls = []
+    forward = engine._forward
+    engine._forward = lambda wrapper, ids, start, audio: calls.append(tuple(ids.shape)) or forward(wrapper, ids, start, audio)
+    try:
+        batch = engine.generate(MIXED, params)
+    finally:
+        del engine._forward
+    alone = [engine.generate([prompt], params) for prompt in MIXED]
+    return {"stops": stops, "batch": _summary(batch), "calls": calls, "full_reference": _greedy_reference(model, MIXED),
+            "alone_tokens": [a.tokens[0] for a in alone], "alone_logprobs": [a.logprobs[0] for a in alone]}
+
+
 def _summary(batch):
     return {k: getattr(batch, k) for k in ("tokens", "lengths", "logprobs", "sampling_logprobs", "finished",
                                           "prompt_ids", "prompt_lengths", "sample_to_prompt", "audio_frames")}
@@ -116,6 +135,7 @@ def _text_suite(model, with_references: bool) -> dict:
         stop = next(int(t) for t in greedy.tokens[0, 1:] if not all(t in row for row in greedy.tokens[1:]))
         res["eos_id"] = stop
         res["eos"] = _summary(engine.generate(PROMPTS, SamplingParams(max_new_tokens=MAX_NEW, greedy=True, stop_ids=(stop,))))
+        res["mixed"] = _mixed_lengths_and_stops(engine, model)
         # Live weights: after an optimizer step the engine decodes with the updated parameters (no copy).
         optimizer = torch.optim.SGD(model.parameters(), lr=1.0)
         ids, _, _ = greedy.sequences()
@@ -184,6 +204,8 @@ def _rollout_checks() -> dict:
     model = build_gpt_model(cfg)
     load_canonical_state_dict(model, weights)
     out["tp2"] = _text_suite(model, with_references=False)
+    mixed_params = SamplingParams(max_new_tokens=MAX_NEW, greedy=True, stop_ids=out["tp1"]["mixed"]["stops"])
+    out["tp2"]["mixed"] = _summary(RolloutEngine(model, VOCAB).generate(MIXED, mixed_params))
     filtered = RolloutEngine(model, VOCAB).generate(PROMPTS, FILTERED)
     out["tp2"]["lp_err_filtered"] = _teacher_forced_error(model, filtered)
     out["tp2"]["ratio_err"] = _ratio_with_trainer_op(model, filtered)
@@ -201,6 +223,7 @@ def _rollout_checks() -> dict:
     model = build_gpt_model(cfg)
     load_canonical_state_dict(model, weights)
     out["pp2"] = _text_suite(model, with_references=False)
+    out["pp2"]["mixed"] = _summary(RolloutEngine(model, VOCAB).generate(MIXED, mixed_params))
     out["speech_pp2"] = _speech_suite(_speech_student(student_llm, student_perception), with_references=False)
     out["pp_rank"] = parallel_state.get_pipeline_model_parallel_rank()
     return out
@@ -279,6 +302,30 @@ def test_eos_stops_each_sequence_on_its_own(results):
         assert torch.equal(eos["tokens"][row, :expect], full[row, :expect])
         assert bool((eos["tokens"][row, expect:] == 0).all()) and bool((eos["logprobs"][row, expect:] == 0).all())
     assert bool(eos["finished"][0]) and len(set(eos["lengths"].tolist())) > 1
+
+
+@pytest.mark.parity
+def test_mixed_prompt_lengths_decode_together_and_stopped_rows_leave_the_batch(results):
+    mixed = results[0]["tp1"]["mixed"]
+    batch, stops, ref = mixed["batch"], mixed["stops"], mixed["full_reference"]
+    lengths = batch["lengths"].tolist()
+    for row in range(len(MIXED)):
+        hits = [t for t in range(MAX_NEW) if int(ref[row, t]) in stops]
+        expect = hits[0] + 1 if hits else MAX_NEW
+        assert lengths[row] == expect and bool(batch["finished"][row]) == bool(hits), row
+        assert torch.equal(batch["tokens"][row, :expect], ref[row, :expect]), row
+        assert torch.equal(mixed["alone_tokens"][row], batch["tokens"][row, :expect]), row
+        torch.testing.assert_close(mixed["alone_logprobs"][row], batch["logprobs"][row, :expect], atol=1e-5, rtol=0)
+    assert len(set(lengths)) == 3, lengths  # the three rows stop at three different steps
+    # One prefill of the longest prompt for all rows, then one-token forwards of the rows still generating only:
+    # max(lengths) - 1 decode forwards, not (24 - 1) more for the tails of the longer prompts.
+    for rank in results:  # the same at TP=2 and on both pipeline stages
+        for layout in ("tp2", "pp2"):
+            assert torch.equal(rank[layout]["mixed"]["tokens"], batch["tokens"]), layout
+            assert torch.equal(rank[layout]["mixed"]["lengths"], batch["lengths"]), layout
+    calls = mixed["calls"]
+    assert calls[0] == (len(MIXED), max(len(p) for p in MIXED))
+    assert calls[1:] == [(sum(n > step for n in lengths), 1) for step in range(1, max(lengths))], (calls, lengths)
 
 
 @pytest.mark.parity

@@ -29,7 +29,7 @@ from typing import Callable
 
 import torch
 
-from ..ops import fused_linear_divergence, vocab_parallel_divergence, vocab_parallel_topk_divergence
+from ..ops import fused_linear_divergence_loss, vocab_parallel_divergence, vocab_parallel_topk_divergence
 from .config import XOPDConfig
 from .sequences import PackedSequences, response_logits, response_logprobs
 
@@ -146,13 +146,14 @@ def divergence_loss(x: LossInputs, cfg: XOPDConfig) -> LossOutput:
     common = dict(beta=cfg.beta, temperature=cfg.kl_temperature, mask=x.mask.reshape(-1).bool(),
                   vocab_size=x.text_vocab_size)
     if x.head_weight is not None:
+        # The loss is linear in the terms with known coefficients: the fused op takes the gradient in its forward.
+        coefficients = (x.mask * x.weights[:, None].to(x.mask.dtype)).reshape(-1)
         teacher = x.teacher_hidden.reshape(b * length, -1)
-        terms = fused_linear_divergence(student.reshape(b * length, width), x.head_weight, teacher, x.teacher_head,
-                                        cfg.loss, **common)
-    else:
-        terms = vocab_parallel_divergence(student.reshape(b * length, width),
-                                          x.teacher_logits.reshape(b * length, width), cfg.loss, **common)
-    terms = terms.view(b, length)
+        loss, terms = fused_linear_divergence_loss(student.reshape(b * length, width), x.head_weight, teacher,
+                                                   x.teacher_head, cfg.loss, coefficients, **common)
+        return LossOutput(loss, terms.view(b, length))
+    terms = vocab_parallel_divergence(student.reshape(b * length, width),
+                                      x.teacher_logits.reshape(b * length, width), cfg.loss, **common).view(b, length)
     return LossOutput(weighted_loss(terms, x.mask, x.weights, maximise=False), terms)
 
 

@@ -4,9 +4,15 @@ megatron-core's ``DotProductAttention`` materialises the full score matrix and, 
 first copies every key/value head ``num_heads / num_query_groups`` times (``repeat_interleave``): at decode time
 that is a copy of the whole KV cache per layer and step, which made CPU rollouts ~0.6x the speed of
 ``transformers``. Outside training, on the two shapes inference produces (a causal prefill with as many queries
-as keys, or single-query decode steps over the cache) and without an explicit mask, this class calls
-``torch.nn.functional.scaled_dot_product_attention`` with ``enable_gqa``; everything else (training, masks,
-chunked prefills) runs megatron's own code unchanged. The Transformer Engine spec (GPU) is not affected.
+as keys, or single-query decode steps over the cache), this class calls
+``torch.nn.functional.scaled_dot_product_attention`` with ``enable_gqa``; everything else (training, chunked
+prefills, attention biases) runs megatron's own code unchanged. The Transformer Engine spec (GPU) is not affected.
+
+Left-padded rollouts (:class:`PaddedStaticContext`): a batch of prompts of different lengths is prefilled in one
+forward with every prompt ending at the same cache slot, as ``transformers`` does with left padding, so the whole
+batch decodes from the first step. Row ``b``'s token in slot ``s`` then sits at position ``s - pad[b]``:
+:class:`RotateOnceSelfAttention` rotates each row's keys and queries at those positions, and the caller's boolean
+attention mask (megatron's convention, ``True`` = masked) hides the padding slots from the attention.
 """
 
 from __future__ import annotations
@@ -15,9 +21,62 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from megatron.core.inference.contexts import StaticInferenceContext
 from megatron.core.models.common.embeddings.rope_utils import apply_rotary_pos_emb
-from megatron.core.transformer.attention import SelfAttention
+from megatron.core.transformer.attention import Attention, SelfAttention
 from megatron.core.transformer.dot_product_attention import DotProductAttention
+
+
+class PaddedStaticContext(StaticInferenceContext):
+    """megatron's static KV cache ([max_seq, rows, groups, dim] per layer) with left-padded rows.
+
+    ``row_pad[b]``: padding slots in front of cache row ``b``'s tokens (None: no row is padded, megatron's own
+    positions 0..S-1). :meth:`keep_rows` drops rows from the cache (finished samples) so that no later forward
+    computes them.
+    """
+
+    def __init__(self, max_batch_size: int, max_sequence_length: int) -> None:
+        super().__init__(max_batch_size, max_sequence_length)
+        self.row_pad: torch.Tensor | None = None  # [rows in the cache] int64; None when no row is padded
+
+    def set_row_pad(self, pad: torch.Tensor | None) -> None:
+        """Padding slots in front of each cache row (None or all zeros: none)."""
+        self.row_pad = pad if pad is not None and bool(pad.any()) else None
+
+    def positions(self, width: int) -> torch.Tensor | None:
+        """Per-row positions [width, rows] of the next ``width`` slots; None without padding."""
+        if self.row_pad is None:
+            return None
+        slots = torch.arange(self.sequence_len_offset, self.sequence_len_offset + width, device=self.row_pad.device)
+        return (slots[:, None] - self.row_pad[None, :]).clamp_(min=0)
+
+    def padding_mask(self, width: int) -> torch.Tensor | None:
+        """The attention mask [rows, 1, width, offset + width] of the next ``width`` slots (``True`` = masked):
+        causal, and no query sees a padding slot but its own (a padding query must attend somewhere). None
+        without padding (plain causal attention)."""
+        if self.row_pad is None:
+            return None
+        start = self.sequence_len_offset
+        keys = torch.arange(start + width, device=self.row_pad.device)
+        queries = keys[start:, None]
+        mask = (keys[None, None, :] < self.row_pad[:, None, None]) & (keys != queries)[None]
+        return (mask | (keys > queries)[None])[:, None]
+
+    def keep_rows(self, rows: torch.Tensor) -> None:
+        """Keep only cache rows ``rows`` (indices into the current rows), in that order."""
+        for layer, (key, value) in self.key_value_memory_dict.items():
+            self.key_value_memory_dict[layer] = (key[:, rows], value[:, rows])
+        self.set_row_pad(None if self.row_pad is None else self.row_pad[rows])
+
+
+def padded_rows_supported(model: torch.nn.Module) -> bool:
+    """Whether every attention of ``model`` honours :class:`PaddedStaticContext` (the local spec's classes)."""
+    attention = [m for m in model.modules() if isinstance(m, Attention)]
+    return bool(attention) and all(
+        isinstance(m, RotateOnceSelfAttention) and isinstance(m.core_attention, InferenceSDPAttention)
+        and not m.config.flash_decode
+        for m in attention
+    )
 
 
 class InferenceSDPAttention(DotProductAttention):
@@ -35,7 +94,7 @@ class InferenceSDPAttention(DotProductAttention):
         sk = key.shape[0]
         fast = (
             not self.training
-            and attention_mask is None
+            and (attention_mask is None or attention_mask.dtype == torch.bool)
             and attention_bias is None
             and packed_seq_params is None
             and (sq == 1 or sq == sk)
@@ -43,8 +102,11 @@ class InferenceSDPAttention(DotProductAttention):
         if not fast:
             return super().forward(query, key, value, attention_mask, attn_mask_type, attention_bias, packed_seq_params)
         q, k, v = (x.permute(1, 2, 0, 3) for x in (query, key, value))  # [b, heads, s, d]
+        # A given mask holds the causality too; SDPA's boolean mask is True where attention is allowed.
+        allowed = None if attention_mask is None else ~attention_mask
         out = F.scaled_dot_product_attention(
-            q, k, v, is_causal=sq > 1, scale=self.softmax_scale, enable_gqa=k.shape[1] != heads
+            q, k, v, attn_mask=allowed, is_causal=sq > 1 and allowed is None, scale=self.softmax_scale,
+            enable_gqa=k.shape[1] != heads,
         )
         return out.permute(2, 0, 1, 3).reshape(sq, b, heads * head_dim)
 
@@ -55,22 +117,30 @@ class RotateOnceSelfAttention(SelfAttention):
     megatron-core's static-batching path caches un-rotated keys and re-rotates the whole cached prefix at every
     decode step (``_adjust_key_value_for_inference`` returns the full key positional embedding). Rotating each key
     once, before it enters the cache, gives the same attention inputs with O(1) instead of O(length) RoPE work
-    per step. Only static batching with RoPE is changed; any other case runs megatron's code.
+    per step. With a :class:`PaddedStaticContext` holding padded rows, each row is rotated at its own positions.
+    Only static batching with RoPE is changed; any other case runs megatron's code.
     """
 
     def _adjust_key_value_for_inference(self, inference_context, query, key, value, rotary_pos_emb, *args, **kwargs):
+        positions = inference_context.positions(key.size(0)) if isinstance(inference_context, PaddedStaticContext) else None
         if (
             inference_context is None
             or not inference_context.is_static_batching()
             or rotary_pos_emb is None
             or self.config.flash_decode
         ):
+            if positions is not None:
+                raise RuntimeError("padded rollout rows need RoPE and no flash decoding (padded_rows_supported)")
             return super()._adjust_key_value_for_inference(inference_context, query, key, value, rotary_pos_emb, *args, **kwargs)
         q_pos, k_pos = rotary_pos_emb
         start = inference_context.sequence_len_offset
         end = start + key.size(0)
-        key = apply_rotary_pos_emb(key, k_pos[start:end], config=self.config, cp_group=self.pg_collection.cp)
+        if positions is None:
+            q_pos, k_pos = q_pos[start:end], k_pos[start:end]
+        else:  # [S_max, 1, 1, D] tables -> [s, rows, 1, D] at each row's positions
+            q_pos, k_pos = q_pos[:, 0][positions], k_pos[:, 0][positions]
+        key = apply_rotary_pos_emb(key, k_pos, config=self.config, cp_group=self.pg_collection.cp)
         query, key, value, _, mask_type, block_table = super()._adjust_key_value_for_inference(
             inference_context, query, key, value, None, *args, **kwargs
         )
-        return query, key, value, (q_pos[start:end], None), mask_type, block_table
+        return query, key, value, (q_pos, None), mask_type, block_table

@@ -299,6 +299,53 @@ class _FusedLinearDivergence(torch.autograd.Function):
         return grad_h, None if grad_w is None else grad_w.to(w_s.dtype), None, None, None, None
 
 
+class _FusedLinearDivergenceLoss(torch.autograd.Function):
+    """``sum_i c_i D_i`` with the gradients computed inside the forward, chunk by chunk (Liger-Kernel's
+    fused-linear scheme): each chunk's logits are built once, and its divergence and its gradient with respect to
+    the hidden states and the head shard are taken from them before the next chunk. The backward only scales
+    the saved gradients by the upstream scalar. Two matmuls fewer than :class:`_FusedLinearDivergence`, whose
+    backward rebuilds every chunk's logits."""
+
+    @staticmethod
+    def forward(ctx, h_s, w_s, h_t, w_t, coefficients, rows, spec: _Spec, need_h: bool, need_w: bool):
+        n = h_s.shape[0] if rows is None else rows.numel()
+        valid = spec.shard.valid
+        work = kernels.Workspace()
+        load = _linear_loader(h_s, w_s, h_t, w_t, valid, work)
+        values = torch.zeros(n, dtype=spec.dtype, device=h_s.device)
+        grad_h = torch.zeros_like(h_s) if need_h else None
+        # Low-precision weights accumulate their gradient over chunks in float32.
+        grad_w = torch.zeros_like(w_s, dtype=torch.promote_types(w_s.dtype, torch.float32)) if need_w else None
+        gscale = _upstream(coefficients, rows, spec)
+        for pos, idx in row_chunks(n, rows, spec.chunk_size):
+            chunk = load(idx) if valid else None  # read twice by the JSD's forward: built once
+            value, state = _forward(lambda _: chunk, pos.stop - pos.start, None, spec, h_s.device, work)
+            values[pos] = value
+            if (need_h or need_w) and valid:
+                out = work.like(_OUT_SLOT, chunk[0], h_s.dtype)
+                kernels.divergence_grad(*chunk, spec.inv_temp, state, gscale[pos], spec.kind, spec.beta, out, work)
+                if need_h:
+                    grad_h[idx] = out @ w_s[:valid]
+                if need_w and grad_w.dtype == out.dtype:
+                    grad_w[:valid].addmm_(out.t(), h_s[idx])
+                elif need_w:
+                    grad_w[:valid] += out.t() @ h_s[idx]
+        if need_h:
+            spec.shard.all_reduce(grad_h)  # the hidden state is replicated over the TP group
+        ctx.grads = (grad_h, None if grad_w is None else grad_w.to(w_s.dtype))
+        values = _scatter_rows(values, rows, h_s.shape[0])
+        ctx.mark_non_differentiable(values)
+        return (values * coefficients.to(values.dtype)).sum(), values
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_loss, grad_values):
+        grad_h, grad_w = ctx.grads
+        ctx.grads = None
+        scale = lambda g: None if g is None else g.mul_(grad_loss.to(g.dtype))  # noqa: E731 - ours to overwrite
+        return scale(grad_h), scale(grad_w), None, None, None, None, None, None, None
+
+
 def _linear_loader(h_s, w_s, h_t, w_t, valid: int, work: kernels.Workspace) -> Loader:
     def load(idx):
         h_s_c, h_t_c = h_s[idx], h_t[idx]
@@ -354,3 +401,45 @@ def fused_linear_divergence(
     dtype = compute_dtype(student_hidden, student_weight, teacher_hidden, teacher_weight)
     spec = _Spec(kind, beta, 1.0 / temperature, chunk_size, shard, dtype)
     return _FusedLinearDivergence.apply(student_hidden, student_weight, teacher_hidden, teacher_weight, rows, spec)
+
+
+def fused_linear_divergence_loss(
+    student_hidden: torch.Tensor,
+    student_weight: torch.Tensor,
+    teacher_hidden: torch.Tensor,
+    teacher_weight: torch.Tensor,
+    kind: str,
+    coefficients: torch.Tensor,
+    *,
+    beta: float = 0.5,
+    temperature: float = 1.0,
+    mask: torch.Tensor | None = None,
+    group: ProcessGroup | None = None,
+    chunk_size: int | None = None,
+    vocab_size: int | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The loss ``sum_i coefficients[i] * D_i`` and the per-token divergences ``D`` [N] (no gradient) of
+    :func:`fused_linear_divergence`, for a loss whose per-token coefficients are known before the backward.
+
+    The gradients with respect to ``student_hidden`` and ``student_weight`` are computed during the forward, one
+    token chunk at a time, and held until the backward: the logits are built once instead of twice, at the price
+    of holding a gradient-sized buffer of the head shard from the forward on (it is the one the backward
+    returns). ``coefficients`` [N] take no gradient.
+    """
+    _check_linear(student_hidden, student_weight, teacher_hidden, teacher_weight)
+    n = student_hidden.shape[0]
+    if coefficients.shape != (n,):
+        raise ValueError(f"coefficients must be [N] = [{n}], got {tuple(coefficients.shape)}")
+    check_common(temperature, chunk_size)
+    kind = effective_kind(kind, beta)
+    shard = vocab_shard(student_weight.shape[0], group, vocab_size)
+    rows = selected_rows(mask, n, student_hidden.device)
+    # Collectives run per chunk: the chunk count must not depend on the rank's share of real columns.
+    chunk_size = default_chunk_size(chunk_size, student_weight.shape[0], student_hidden.device, linear=True)
+    dtype = compute_dtype(student_hidden, student_weight, teacher_hidden, teacher_weight)
+    spec = _Spec(kind, beta, 1.0 / temperature, chunk_size, shard, dtype)
+    grad = torch.is_grad_enabled()
+    return _FusedLinearDivergenceLoss.apply(
+        student_hidden, student_weight, teacher_hidden, teacher_weight, coefficients.detach(), rows, spec,
+        grad and student_hidden.requires_grad, grad and student_weight.requires_grad,
+    )

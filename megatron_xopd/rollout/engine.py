@@ -15,14 +15,21 @@ The engine drives the model the optimizer updates, through megatron-core's infer
 Why not ``TextGenerationController``: it gathers the full-vocabulary logits on every TP rank
 (``runtime_gather_output=True``) and broadcasts them over the pipeline, samples from the padded vocabulary,
 needs a tokenizer, times steps with ``torch.cuda.Event`` (no CPU path), has no n-samples-per-prompt cache
-sharing and no audio. We keep its *static batching scheme* instead, which needs no attention mask and so runs
-unchanged on every attention backend (TE, flash, megatron's local attention on CPU): prompts are
-right-padded, the batch is prefilled up to the shortest prompt, then advances one position per step for all
-rows; a row still inside its prompt is fed its next prompt token (teacher forcing through the cache) and the
-token sampled for it is dropped. Each row is therefore computed exactly as it would be alone. The cost is
-that the tails of longer prompts go through the cache one token per step (and, with ``n > 1``, once per
-sample). ``DynamicInferenceEngine`` (paged cache, ragged batches) removes that cost on GPU but needs
-flash-attention kernels and CUDA, so it cannot be the one code path that the CPU tests exercise.
+sharing and no audio. ``DynamicInferenceEngine`` (paged cache, ragged batches) needs flash-attention kernels and
+CUDA, so it cannot be the one code path that the CPU tests exercise.
+
+Batch layout. With the local layer spec (:func:`~megatron_xopd.models.attention.padded_rows_supported`) prompts
+are *left-padded*: one prefill forward runs every prompt to its end (all prompts end at the same cache slot, a
+boolean mask hides the padding slots and each row is rotated at its own positions, as ``transformers`` does with
+an attention mask), so a batch of prompt lengths ``p_min..p_max`` makes ``max_new_tokens`` decode forwards. With
+other attention (Transformer Engine), whose inference path takes no padding mask, megatron's static-batching
+scheme is kept: prompts are right-padded, the batch is prefilled up to the shortest prompt, and a row still
+inside its prompt is fed its next prompt token (teacher forcing through the cache), which costs
+``p_max - p_min`` extra decode forwards. Either way each row is computed as it would be alone.
+
+Finished rows leave the batch: after a step where samples stop, the KV cache keeps only the rows still
+generating (:meth:`~megatron_xopd.models.attention.PaddedStaticContext.keep_rows`), so no forward computes a
+stopped row.
 
 n samples per prompt: the ``B`` prompts are prefilled once; the cache rows are then copied to the ``B * n``
 sample rows (``StaticInferenceContext.swap_key_value_dict``), which then decode independently.
@@ -52,14 +59,15 @@ from typing import Any, Callable, ContextManager, Iterator, Sequence
 import torch
 import torch.distributed as dist
 from megatron.core import parallel_state
-from megatron.core.inference.contexts import StaticInferenceContext
 from megatron.core.inference.model_inference_wrappers.gpt.gpt_inference_wrapper import GPTInferenceWrapper
 from megatron.core.inference.model_inference_wrappers.inference_wrapper_config import InferenceWrapperConfig
 from megatron.core.inference.utils import get_attention_mask
 from megatron.core.transformer.enums import AttnBackend
 from megatron.core.utils import get_model_config
 
+from ..models.attention import PaddedStaticContext, padded_rows_supported
 from ..models.speech import SpeechStudent, expand_audio_locators
+from ..runtime.cpu_compat import device_mode_suspended
 from ..runtime.parallel import expert_parallel_group
 from ..runtime.reduce import max_over_group
 
@@ -200,7 +208,8 @@ class RolloutEngine:
             text_vocab_size = self.inner.llm_cfg.text_vocab_size
         self.text_vocab_size = int(text_vocab_size)
         self.config = get_model_config(model)
-        self.context: StaticInferenceContext | None = None
+        self.context: PaddedStaticContext | None = None
+        self.left_padded = padded_rows_supported(self.inner)  # the batch layout (module docstring)
         self.pp_group = parallel_state.get_pipeline_model_parallel_group()
         self.pp_size = parallel_state.get_pipeline_model_parallel_world_size()
         self.first_stage = parallel_state.is_pipeline_first_stage(ignore_virtual=True)
@@ -265,7 +274,7 @@ class RolloutEngine:
     # -- forward ----------------------------------------------------------------------------------------
 
     def _wrapper(self, max_batch: int, max_seq: int) -> _VocabParallelWrapper:
-        self.context = StaticInferenceContext(max_batch, max_seq)
+        self.context = PaddedStaticContext(max_batch, max_seq)
         cfg = InferenceWrapperConfig(
             hidden_size=self.config.hidden_size,
             params_dtype=self.config.params_dtype,
@@ -280,24 +289,25 @@ class RolloutEngine:
     def _forward(
         self, wrapper: _VocabParallelWrapper, ids: torch.Tensor, start: int, audio_embeds: torch.Tensor | None
     ) -> torch.Tensor | None:
-        """Run positions [start, start + ids.shape[1]) of ``ids`` through the model at ``sequence_len_offset``
+        """Run cache slots [start, start + ids.shape[1]) of ``ids`` through the model at ``sequence_len_offset``
         = ``start``; last-position vocab-parallel logits [R, V/TP] on the last stage, None elsewhere."""
         rows, width = ids.shape
         end = start + width
         assert self.context is not None and self.context.sequence_len_offset == start
-        mask = None
-        if self.config.attention_backend == AttnBackend.local:
-            mask = get_attention_mask(end)[..., start:end, :end]
-        inp = {
-            "tokens": ids,
-            "position_ids": torch.arange(start, end, device=ids.device).expand(rows, -1),
-            "attention_mask": mask,
-            "audio_embeds": audio_embeds,
-        }
-        if self.pp_size > 1:
-            logits = wrapper.forward_pass_with_pipeline_parallel_small_input_batch(inp)
+        positions = self.context.positions(width)
+        if positions is not None:  # left-padded rows
+            mask, position_ids = self.context.padding_mask(width), positions.t()
         else:
-            logits = wrapper.forward_pass_without_pipeline_parallel(inp)
+            mask = None
+            if self.config.attention_backend == AttnBackend.local:
+                mask = get_attention_mask(end)[..., start:end, :end]
+            position_ids = torch.arange(start, end, device=ids.device).expand(rows, -1)
+        inp = {"tokens": ids, "position_ids": position_ids, "attention_mask": mask, "audio_embeds": audio_embeds}
+        with device_mode_suspended():
+            if self.pp_size > 1:
+                logits = wrapper.forward_pass_with_pipeline_parallel_small_input_batch(inp)
+            else:
+                logits = wrapper.forward_pass_without_pipeline_parallel(inp)
         return logits[:, -1] if logits is not None else None
 
     def _any_in_group(self, local: bool, device: torch.device) -> bool:
@@ -377,11 +387,21 @@ class RolloutEngine:
         prompt_ids = torch.full((n_prompts, p_max), params.pad_id, dtype=torch.int64, device=device)
         for i, p in enumerate(prompts):
             prompt_ids[i, : len(p)] = torch.tensor(p, dtype=torch.int64, device=device)
+        # The prompt block the model reads and the column where each prompt ends.
+        cols = torch.arange(p_max, device=device)[None, :]
+        if self.left_padded:
+            pad = p_max - plen
+            block = torch.full_like(prompt_ids, params.pad_id)
+            for i, p in enumerate(prompts):
+                block[i, p_max - len(p) :] = prompt_ids[i, : len(p)]
+            in_prompt, prompt_end, prefill = cols >= pad[:, None], torch.full_like(plen, p_max), p_max
+        else:
+            pad, block = None, prompt_ids
+            in_prompt, prompt_end, prefill = cols < plen[:, None], plen, p_min
         # Row of the concatenated audio embeddings for each locator position (row-major), -1 elsewhere.
         audio_index = None
         if embeds is not None or any(frames):
-            is_loc = prompt_ids == self.inner.audio_locator_id
-            is_loc &= torch.arange(p_max, device=device)[None, :] < plen[:, None]
+            is_loc = (block == self.inner.audio_locator_id) & in_prompt
             audio_index = torch.where(is_loc, is_loc.flatten().cumsum(0).view_as(is_loc) - 1, -1)
 
         def window_audio(prompt_rows: torch.Tensor, a: int, b: int) -> torch.Tensor | None:
@@ -392,10 +412,10 @@ class RolloutEngine:
             return embeds[sel] if sel.numel() else None
 
         sample_to_prompt = torch.arange(n_prompts, device=device).repeat_interleave(n)
-        row_plen = plen[sample_to_prompt]
+        row_end = prompt_end[sample_to_prompt]  # the column of each sample's first response token
+        row_pad = None if pad is None else pad[sample_to_prompt]
         seq = torch.full((rows, s_max), params.pad_id, dtype=torch.int64, device=device)
-        seq[:, :p_max] = prompt_ids[sample_to_prompt]
-        prompt_rows = torch.arange(n_prompts, device=device)
+        seq[:, :p_max] = block[sample_to_prompt]
 
         out_tok = torch.full((rows, max_new), params.pad_id, dtype=torch.int64, device=device)
         out_lp = torch.zeros(rows, max_new, dtype=torch.float32, device=device)
@@ -404,25 +424,29 @@ class RolloutEngine:
         done = torch.zeros(rows, dtype=torch.bool, device=device)
         finished = torch.zeros(rows, dtype=torch.bool, device=device)
         stop = torch.tensor(params.stop_ids, dtype=torch.int64, device=device)
+        live = torch.arange(rows, device=device)  # the samples still generating, in KV-cache row order
 
-        # Prefill the B prompts up to the shortest one, then copy the cache rows to the B*n samples.
+        # Prefill the B prompts (up to the shortest one when right-padded), then copy the cache rows to the
+        # B*n samples.
         wrapper = self._wrapper(rows, s_max)
-        logits = self._forward(wrapper, prompt_ids[:, :p_min], 0, window_audio(prompt_rows, 0, p_min))
+        self.context.set_row_pad(pad)
+        logits = self._forward(wrapper, block[:, :prefill], 0, window_audio(torch.arange(n_prompts, device=device), 0, prefill))
         if n > 1:
             if use_cache:
                 self.context.swap_key_value_dict(sample_to_prompt)
             if logits is not None:
                 logits = logits.repeat_interleave(n, dim=0)
+        self.context.set_row_pad(row_pad)
 
-        p = p_min
+        p = prefill
         while True:
-            active = (row_plen <= p) & ~done  # rows that generate the token at position p
-            idx = active.nonzero().squeeze(1)
+            act = (row_end[live] <= p).nonzero().squeeze(1)  # rows of the batch that generate the token at p
+            idx = live[act]
             if idx.numel():
                 pack = torch.empty(idx.numel(), 3, dtype=torch.float64, device=device)
                 if self.last_stage:
                     keys = idx if params.greedy else row_keys(params.seed, idx, count[idx])
-                    out = sample_vocab_parallel(logits[idx], params, keys, text_vocab_size=self.text_vocab_size)
+                    out = sample_vocab_parallel(logits[act], params, keys, text_vocab_size=self.text_vocab_size)
                     pack[:, 0], pack[:, 1], pack[:, 2] = out.tokens, out.logprobs, out.sampling_logprobs
                 pack = self._pp_broadcast(pack, src_first=False)
                 tok = pack[:, 0].to(torch.int64)
@@ -434,20 +458,27 @@ class RolloutEngine:
                 finished[idx] |= hit
                 done[idx] |= hit | (count[idx] >= max_new)
                 seq[idx, p] = tok
-            if not self._any_in_group(not bool(done.all()) and p + 1 < s_max, device):
+                going = ~done[live]
+                if not bool(going.all()):  # stopped samples leave the batch (the cache keeps >= 1 row)
+                    if use_cache and bool(going.any()):
+                        self.context.keep_rows(going.nonzero().squeeze(1))
+                    live = live[going]
+            if not self._any_in_group(live.numel() > 0, device):
                 break
-            if bool(done.all()) or p + 1 >= s_max:
+            if live.numel() == 0:
                 # Expert parallelism: another rank of the group still generates, and each of its forwards runs an
-                # all-to-all that this rank must join. Forward one pad token per row at position 0 (the cache
-                # slot is overwritten, never read: this rank's rows are complete) and ignore the output.
+                # all-to-all that this rank must join. Forward one pad token at slot 0 (overwritten, never read:
+                # this rank's samples are complete) and ignore the output.
                 self.context.reset()
-                self._forward(wrapper, torch.full((rows, 1), params.pad_id, dtype=torch.int64, device=device), 0, None)
+                self.context.set_row_pad(None)
+                self._forward(wrapper, torch.full((1, 1), params.pad_id, dtype=torch.int64, device=device), 0, None)
             elif use_cache:
-                logits = self._forward(wrapper, seq[:, p : p + 1], p, window_audio(sample_to_prompt, p, p + 1))
+                logits = self._forward(wrapper, seq[live, p : p + 1], p, window_audio(sample_to_prompt[live], p, p + 1))
             else:
                 self.context.reset()
                 self.context.key_value_memory_dict.clear()
-                logits = self._forward(wrapper, seq[:, : p + 1], 0, window_audio(sample_to_prompt, 0, p + 1))
+                self.context.set_row_pad(None if row_pad is None else row_pad[live])
+                logits = self._forward(wrapper, seq[live, : p + 1], 0, window_audio(sample_to_prompt[live], 0, p + 1))
             p += 1
 
         width = int(count.max())

@@ -74,13 +74,17 @@ OVERRIDES: tuple[Override, ...] = (
              ("input_", "group", "input_split_sizes", "use_global_buffer")),
     # Attention of the local spec (models/attention.py): fast CPU rollouts.
     Override("megatron.core.transformer.dot_product_attention.DotProductAttention.forward", "subclassed",
-             "models/attention.py", "SDPA with GQA for causal prefill and decode outside training",
+             "models/attention.py", "SDPA with GQA for causal or boolean-masked prefill and decode outside training",
              ("self", "query", "key", "value", "attention_mask", "attn_mask_type", "attention_bias",
               "packed_seq_params")),
     Override("megatron.core.transformer.attention.Attention._adjust_key_value_for_inference", "subclassed",
-             "models/attention.py", "caches keys already rotated by RoPE (static batching)",
+             "models/attention.py", "caches keys already rotated by RoPE (static batching), at per-row positions "
+             "for left-padded rows",
              ("self", "inference_context", "query", "key", "value", "rotary_pos_emb", "rotary_pos_cos",
               "rotary_pos_sin", "rotary_pos_cos_sin", "sequence_len_offset", "inference_params")),
+    Override("megatron.core.inference.contexts.StaticInferenceContext.__init__", "subclassed", "models/attention.py",
+             "PaddedStaticContext: left-padded rows; keep_rows drops rows of key_value_memory_dict ([seq, batch, ...])",
+             ("self", "max_batch_size", "max_sequence_length", "use_flashinfer_fused_rope")),
     # The rollout engine (rollout/engine.py): vocab-parallel logits and the student's audio through inference.
     Override("megatron.core.inference.model_inference_wrappers.gpt.gpt_inference_wrapper.GPTInferenceWrapper._forward",
              "subclassed", "rollout/engine.py", "passes the student's audio_embeds", ("self", "inference_input")),
