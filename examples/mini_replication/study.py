@@ -135,11 +135,15 @@ def load_plan(path: Path | None) -> Plan:
 
 
 # ------------------------------------------------------------------------------------------------- stages
+class StopStudy(Exception):
+    """Raised after the stage named by ``--stop-after`` has finished."""
+
+
 class Study:
     """The stages of one study directory ``out``."""
 
-    def __init__(self, plan: Plan, out: Path) -> None:
-        self.plan, self.out = plan, out
+    def __init__(self, plan: Plan, out: Path, stop_after: str | None = None) -> None:
+        self.plan, self.out, self.stop_after = plan, out, stop_after
         self.data = out / "data"
         out.mkdir(parents=True, exist_ok=True)
         recorded = out / "plan.json"
@@ -155,10 +159,15 @@ class Study:
 
     def stage(self, name: str, fn: Callable[[Path], None]) -> None:
         """Run ``fn(stage_dir)`` unless ``name`` is done; a stage that did not finish is redone from scratch."""
-        path = self.out / name
         if self.done(name):
             print(f"== {name}: done already", flush=True)
-            return
+        else:
+            self._run_stage(name, fn)
+        if name == self.stop_after:
+            raise StopStudy(name)
+
+    def _run_stage(self, name: str, fn: Callable[[Path], None]) -> None:
+        path = self.out / name
         print(f"== {name}", flush=True)
         if path.exists() and name != "data":  # data prep reuses its finished files itself
             shutil.rmtree(path)
@@ -275,6 +284,14 @@ class Study:
         return run
 
     def run_all(self) -> None:
+        """Every stage in order (those done are skipped), then the table; ``stop_after`` ends the run early."""
+        try:
+            self._run_stages()
+        except StopStudy as stop:
+            print(f"== stopped after {stop} (--stop-after)", flush=True)
+        _load("summarize").write(self.out)
+
+    def _run_stages(self) -> None:
         plan, summarize = self.plan, _load("summarize")
         self.stage("data", self.run_data)
         self.stage("teacher_sft", self.run_text_sft(plan.teacher_sft_steps))
@@ -288,7 +305,6 @@ class Study:
             lr = summarize.choose_lr(self.out, method, plan.lr_grid, plan.seeds[0])
             for seed in plan.seeds[1:]:
                 self.stage(run_name(method, lr, seed), self.method_run(method, lr, seed))
-        summarize.write(self.out)
 
 
 def run_name(method: str, lr: float, seed: int) -> str:
@@ -316,10 +332,11 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, default=ROOT / "runs" / "mini_table1")
     parser.add_argument("--plan", type=Path, default=None, help="JSON of Plan fields that differ (tests: tiny)")
+    parser.add_argument("--stop-after", default=None, help="end after this stage has run (e.g. teacher_sft)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     os.environ.setdefault("OMP_NUM_THREADS", str(os.cpu_count() or 1))
-    Study(load_plan(args.plan), args.out).run_all()
+    Study(load_plan(args.plan), args.out, args.stop_after).run_all()
 
 
 if __name__ == "__main__":  # dist_checkpointing's writer spawns processes: keep the guard
