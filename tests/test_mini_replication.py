@@ -167,6 +167,7 @@ def test_tiny_study_runs_every_stage_and_a_rerun_skips_them(tmp_path):
         str(out / "teacher_sft" / "hf" / "model.safetensors"))
     assert teacher["model.embed_tokens.weight"].equal(base["model.embed_tokens.weight"])
     assert not teacher["model.layers.0.mlp.up_proj.weight"].equal(base["model.layers.0.mlp.up_proj.weight"])
+    assert json.loads((out / "teacher_sft" / "hf" / "config.json").read_text())["vocab_size"] == 49152  # no locator
     sft_rows = [json.loads(line) for line in (out / "teacher_sft" / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in sft_rows] == [1, 2] and "eval/test/acc_text" in sft_rows[-1]
     assert "eval/test/acc_speech" not in sft_rows[-1]

@@ -247,6 +247,7 @@ def plot(result: dict[str, Any], out_dir: Path) -> list[Path]:
             ax.set_xticks(range(len(names)), names, rotation=30, ha="right")
             ax.set_title(f"{s}: accuracy (mean ± s.e. over seeds)")
             ax.set_ylabel("accuracy (%)")
+            ax.set_ylim(0, 100)
         axes[0].legend(loc="lower left")
         fig.tight_layout()
         path = out_dir / "accuracy.png"
