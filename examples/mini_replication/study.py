@@ -40,6 +40,7 @@ from __future__ import annotations
 import argparse
 import ctypes
 import dataclasses
+import fcntl
 import gc
 import importlib.util
 import json
@@ -148,6 +149,11 @@ class Study:
         self.plan, self.out, self.stop_after = plan, out, stop_after
         self.data = out / "data"
         out.mkdir(parents=True, exist_ok=True)
+        self._lock = (out / "study.lock").open("w")  # one driver per study directory (held until exit)
+        try:
+            fcntl.flock(self._lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise SystemExit(f"{out}: another study.py is running there (it holds {out / 'study.lock'})") from None
         recorded = out / "plan.json"
         current = json.dumps(dataclasses.asdict(plan), indent=1, sort_keys=True)
         if recorded.exists() and recorded.read_text() != current:
