@@ -109,7 +109,7 @@ def test_every_method_is_a_valid_run_config(tmp_path):
     for method, xopd in study.METHODS.items():
         cfg = OmegaConf.merge(s.base_config(), s.from_start(), {"xopd": xopd, "optim": {"lr": study.LR_GRID[0]}})
         run = to_run_config(OmegaConf.to_container(cfg))
-        assert run.xopd.n_samples == 2 and run.trainer.rollout.max_new_tokens == 12, method
+        assert run.xopd.n_samples == 1 and run.trainer.rollout.max_new_tokens == 12, method
         assert set(run.data.eval_sets) == {"val", "test", "forget"} and run.data.validation is None
     with pytest.raises(SystemExit, match="another study.py is running there"):  # one driver per directory
         study.Study(study.Plan(), tmp_path)

@@ -24,15 +24,18 @@ one process, one after the other (no start-up per run):
 
 The grid, the seeds and every size below were fixed before any method ran.
 
-Estimated cost on this 2-core CPU (from the previous study: SFT of 12 steps + eval of 100 prompts S and T took
-6.6 min, X-OPD lam 0.5 with 64 rollouts of 16 tokens a step 15.6 min for 12 steps; data prep 6.7 min; the
-guide's teacher SFT 8 min for 75 steps), in minutes:
-    data 7 | teacher_sft 9 | student_sft 3 | ctc 0.5 | align 2 | start 3
-    per run: 8 steps + eval of 172 prompts from S and T (12 new tokens at most, 32 prompts a batch):
-      sft_ref, offline_kd (16 given rows a step) ~2.5; gkd, xopd_* (2 x 8 x 2 = 32 sampled rows a step) ~4.5
-    28 runs = 7 methods x (2 rates + 2 more seeds): 8 x 2.5 + 20 x 4.5 = 110
-    total ~136 min (2.3 h); the measured wall time of each stage is written to OUT/timings.jsonl.
-``--stop-after STAGE`` ends a session after that stage; the next invocation goes on from there.
+Cost. Measured here on 2026-12-01, sharing the 2 cores with other jobs (load 4-10, this study at nice 15): data
+preparation 31 min (6.7 min on a quiet machine in the previous study); the teacher's text SFT 42 s a step (16
+text prompts of ~55 tokens, forward and backward of SmolLM2-135M). Counting in "training tokens" (a token through
+forward and backward; a forward-only token counts 1/3), a method run costs about 8 steps x 16 rows x ~75 tokens =
+9.6k for training (on-policy: + ~1.5k for rollouts and teacher scores, n = 1 sample per prompt and modality) and
+~5k for its evaluation (132 prompts from S and T, ~75 tokens each); the teacher SFT 66k, the student SFT 18k,
+align 12k, start ~8k. In all ~540k. At the contended rate measured (~21 training tokens/s) the whole study would take ~7 h;
+at twice that on a quiet machine (an estimate, not measured), ~3.5 h: over the 2.5-hour aim. Per stage on a quiet machine (estimate, minutes): data 7 | teacher_sft 24 | student_sft 7 | ctc 0.5 | align
+4 | start 3 | each of the 28 method runs 5-6 (7 methods x (2 rates + 2 more seeds)). The measured wall time of
+each stage goes to OUT/timings.jsonl; ``--stop-after STAGE`` ends a session after that stage, and the next
+invocation goes on from there. Knobs that cut the cost without touching the comparison: ``max_eval_prompts``,
+``teacher_sft_steps`` (the guide: 82% at 45 steps), the split sizes; fixed before any method runs.
 """
 
 from __future__ import annotations
@@ -116,10 +119,10 @@ class Plan:
     seeds: list[int] = field(default_factory=lambda: list(SEEDS))
     steps: int = 8  # one epoch of train (64 prompts) at 8 prompts a step
     prompts_per_step: int = 8
-    n_samples: int = 2
+    n_samples: int = 1  # 16 sampled rows a step at lam 0.5: as many as the SFT methods' 16 given rows
     max_new_tokens: int = 12
     eval_prompts_per_step: int = 32
-    max_eval_prompts: int = 100
+    max_eval_prompts: int = 60  # per evaluation set: val 32, test 60 (of 100), forget 40
 
     def __post_init__(self) -> None:
         unknown = sorted(set(self.methods) - set(METHODS))
