@@ -50,6 +50,7 @@ import json
 import logging
 import os
 import shutil
+import socket
 import sys
 import time
 import warnings
@@ -332,6 +333,12 @@ def _release_memory() -> None:
         pass
 
 
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
 def _rss_mb() -> float:
     """This process's resident memory now (MB)."""
     pages = int(Path("/proc/self/statm").read_text().split()[1])
@@ -363,6 +370,8 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     os.environ.setdefault("OMP_NUM_THREADS", str(os.cpu_count() or 1))
+    os.environ.setdefault("MASTER_PORT", str(_free_port()))  # the in-process runs' world of one (not 29500: the
+    # trainer's default, which another study or run on this machine may hold)
     Study(load_plan(args.plan), args.out, args.stop_after).run_all()
 
 
