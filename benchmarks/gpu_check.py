@@ -7,14 +7,20 @@ even if a later one fails or the ``--budget-s`` deadline skips it:
 
 1. ``pytest``: ``tests/test_ops_triton.py -k cuda`` in a subprocess (the kernel-level checks compiled on CUDA).
 2. ``unit``: the same checks (``tests.test_ops_triton._run_checks("cuda")``) in this process, errors recorded.
-3. ``logits``: ``vocab_parallel_divergence`` forward and forward+backward for each kind, float32 and bf16 inputs, on
+3. ``bandwidth``: ``vocab_parallel_divergence`` forward+backward at ``--tokens`` x ``--vocab`` (reverse KL, forward
+   KL, JSD; float32 and bf16 logits) with the current kernels (gradient recomputed in backward, the default; and
+   ``grad_in_forward=True``, with a random upstream gradient and with ones), and with the previous kernels
+   (``benchmarks/triton_kernels_v1.py`` in the previous op's chunking): median time, and the achieved bandwidth
+   of the least bytes any implementation must move (each input read twice, the gradient written once) as a
+   fraction of the device's copy bandwidth (``dst.copy_(src)``, measured first). Target: >= 0.8 (docs/gpu.md).
+4. ``logits``: ``vocab_parallel_divergence`` forward and forward+backward for each kind, float32 and bf16 inputs, on
    a full vocabulary (``--tokens`` x ``--vocab``, one rank) and on a TP-style shard (``--vocab / --tp`` local
    columns padded to a multiple of 128, the padding excluded via ``vocab_size``, so chunks are row-strided views).
    Triton vs the chunked PyTorch path (the same op with the dispatch forced), both vs a float64 full-vocabulary
    reference on the first ``--ref-rows`` rows; median time (CUDA events), peak memory above the inputs.
-4. ``fused_linear``: ``fused_linear_divergence`` (bf16 hidden states and weights), Triton vs PyTorch.
-5. ``naive``: plain ``log_softmax`` reverse KL over the full vocabulary (float32), for scale.
-6. ``logprobs``: ``vocab_parallel_logprobs`` with entropy (PyTorch only), vs float64.
+5. ``fused_linear``: ``fused_linear_divergence`` (bf16 hidden states and weights), Triton vs PyTorch.
+6. ``naive``: plain ``log_softmax`` reverse KL over the full vocabulary (float32), for scale.
+7. ``logprobs``: ``vocab_parallel_logprobs`` with entropy (PyTorch only), vs float64.
 
 Prints ONE JSON line (last line of stdout); ``--out`` also gets it (rewritten after every section). Exit status 0 if
 every check passed, 1 if one failed or errored, 2 without CUDA. ``--allow-cpu`` runs a tiny smoke version on CPU
@@ -75,6 +81,43 @@ def _dispatch(use_triton: bool) -> None:
     from megatron_xopd.ops import kernels
 
     kernels._use_triton = lambda x, dtype: use_triton and dtype == torch.float32
+
+
+class _V1Kernels:
+    """The previous kernels (``benchmarks/triton_kernels_v1.py``) behind the current kernel interface, as the
+    previous op ran them: selected rows gathered, the gradient zero-filled and then written by the kernel."""
+
+    def __init__(self) -> None:
+        from benchmarks import triton_kernels_v1
+
+        self.v1 = triton_kernels_v1
+
+    @staticmethod
+    def _gather(s, t, rows):
+        return (s, t) if rows is None else (s[rows], t[rows])
+
+    def divergence_stats(self, s, t, inv_temp, kind, rows=None):
+        return self.v1.divergence_stats(*self._gather(s, t, rows), inv_temp, kind)
+
+    def jsd_terms(self, s, t, inv_temp, state, beta, rows=None):
+        return self.v1.jsd_terms(*self._gather(s, t, rows), inv_temp, state, beta)
+
+    def divergence_grad(self, s, t, inv_temp, state, gscale, kind, beta, out, rows=None):
+        s, t = self._gather(s, t, rows)
+        if not isinstance(gscale, torch.Tensor):
+            gscale = torch.full((s.shape[0],), gscale, device=s.device)
+        target = out if rows is None else out.new_zeros(s.shape[0], out.shape[1])
+        target.zero_()
+        self.v1.divergence_grad(s, t, inv_temp, state, gscale, kind, beta, target[:, : s.shape[1]])
+        if rows is not None:
+            out[rows] = target
+
+
+def _use_v1(on: bool) -> None:
+    """Swap the previous kernels in for the current ones behind ``kernels``' Triton dispatch (process-wide)."""
+    from megatron_xopd.ops import kernels, triton_kernels
+
+    kernels._triton = (lambda: _V1Kernels()) if on else (lambda: triton_kernels)
 
 
 def _r(x: float | None, digits: int = 4) -> float | None:
@@ -176,10 +219,105 @@ def _op(kind, beta, vocab_size):
 
 
 def _bytes_triton(n: int, cols: int, valid: int, in_bytes: int, kind: str) -> tuple[int, int]:
-    """Least device-memory traffic of the Triton path: forward reads s and t once (twice for JSD: the second pass
-    needs the global normalisers); backward zero-fills the gradient, reads s and t and writes the gradient."""
+    """Device-memory traffic of the Triton path: forward reads s and t once (twice for JSD: the second pass needs
+    the global normalisers); backward reads s and t and writes the gradient (its padding columns as zeros)."""
     fwd = (2 if kind == "jsd" else 1) * 2 * n * valid * in_bytes
-    return fwd, fwd + n * cols * in_bytes + 2 * n * valid * in_bytes + n * valid * in_bytes
+    return fwd, fwd + 2 * n * valid * in_bytes + n * cols * in_bytes
+
+
+def min_bytes(n: int, cols: int, valid: int, in_bytes: int) -> int:
+    """The least traffic of any forward+backward (the issue's yardstick): s and t read twice, the gradient
+    (input dtype) written once. Reverse and forward KL move exactly this; JSD reads both inputs a third time."""
+    return 2 * 2 * n * valid * in_bytes + n * cols * in_bytes
+
+
+def copy_bandwidth(ctx: Ctx, numel: int) -> dict:
+    """Bytes per second of ``dst.copy_(src)`` (read + write) on float32 tensors of ``numel`` elements."""
+    src = torch.randn(numel, device=ctx.device)
+    dst = torch.empty_like(src)
+    ms = bench(ctx, lambda: dst.copy_(src), max(3, ctx.args.reps))[0]
+    return {"numel": numel, "ms": ms, "gb_s": _r(2 * numel * 4 / (ms * 1e-3) / 1e9)}
+
+
+def sec_bandwidth(ctx: Ctx, n: int, cols: int) -> dict:
+    """Forward+backward time of the current and previous kernels over the full vocabulary, as achieved bandwidth
+    (least bytes / time) over the copy bandwidth."""
+    copy = copy_bandwidth(ctx, n * cols)
+    out = {"shape": [n, cols], "copy": copy, "legend": "[median_ms, achieved GB/s of min_bytes, fraction of copy]"}
+    g = torch.randn(n, generator=torch.Generator(device=ctx.device).manual_seed(7), device=ctx.device)
+    ones = torch.ones(n, device=ctx.device)
+    old_chunk = max(1, (1 << 26) // cols)  # the previous op's CUDA chunk
+    _dispatch(True)
+    for dtype in (torch.float32, torch.bfloat16):
+        s, t = _inputs(n, cols, dtype, ctx.device, seed=cols + n)
+        need = min_bytes(n, cols, cols, s.element_size())
+        name = str(dtype).split(".")[1]
+        rows = min(ctx.args.ref_rows, n)
+        grad_tol = (1e-2, 1e-2) if dtype == torch.bfloat16 else (1e-4, 1e-5)
+        out[name] = {"min_bytes": need}
+        for kind, beta in KIND_BETAS:
+            if ctx.left() <= 0:
+                out[name][kind] = "skipped (budget)"
+                continue
+            runs = {
+                "recompute": (g, {}),
+                "grad_in_forward": (g, {"grad_in_forward": True}),
+                "grad_in_forward_ones": (ones, {"grad_in_forward": True}),
+                "v1": (g, {"chunk_size": old_chunk}),
+            }
+            res, first_rows = {}, {}
+            for label, (upstream, opts) in runs.items():
+                _use_v1(label == "v1")
+                try:
+                    first_rows[label] = _fwd_bwd(s, t, upstream, kind, beta, opts)[:rows].clone()
+                    ms = bench(ctx, lambda: _fwd_bwd(s, t, upstream, kind, beta, opts), ctx.args.reps)[0]
+                finally:
+                    _use_v1(False)
+                gb_s = need / (ms * 1e-3) / 1e9 if ms else None
+                res[label] = [ms, _r(gb_s), _r(gb_s / copy["gb_s"], 3) if gb_s and copy["gb_s"] else None]
+            res["speedup_vs_v1"] = _r(res["v1"][0] / res["recompute"][0], 3) if res["recompute"][0] else None
+            # Every variant's gradient (first rows) against the default's: the same math, other kernels/orders.
+            for label in ("grad_in_forward", "v1"):
+                res[f"{label}_vs_recompute_grad"] = c = compare(first_rows[label], first_rows["recompute"], *grad_tol)
+                if not c[2]:
+                    ctx.fail(f"bandwidth:{name}:{kind}:{label}")
+            ones_scaled = first_rows["grad_in_forward_ones"] * g[:rows, None].to(dtype)
+            res["ones_times_g_vs_recompute_grad"] = c = compare(ones_scaled, first_rows["recompute"], *grad_tol)
+            if not c[2]:
+                ctx.fail(f"bandwidth:{name}:{kind}:ones")
+            out[name][kind] = res
+        del s, t
+        if ctx.cuda:
+            torch.cuda.empty_cache()
+    return out
+
+
+def bandwidth_table(res: dict) -> str:
+    """The bandwidth section as a markdown table: time and fraction of the copy bandwidth per variant."""
+    labels = ("recompute", "grad_in_forward", "grad_in_forward_ones", "v1")
+    lines = [
+        f"Forward+backward at {res['shape'][0]} x {res['shape'][1]}; copy bandwidth {res['copy']['gb_s']} GB/s; "
+        "ms (fraction of copy bandwidth achieved on the least bytes: inputs read twice, gradient written once).",
+        "",
+        "| dtype | kind | " + " | ".join(labels) + " | speedup vs v1 |",
+        "|" + "---|" * (len(labels) + 3),
+    ]
+    for dtype in ("float32", "bfloat16"):
+        for kind, row in res.get(dtype, {}).items():
+            if not isinstance(row, dict):
+                continue
+            cells = [f"{row[label][0]} ({row[label][2]})" for label in labels]
+            lines.append(f"| {dtype} | {kind} | " + " | ".join(cells) + f" | {row['speedup_vs_v1']} |")
+    return "\n".join(lines) + "\n"
+
+
+def _fwd_bwd(s, t, g, kind, beta, opts):
+    from megatron_xopd.ops import vocab_parallel_divergence
+
+    x = s.detach().requires_grad_()
+    value = vocab_parallel_divergence(x, t, kind, beta=beta, temperature=TEMPERATURE, **opts)
+    value.backward(g)
+    return x.grad
 
 
 def sec_logits(ctx: Ctx, name: str, n: int, cols: int, vocab_size: int, dtype: torch.dtype) -> dict:
@@ -337,7 +475,7 @@ def main() -> int:
         if os.environ.get("TRITON_INTERPRET", "0") in ("", "0"):
             print(json.dumps({"ok": False, "error": "--allow-cpu needs TRITON_INTERPRET=1"}))
             return 2
-        args.tokens, args.vocab, args.hidden, args.reps, args.ref_rows = 6, 600, 32, 1, 4
+        args.tokens, args.vocab, args.hidden, args.reps, args.ref_rows = 4, 256, 32, 1, 4
     ctx = Ctx(args, "cuda" if cuda else "cpu")
     info = {"torch": torch.__version__, "python": sys.version.split()[0]}
     try:
@@ -381,6 +519,7 @@ def main() -> int:
     sections = [
         ("pytest", lambda: sec_pytest(ctx)),
         ("unit", lambda: sec_unit(ctx)),
+        ("bandwidth", lambda: sec_bandwidth(ctx, n, v)),
         ("logits_full_fp32", lambda: sec_logits(ctx, "logits_full_fp32", n, v, v, torch.float32)),
         ("logits_full_bf16", lambda: sec_logits(ctx, "logits_full_bf16", n, v, v, torch.bfloat16)),
         ("logits_tp_fp32", lambda: sec_logits(ctx, "logits_tp_fp32", n, local, valid, torch.float32)),
@@ -414,6 +553,10 @@ def main() -> int:
         print(f"[gpu_check] {name}: {time.monotonic() - t1:.1f}s", file=sys.stderr, flush=True)
     ctx.result["wall_s"] = round(time.monotonic() - t0, 1)
     ctx.save()
+    bandwidth = ctx.result["sections"].get("bandwidth")
+    if args.out and isinstance(bandwidth, dict) and "copy" in bandwidth:
+        with open(os.path.splitext(args.out)[0] + "_bandwidth.md", "w") as f:
+            f.write(bandwidth_table(bandwidth))
     print(json.dumps(ctx.result), flush=True)
     return 0 if ctx.result["ok"] else 1
 

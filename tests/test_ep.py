@@ -190,3 +190,158 @@ def test_rollouts_at_ep2_equal_ep1(stop_first):
                 expect = 1 if rank == 0 else MAX_NEW
                 assert ep1[name]["lengths"].tolist() == [expect] * len(ep1[name]["lengths"]), (rank, name)
                 assert bool(ep1[name]["finished"].all()) == (rank == 0)
+
+
+# ------------------------------------------------------------------------ the training loop's other forwards
+# Each of these hung at EP=2 before its fix; HANG_S makes a hang fail the test instead of blocking the suite.
+
+HANG_S = 120
+LOCATOR = VOCAB
+
+
+class _StopIds:
+    """The collector reads only the stop ids from its tokenizer: id 3 here."""
+
+    eos_token_id = unk_token_id = None
+
+    def convert_tokens_to_ids(self, token: str) -> int:
+        return 3
+
+    def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
+        return " ".join(str(i) for i in ids)
+
+
+def _token_score(response: str, reference: str) -> float:
+    """A score that depends on every generated token (random models answer nothing right)."""
+    return sum(int(t) for t in response.split()) % 89 / 89
+
+
+def _batch(cuts: list[int], frames: int = 3) -> dict:
+    """Paired prompts for ``cuts``: T ids and S ids (one audio locator) with ``frames`` feature frames each."""
+    g = torch.Generator().manual_seed(100 + sum(cuts) + frames)
+    return {"cut_ids": [f"cut{c}" for c in cuts],
+            "text_prompt_ids": [[10 + c, 20 + c, 30 + c][: 2 + c % 2] for c in cuts],
+            "speech_prompt_ids": [[1, LOCATOR, 2 + c] for c in cuts],
+            "features": torch.randn(len(cuts), frames, 16, generator=g),
+            "feature_lens": torch.full((len(cuts),), frames), "answers": [str(c) for c in cuts]}
+
+
+def _collect(ep: int) -> dict:
+    """Rollout collection at EP=``ep`` x DP=2 (rank d = data-parallel rank d), where one rank has (a) no batch,
+    (a) only speech prompts too long for the rollout, then (b) only cut ids whose teacher answers are cached; then
+    evaluation, rank 0 with more validation batches than rank 1."""
+    import torch.distributed as dist
+
+    from megatron_xopd.rollout import RolloutCollector, SamplingParams
+    from megatron_xopd.runtime import ParallelConfig, initialize_model_parallel
+
+    initialize_model_parallel(ParallelConfig(expert_model_parallel_size=ep))
+    rank = dist.get_rank()
+    student, teacher = _models()
+
+    def collector(xopd: XOPDConfig) -> RolloutCollector:  # prompts longer than 20 - 4 positions are left out
+        return RolloutCollector(student, teacher, _StopIds(), xopd=xopd, sampling=SamplingParams(max_new_tokens=4),
+                                max_positions=20, text_vocab_size=VOCAB, audio_locator_id=LOCATOR, seed=5)
+
+    on_policy = collector(XOPDConfig(lam=0.0, n_samples=2))  # speech prompts only
+    out = {}
+    no_batch = on_policy.collect(_batch([0, 1]) if rank == 0 else _batch([]), step=0)
+    out["no_batch"] = (no_batch.rollouts is None, no_batch.anyone, len(no_batch.skipped))
+    too_long = on_policy.collect(_batch([0, 1]) if rank == 0 else _batch([2], frames=30), step=1)
+    out["too_long"] = (too_long.rollouts is None, too_long.anyone, len(too_long.skipped))
+    usable = on_policy.collect(_batch([0, 1]) if rank == 0 else _batch([2, 3, 4]), step=2).rollouts
+    out["usable"] = (usable.responses, usable.lengths, usable.old_logprobs)
+
+    given = collector(XOPDConfig(lam=0.0, loss="sft", responses="teacher_greedy"))
+    first = given.teacher_greedy_answers(_batch([10 * rank, 10 * rank + 1]))
+    again = given.teacher_greedy_answers(_batch([0, 1]) if rank == 0 else _batch([12, 13, 14]))  # rank 0: cached
+    out["teacher"] = (first, again)
+
+    # evaluation: rank 0 has two validation batches, rank 1 one (DP ranks' shares of a validation set differ)
+    from megatron_xopd.trainer.evaluate import evaluate
+
+    validation = [_batch([40, 41]), _batch([42])] if rank == 0 else [_batch([50, 51, 52])]
+    out["evaluate"] = evaluate(collector(XOPDConfig(lam=0.5)), validation, _token_score, max_new_tokens=4,
+                               max_prompts=100, with_teacher=True)
+    return out
+
+
+def _collect_runs(eps: list[int]) -> list[dict]:
+    return [_collect(ep) for ep in eps]
+
+
+@pytest.mark.parity
+def test_collection_and_evaluation_at_ep2_when_a_rank_has_no_prompt_cached_answers_or_fewer_batches():
+    per_rank = run_distributed(_collect_runs, 2, [1, 2], timeout_s=HANG_S)
+    for rank, (ep1, ep2) in enumerate(per_rank):
+        # (a) a rank without a usable prompt: every rank skips the step, before generating
+        assert ep2["no_batch"] == ep1["no_batch"] == (True, True, 0), rank
+        assert ep2["too_long"] == ep1["too_long"] == (True, True, rank), rank  # rank 1's one speech prompt
+        for got, want in zip(ep2["usable"], ep1["usable"]):
+            torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
+        assert len(ep1["usable"][1]) == 2 * (2 if rank == 0 else 3)  # n=2 samples of each prompt
+        # (b) the teacher's greedy answers: rank 0's second batch is cached, rank 1 still generates
+        assert ep2["teacher"] == ep1["teacher"], rank
+        first, again = ep1["teacher"]
+        assert len(first) == 2 and len(again) == (2 if rank == 0 else 3) and all(first) and all(again)
+        if rank == 0:
+            assert again == first
+        # evaluation with different numbers of validation batches per rank
+        assert ep1["evaluate"]["eval/prompts"] == 6
+        assert ep2["evaluate"] == pytest.approx(ep1["evaluate"], abs=1e-9), rank
+        assert all(ep1["evaluate"][k] > 0 for k in ("eval/acc_text", "eval/acc_speech", "eval/acc_teacher_text"))
+
+
+def _minibatch_steps(ep: int, minibatches: int) -> dict:
+    """``xopd.minibatches`` optimizer steps at EP=``ep`` x DP=2 over rows [0, 1, 2] (rank 0) and [3] (rank 1):
+    rank 1 has fewer rows than mini-batches. Returns the steps' grad norms and the updated weights."""
+    import torch.distributed as dist
+
+    from megatron_xopd.algo import LossStats, rollout_weights
+    from megatron_xopd.models import gather_canonical_state_dict
+    from megatron_xopd.runtime import ParallelConfig, initialize_model_parallel
+    from megatron_xopd.trainer.build import build_optimizer, wrap_ddp
+    from megatron_xopd.trainer.config import OptimSection
+    from megatron_xopd.trainer.passes import minibatch_rows, score_with_teacher, train_pass
+    from tests.test_trainer_passes import _rollouts
+
+    layout = ParallelConfig(expert_model_parallel_size=ep)
+    initialize_model_parallel(layout)
+    student, teacher = _models()
+    r = _rollouts(student)
+    cfg = XOPDConfig(lam=0.5, loss="sampled_token", responses="on_policy", minibatches=minibatches)
+    ddp = wrap_ddp(student, layout)
+    optimizer, _ = build_optimizer(ddp, OptimSection(lr=LR, adam_eps=1e-4, clip_grad=0.0), max_steps=10)
+    mine = torch.tensor([[0, 1, 2], [3]][dist.get_rank()])
+    score_with_teacher(teacher, r, 2, VOCAB, cfg)
+    counts = {m: float((r.modality == m).sum()) for m in (IN_MODAL, CROSS_MODAL)}
+    tokens = {m: float(r.lengths[r.modality == m].sum()) for m in (IN_MODAL, CROSS_MODAL)}
+    r.weights = rollout_weights(r.lengths, r.modality, cfg, global_rollouts=counts, global_tokens=tokens)
+    splits = minibatch_rows(len(mine), minibatches)
+    norms = []
+    for split in splits:
+        ddp.zero_grad_buffer()
+        optimizer.zero_grad()
+        train_pass(ddp, r, mine[split], cfg, 1, VOCAB, LossStats(), minibatches=len(splits))
+        updated, grad_norm, _ = optimizer.step()
+        assert updated
+        norms.append(float(grad_norm))
+    return {"sizes": [len(s) for s in splits], "norms": norms,
+            "weights": gather_canonical_state_dict(student.language_model, VOCAB + 1)}
+
+
+def _minibatch_runs(runs: list[dict]) -> list[dict]:
+    return [_minibatch_steps(**run) for run in runs]
+
+
+@pytest.mark.parity
+def test_more_minibatches_than_rows_on_a_rank_at_ep2_equals_ep1():
+    per_rank = run_distributed(_minibatch_runs, 2, [{"ep": 1, "minibatches": 4}, {"ep": 2, "minibatches": 4}],
+                               timeout_s=HANG_S)
+    for rank, (ep1, ep2) in enumerate(per_rank):
+        # 4 asked, but no rank has 4 rows: 3 steps on both ranks, rank 1's last two empty
+        assert ep1["sizes"] == ep2["sizes"] == ([1, 1, 1] if rank == 0 else [1, 0, 0])
+        assert len(ep1["norms"]) == 3 and all(n > 0 for n in ep1["norms"])
+        assert ep2["norms"] == pytest.approx(ep1["norms"], abs=1e-5, rel=1e-5)
+        for key in ep1["weights"]:
+            torch.testing.assert_close(ep2["weights"][key], ep1["weights"][key], atol=1e-5, rtol=0, msg=key)

@@ -35,3 +35,25 @@ def test_gpu_trainer_without_cuda_exits_2():
         pytest.skip("a GPU is present")
     proc = subprocess.run([sys.executable, "benchmarks/gpu_trainer.py"], cwd=ROOT, capture_output=True, text=True)
     assert proc.returncode == 2 and json.loads(proc.stdout.strip().splitlines()[-1])["error"] == "no CUDA device"
+
+
+@pytest.mark.slow
+def test_gpu_check_times_every_kernel_variant_on_cpu(tmp_path):
+    """gpu_check.py's kernel sections interpreted on CPU (TRITON_INTERPRET=1): the bandwidth section times the
+    current kernels in both gradient modes and the previous kernels, whose gradients agree; a TP-shard section
+    checks values and gradients against float64 and that the padding gradient is zero."""
+    skip = "unit,logits_full_fp32,logits_full_bf16,logits_tp_bf16,fused_linear,naive,logprobs"
+    result = _run(["benchmarks/gpu_check.py", "--skip", skip], tmp_path, TRITON_INTERPRET="1")
+    assert result["ok"], result["failures"]
+    bandwidth = result["sections"]["bandwidth"]
+    assert bandwidth["copy"]["gb_s"] > 0
+    for dtype in ("float32", "bfloat16"):
+        for kind in ("reverse_kl", "forward_kl", "jsd"):
+            row = bandwidth[dtype][kind]
+            for label in ("recompute", "grad_in_forward", "grad_in_forward_ones", "v1"):
+                ms, gb_s, fraction = row[label]
+                assert ms > 0 and gb_s > 0 and fraction > 0, (dtype, kind, label, row[label])
+            assert row["grad_in_forward_vs_recompute_grad"][2] and row["v1_vs_recompute_grad"][2]
+    assert result["sections"]["logits_tp_fp32"]["kinds"]["jsd"]["triton_padding_grad_zero"] is True
+    table = (tmp_path / "out_bandwidth.md").read_text().splitlines()
+    assert len([line for line in table if line.startswith("| float32") or line.startswith("| bfloat16")]) == 6

@@ -171,6 +171,61 @@ def test_quickstart_weights_grads_and_optimizer_equal_the_built_models():
     _check(run_distributed(_built_vs_planned, 2, run.trainer.parallel, dataclasses.asdict(run), ()), ())
 
 
+def _teacher_kept(forms: tuple[str, ...]) -> dict[str, tuple[int, dict]]:
+    """Bytes the teacher pass keeps for a full-vocabulary loss (reverse_kl) in each ``divergence_form``, scoring
+    tests/test_trainer_passes.py's 4 rollouts in micro-batches of 2, and how long their prompts are."""
+    from megatron_xopd.algo import XOPDConfig
+    from megatron_xopd.trainer.passes import score_with_teacher
+    from tests._models import VOCAB
+    from tests.test_trainer_passes import _models, _rollouts
+
+    student, teacher = _models()
+    out = {}
+    for form in forms:
+        r = _rollouts(student)
+        score_with_teacher(teacher, r, 2, VOCAB, XOPDConfig(lam=0.5, loss="reverse_kl", divergence_form=form))
+        kept = {"hidden": r.teacher_hidden, "logits": r.teacher_logits}
+        out[form] = ({k: sum(t.numel() * t.element_size() for t in (v if isinstance(v, list) else [v]))
+                      for k, v in kept.items() if v is not None},
+                     {"prompt": max(len(p) for p in r.teacher_prompts), "new": r.responses.shape[1]})
+    return out
+
+
+@pytest.mark.parity
+def test_plan_keeps_what_the_teacher_pass_keeps_in_each_divergence_form():
+    """reverse_kl in the linear form (the default) keeps the teacher's final hidden states [R, N, H_t] and no
+    logits; in the logits form [R, N, V/t] logits: the plan's kept line equals what score_with_teacher keeps, and
+    the linear plan has no line of logits."""
+    from megatron_xopd.models.memory import Workload, plan_memory
+    from tests.test_trainer_passes import _configs
+
+    measured = run_distributed(_teacher_kept, 1, ("linear", "logits"), tp=1)[0]
+    student, teacher = _configs()
+    for form, name, kind in (("linear", "teacher hidden kept", "hidden"), ("logits", "teacher logits kept", "logits")):
+        kept, shape = measured[form]
+        assert set(kept) == {kind}
+        work = Workload(prompts=2, n_samples=1, modalities=2, prompt_tokens=shape["prompt"], new_tokens=shape["new"],
+                        micro_batch=2, loss="reverse_kl", divergence_form=form)
+        plan = plan_memory(student, teacher, Layout(ParallelConfig(), 1), work, 1 << 40)
+        for phase in ("teacher", "training"):
+            lines = {line.name: line.bytes for line in next(p for p in plan.phases if p.phase == phase).lines}
+            assert lines[name] == kept[kind], (form, phase)
+            if phase == "teacher":
+                assert ("teacher logits" in lines) == (form == "logits") != ("teacher hidden states" in lines), form
+            else:
+                assert ("loss logits" in lines) == (form == "logits") != ("loss buffers" in lines), form
+    # at the paper's sizes (R = 256 rollouts of 2048 new tokens, V/t = 38k) the logits form keeps 40 GB, linear 2 GB
+    big = dict(prompts=32, n_samples=4, modalities=2, prompt_tokens=2048, new_tokens=2048, micro_batch=4,
+               loss="reverse_kl")
+    q3 = GPTModelConfig.load(REPO / "examples" / "conf" / "models" / "qwen3_30b_a3b.yaml")
+    layout = Layout(ParallelConfig(tensor_model_parallel_size=4, expert_model_parallel_size=8, sequence_parallel=True), 32)
+    plans = {form: plan_memory(q3, q3, layout, Workload(**big, divergence_form=form), 1 << 40).to_dict()["phases"]
+             for form in ("linear", "logits")}
+    assert plans["linear"]["training"]["teacher hidden kept"] == 256 * 2048 * q3.hidden_size * 2
+    assert plans["logits"]["training"]["teacher logits kept"] == 256 * 2048 * q3.padded_vocab(4) // 4 * 2
+    assert plans["linear"]["training"]["peak"] < plans["logits"]["training"]["peak"] - 30 * 2**30
+
+
 def test_whole_model_counts_match_transformers():
     """The preset's formula totals equal transformers' Qwen3-MoE model (4 layers, built on the meta device)."""
     import torch

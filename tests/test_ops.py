@@ -42,6 +42,24 @@ def test_divergence_matches_reference(kind, beta, dtype):
     assert (value[~MASK] == 0).all() and (x.grad[~MASK] == 0).all() and (x.grad[:, V - 3 :] == 0).all()
 
 
+@pytest.mark.parametrize("kind,beta", KIND_BETAS, ids=[_ids(*kb) for kb in KIND_BETAS])
+def test_grad_in_forward_matches_reference(kind, beta):
+    """The gradient written in the forward (unit upstream) and scaled in backward equals the reference's; the
+    scale is in place, so autograd refuses a second backward through the same graph."""
+    s, t = ref.make_logits(N, V, seed=0)
+    upstream = torch.randn(N, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    opts = dict(beta=beta, temperature=1.7, mask=MASK, vocab_size=V - 3)
+    expected, expected_grad = ref.reference_grad(lambda x: ref.divergence(x, t, kind, **opts), s, upstream)
+    x = s.float().requires_grad_()
+    value = vocab_parallel_divergence(x, t.float(), kind, chunk_size=2, grad_in_forward=True, **opts)
+    (value * upstream.float()).sum().backward(retain_graph=True)
+    torch.testing.assert_close(value.double(), expected, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(x.grad.double(), expected_grad, rtol=1e-4, atol=1e-5)
+    assert (x.grad[~MASK] == 0).all() and (x.grad[:, V - 3 :] == 0).all()
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        value.sum().backward()
+
+
 @pytest.mark.parametrize("kind", KINDS)
 def test_bf16_inputs(kind):
     s, t = ref.make_logits(N, V, seed=2)

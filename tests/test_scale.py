@@ -157,8 +157,7 @@ def test_layouts_that_cannot_run_give_one_clear_error_each():
         "trainer.parallel: world size 8 is not divisible by expert_tensor_parallel_size (4) x "
         "expert_model_parallel_size (1) x pipeline_model_parallel_size (3)",
         "model.student.llm.num_query_groups (2) is not divisible by trainer.parallel.tensor_model_parallel_size (4)",
-        "model.student.llm.num_layers (4) is not divisible by trainer.parallel.pipeline_model_parallel_size x "
-        "virtual_pipeline_model_parallel_size (3)",
+        "model.student.llm.num_layers (4) is not divisible by trainer.parallel.pipeline_model_parallel_size (3)",
     ]
     heads = ParallelConfig(tensor_model_parallel_size=8).problems(8, ("model.teacher.llm", tiny_gpt_config()))
     assert any(p.startswith("model.teacher.llm.num_attention_heads (4) is not divisible") for p in heads)
@@ -172,6 +171,32 @@ def test_layouts_that_cannot_run_give_one_clear_error_each():
     assert vpp == ["trainer.parallel.virtual_pipeline_model_parallel_size (2) needs pipeline_model_parallel_size > 1"]
     with pytest.raises(ValueError, match=r"(?s)parallel layout does not fit:.*num_query_groups.*num_layers"):
         ParallelConfig(tensor_model_parallel_size=4, pipeline_model_parallel_size=3).validate(12, model)
+
+
+def test_the_trainer_the_converters_and_the_memory_plan_check_a_layout_by_the_same_rules():
+    """runtime/parallel.py owns the rules: GPTModelConfig.validate_parallel (conversion) and the memory plan's
+    validate_layout report what ParallelConfig.problems (the trainer) reports, each with its own key names."""
+    from megatron_xopd.models import ModelConfigError
+    from megatron_xopd.models.memory import Layout, LayoutError, validate_layout
+    from megatron_xopd.runtime import ParallelConfig
+    from tests._models import tiny_gpt_config
+
+    moe = tiny_gpt_config(num_moe_experts=6, moe_ffn_hidden_size=32)
+    etp3 = ParallelConfig(expert_tensor_parallel_size=3)
+    assert etp3.problems(3, ("model.teacher.llm", moe)) == [
+        "model.teacher.llm.moe_ffn_hidden_size (32) is not divisible by trainer.parallel.expert_tensor_parallel_size (3)"]
+    with pytest.raises(ModelConfigError, match=r"^model\.moe_ffn_hidden_size \(32\) is not divisible by "
+                                               r"expert_tensor_parallel_size \(3\)$"):
+        moe.validate_parallel(1, 1, 1, 3)
+    with pytest.raises(LayoutError, match=r"model\.teacher\.llm\.moe_ffn_hidden_size \(32\) is not divisible"):
+        validate_layout(Layout(etp3, 3), {"model.teacher.llm": moe})
+    # a dense FFN width only matters when a layer is dense: all-MoE models may leave it indivisible
+    all_moe = tiny_gpt_config(num_moe_experts=4, moe_ffn_hidden_size=32, ffn_hidden_size=33)
+    assert ParallelConfig(tensor_model_parallel_size=2, sequence_parallel=True).problems(2, ("m", all_moe)) == []
+    all_moe.validate_parallel(2, 1)
+    some_dense = tiny_gpt_config(num_moe_experts=4, moe_ffn_hidden_size=32, ffn_hidden_size=33, moe_layer_freq=2)
+    with pytest.raises(ModelConfigError, match=r"model\.ffn_hidden_size \(33\) is not divisible"):
+        some_dense.validate_parallel(2, 1)
 
 
 def _train_own_manifest(configs: list[dict]):

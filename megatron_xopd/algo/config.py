@@ -32,7 +32,7 @@ class XOPDConfig:
     coef: float = 1.0  # scales the whole loss
     normalization: str = "sequence"  # sequence: (1/|y|) sum_t (paper) | token: mean over all tokens
     clip_ratio: float | None = None  # PPO-style clip of r to [1 - eps, 1 + eps]; None in the paper
-    minibatches: int = 1  # optimizer steps per rollout batch
+    minibatches: int = 1  # optimizer steps per rollout batch (at most the rows of the DP rank with the most)
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.lam <= 1.0:

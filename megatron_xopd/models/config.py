@@ -12,6 +12,8 @@ from typing import Any
 import torch
 import yaml
 
+from ..runtime.parallel import split_problems
+
 FAMILIES = ("llama", "qwen2", "qwen3")
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -191,45 +193,12 @@ class GPTModelConfig:
         expert_parallel_size: int = 1,
         expert_tensor_parallel_size: int | None = None,
     ) -> None:
-        """Raise a one-line error naming the field when this model cannot be split as asked."""
-        if self.num_moe_experts:
-            etp = tensor_parallel_size if expert_tensor_parallel_size is None else expert_tensor_parallel_size
-            if self.num_moe_experts % expert_parallel_size:
-                raise ModelConfigError(
-                    f"model.num_moe_experts ({self.num_moe_experts}) is not divisible by "
-                    f"expert_model_parallel_size ({expert_parallel_size})"
-                )
-            if self.expert_ffn_hidden_size % etp:
-                raise ModelConfigError(
-                    f"model.moe_ffn_hidden_size ({self.expert_ffn_hidden_size}) is not divisible by "
-                    f"expert_tensor_parallel_size ({etp})"
-                )
-            shared = self.moe_shared_expert_intermediate_size
-            if shared and shared % tensor_parallel_size:
-                raise ModelConfigError(
-                    f"model.moe_shared_expert_intermediate_size ({shared}) is not divisible by "
-                    f"tensor_model_parallel_size ({tensor_parallel_size})"
-                )
-        if self.num_attention_heads % tensor_parallel_size:
-            raise ModelConfigError(
-                f"model.num_attention_heads ({self.num_attention_heads}) is not divisible by "
-                f"tensor_model_parallel_size ({tensor_parallel_size})"
-            )
-        if self.num_query_groups % tensor_parallel_size:
-            raise ModelConfigError(
-                f"model.num_query_groups ({self.num_query_groups}) is not divisible by "
-                f"tensor_model_parallel_size ({tensor_parallel_size})"
-            )
-        if self.ffn_hidden_size % tensor_parallel_size:
-            raise ModelConfigError(
-                f"model.ffn_hidden_size ({self.ffn_hidden_size}) is not divisible by "
-                f"tensor_model_parallel_size ({tensor_parallel_size})"
-            )
-        if self.num_layers % pipeline_parallel_size:
-            raise ModelConfigError(
-                f"model.num_layers ({self.num_layers}) is not divisible by "
-                f"pipeline_model_parallel_size ({pipeline_parallel_size})"
-            )
+        """Raise a one-line error naming the field when this model cannot be split as asked (the first of
+        :func:`~megatron_xopd.runtime.parallel.split_problems`, which owns the rules)."""
+        problems = split_problems(self, tensor_parallel_size, pipeline_parallel_size, expert_parallel_size,
+                                  expert_tensor_parallel_size)
+        if problems:
+            raise ModelConfigError(problems[0])
 
     @classmethod
     def from_dict(cls, values: dict[str, Any], where: str = "model") -> "GPTModelConfig":

@@ -16,18 +16,14 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field, replace
 
-from ..ops.divergence import LOGITS_CHUNK_ELEMENTS
-from ..runtime.parallel import ParallelConfig
+from ..ops.divergence import LINEAR_CHUNK_ELEMENTS, LOGITS_CHUNK_ELEMENTS
+from ..runtime.parallel import LayoutError, ParallelConfig
 from .config import GPTModelConfig
 from .speech import common_padded_vocab
 
 GiB = 1024**3
 _BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 FP32 = 4
-
-
-class LayoutError(ValueError):
-    """A parallel layout that cannot hold the models or the world size; the message names the key."""
 
 
 # ------------------------------------------------------------------------------------------------- layout
@@ -99,48 +95,9 @@ class Layout:
 
 
 def validate_layout(layout: Layout, models: dict[str, GPTModelConfig]) -> None:
-    """Raise :class:`LayoutError` (one problem, naming the key) when ``layout`` cannot run ``models``."""
-    key = "trainer.parallel"
-    t, p, c, e, et, v = layout.tp, layout.pp, layout.cp, layout.ep, layout.etp, layout.vp
-    for name, size in (("tensor_model_parallel_size", t), ("pipeline_model_parallel_size", p),
-                       ("context_parallel_size", c), ("expert_model_parallel_size", e),
-                       ("expert_tensor_parallel_size", et), ("virtual_pipeline_model_parallel_size", v)):
-        if size < 1:
-            raise LayoutError(f"{key}.{name} must be >= 1, got {size}")
-    if layout.world_size % (t * p * c):
-        raise LayoutError(f"{key}: world size {layout.world_size} is not divisible by tensor_model_parallel_size ({t}) "
-                          f"x pipeline_model_parallel_size ({p}) x context_parallel_size ({c})")
-    if layout.world_size % (et * e * p):
-        raise LayoutError(f"{key}: world size {layout.world_size} is not divisible by expert_tensor_parallel_size ({et}) "
-                          f"x expert_model_parallel_size ({e}) x pipeline_model_parallel_size ({p})")
-    if v > 1 and p == 1:
-        raise LayoutError(f"{key}.virtual_pipeline_model_parallel_size ({v}) needs pipeline_model_parallel_size > 1")
-    for where, cfg in models.items():
-        if cfg.num_attention_heads % t:
-            raise LayoutError(f"{where}.num_attention_heads ({cfg.num_attention_heads}) is not divisible by "
-                              f"{key}.tensor_model_parallel_size ({t})")
-        if cfg.num_query_groups % t:
-            raise LayoutError(f"{where}.num_query_groups ({cfg.num_query_groups}) is not divisible by "
-                              f"{key}.tensor_model_parallel_size ({t})")
-        if cfg.num_layers % (p * v):
-            raise LayoutError(f"{where}.num_layers ({cfg.num_layers}) is not divisible by "
-                              f"{key}.pipeline_model_parallel_size ({p}) x virtual_pipeline_model_parallel_size ({v})")
-        if cfg.num_moe_experts:
-            if cfg.num_moe_experts % e:
-                raise LayoutError(f"{where}.num_moe_experts ({cfg.num_moe_experts}) is not divisible by "
-                                  f"{key}.expert_model_parallel_size ({e})")
-            if _expert_ffn(cfg) % et:
-                raise LayoutError(f"{where}.moe_ffn_hidden_size ({_expert_ffn(cfg)}) is not divisible by "
-                                  f"{key}.expert_tensor_parallel_size ({et})")
-            if t > 1 and not layout.sp:
-                raise LayoutError(f"{key}.sequence_parallel must be true for a MoE model ({where}) with "
-                                  f"tensor_model_parallel_size {t} > 1 (megatron-core requires it)")
-        if any(_moe_pattern(cfg)[i] == 0 for i in range(cfg.num_layers)) and cfg.ffn_hidden_size % t:
-            raise LayoutError(f"{where}.ffn_hidden_size ({cfg.ffn_hidden_size}) is not divisible by "
-                              f"{key}.tensor_model_parallel_size ({t})")
-        if (cfg.moe_shared_expert_intermediate_size or 0) % t:
-            raise LayoutError(f"{where}.moe_shared_expert_intermediate_size ({cfg.moe_shared_expert_intermediate_size})"
-                              f" is not divisible by {key}.tensor_model_parallel_size ({t})")
+    """Raise :class:`LayoutError` (every problem, naming the keys) when ``layout`` cannot run ``models``; the rules
+    are :meth:`ParallelConfig.problems`'."""
+    layout.parallel.validate(layout.world_size, *models.items())
 
 
 # ------------------------------------------------------------------------------------------ parameter counts
@@ -248,6 +205,7 @@ class Workload:
     new_tokens: int  # trainer.rollout.max_new_tokens
     micro_batch: int  # trainer.micro_batch_size
     loss: str = "sampled_token"  # xopd.loss
+    divergence_form: str = "linear"  # xopd.divergence_form: how reverse_kl / jsd read the vocabulary
     offload_teacher: bool = False
     recompute: str | None = None  # None | selective | full
     flash_attention: bool = True  # fused/flash core attention (TE on GPU): no s^2 score matrix kept
@@ -436,9 +394,17 @@ def _plan_stage(student, teacher, layout: Layout, work: Workload, gpu_bytes: int
     teacher_line = Line("teacher weights", teacher_bytes, f"{tparams.total:,} params x {_BYTES[teacher.params_dtype]} B")
     offloaded = Line("teacher weights", 0, "offloaded to host (trainer.offload_teacher)")
     full_vocab = work.loss in ("reverse_kl", "jsd")
-    # full-vocabulary losses: the teacher's response logits stay on the last stage until the training pass
-    kept = [Line("teacher logits kept", work.rollouts * work.new_tokens * v_local * wb if last else 0,
-                 f"R={work.rollouts} x N={work.new_tokens} x V/t={v_local} x {wb} B")] if full_vocab else []
+    linear = full_vocab and work.divergence_form == "linear"  # hidden states and head shards, logits chunk by chunk
+    tb, h_t, n_new = _BYTES[teacher.params_dtype], teacher.hidden_size, work.new_tokens
+    # full-vocabulary losses: what the teacher pass keeps of the responses on the last stage until the training pass
+    kept = []
+    if linear:
+        kept = [Line("teacher hidden kept", work.rollouts * n_new * h_t * tb if last else 0,
+                     f"R={work.rollouts} x N={n_new} x H_t={h_t} x {tb} B (final hidden states)")]
+    elif full_vocab:
+        kept = [Line("teacher logits kept", work.rollouts * n_new * v_local * wb if last else 0,
+                     f"R={work.rollouts} x N={n_new} x V/t={v_local} x {wb} B")]
+    chunk = LINEAR_CHUNK_ELEMENTS  # [chunk rows, V/t] values of the linear form's logits chunks
     persistent = list(weights.values())
 
     # rollout: KV cache, one layer of the prefill, and the sampler's last-position logits.
@@ -455,11 +421,17 @@ def _plan_stage(student, teacher, layout: Layout, work: Workload, gpu_bytes: int
 
     # teacher scoring: the teacher resident, micro-batches of b rollouts through a no-grad forward.
     b, s = work.micro_batch, work.seq_len
-    t_logits = (b * s * v_local * _BYTES[teacher.params_dtype] * 2 + 2 * work.chunk_elements * FP32) if last else 0
+    if linear:
+        t_out = Line("teacher hidden states", ((b * s + b * n_new) * h_t * tb + chunk * (tb + 2 * FP32)) if last else 0,
+                     f"(b s + b N) x H_t x {tb} B (hidden states, response rows) + a logits chunk of 2^25 values "
+                     f"({tb} B + 2 fp32 temporaries)")
+    else:
+        t_out = Line("teacher logits", (b * s * v_local * tb * 2 + 2 * work.chunk_elements * FP32) if last else 0,
+                     f"2 x b={b} x s={s} x V/t x {tb} B + 2 fp32 chunks")
     teacher_phase = PhasePlan("teacher", persistent + [
         teacher_line,
         Line("forward working set", forward_working_bytes(teacher, layout, b * s, s), "one teacher layer, b x s tokens"),
-        Line("teacher logits", t_logits, f"2 x b={b} x s={s} x V/t x {_BYTES[teacher.params_dtype]} B + 2 fp32 chunks"),
+        t_out,
         *kept,
     ])
 
@@ -467,16 +439,32 @@ def _plan_stage(student, teacher, layout: Layout, work: Workload, gpu_bytes: int
     act_none = activation_bytes(student, layout, work, stage, None)
     act_rc = {g: activation_bytes(student, layout, work, stage, g) for g in ("selective", "full")}
     act = act_none if work.recompute is None else act_rc[work.recompute]
-    full, resp = b * s * v_local * wb, b * work.new_tokens * v_local * wb
-    slots = 8 if full_vocab else 2
-    train_logits = (2 * full + 2 * resp + slots * work.chunk_elements * FP32 + (resp if full_vocab else 0)) if last else 0
+    if linear:
+        h = student.hidden_size
+        head_grad = 0 if work.freeze_llm else v_local * h * FP32
+        head_copy = v_local * h_t * tb if work.offload_teacher else 0
+        loss_line = Line(
+            "loss buffers",
+            (2 * (b * s + b * n_new) * h * wb + b * n_new * h_t * tb + chunk * (5 * FP32 + 3 * wb) + head_grad
+             + head_copy) if last else 0,
+            f"2 x (b s + b N) x h x {wb} B (hidden states, response rows, their grads) + teacher micro-batch "
+            f"b N H_t x {tb} B + 2^25-value chunks (5 fp32 + 3 x {wb} B)"
+            + (" + fp32 head-shard grad V/t x h" if head_grad else "")
+            + (" + the offloaded teacher's head shard V/t x H_t" if head_copy else ""))
+    else:
+        full, resp = b * s * v_local * wb, b * n_new * v_local * wb
+        slots = 8 if full_vocab else 2
+        loss_line = Line(
+            "loss logits",
+            (2 * full + 2 * resp + slots * work.chunk_elements * FP32 + (resp if full_vocab else 0)) if last else 0,
+            f"2 x (b s + b L) x V/t x {wb} B (logits, response logits, their grads)"
+            + (" + teacher micro-batch copy" if full_vocab else "") + f" + {slots} fp32 chunks")
     training = PhasePlan("training", persistent + [
         offloaded if work.offload_teacher else teacher_line,
         *kept,
         Line("activations", act, f"recompute={work.recompute}, {min(layout.pp - stage, max(math.ceil(work.rollouts / b), 1))}"
              " micro-batch(es) in flight (Korthikanti et al. 2022, see docs/scaling.md)"),
-        Line("loss logits", train_logits, f"2 x (b s + b L) x V/t x {wb} B (logits, response logits, their grads)"
-             + (" + teacher micro-batch copy" if full_vocab else "") + f" + {slots} fp32 chunks"),
+        loss_line,
     ])
     return MemoryPlan(layout, stage, rank_params(student, layout, stage), tparams,
                       [rollout, teacher_phase, training], gpu_bytes, act_none, act_rc)

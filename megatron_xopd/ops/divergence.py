@@ -25,8 +25,9 @@ from .sharding import VocabShard, global_max, vocab_shard
 LOGITS_CHUNK_ELEMENTS = {"cpu": 1 << 20, "cuda": 1 << 26}
 LINEAR_CHUNK_ELEMENTS = 1 << 25
 
-# A chunk loader maps rows (a slice or an index tensor) to (student, teacher) logits [c, V_valid].
-Loader = Callable[[slice | torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
+# A chunk loader maps rows (a slice or an index tensor) to (student, teacher, rows): logits [c, V_valid], or, with
+# ``rows`` [c] not None, logits whose rows ``rows`` are the chunk (the kernels index them; no gathered copy).
+Loader = Callable[[slice | torch.Tensor], tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]]
 # Workspace slots beyond the kernels' own (0-4): the gradient chunk and the fused-linear form's logits chunks.
 _OUT_SLOT, _STUDENT_SLOT, _TEACHER_SLOT = 5, 6, 7
 
@@ -99,7 +100,8 @@ def _forward(
     stats[:, :2] = -math.inf
     if shard.valid:
         for pos, idx in row_chunks(n, rows, spec.chunk_size):
-            stats[pos] = kernels.divergence_stats(*load(idx), spec.inv_temp, kind, spec.dtype, work)
+            s, t, chunk_rows = load(idx)
+            stats[pos] = kernels.divergence_stats(s, t, spec.inv_temp, kind, spec.dtype, work, chunk_rows)
     m, shift = global_max(stats[:, :2], shard)
     scale = shift.exp()
     factors = torch.stack([scale[:, 0], scale[:, 1], scale[:, 0 if kind == REVERSE_KL else 1]], dim=1)
@@ -117,7 +119,8 @@ def _forward(
         terms = torch.zeros(n, 2, dtype=spec.dtype, device=device)
         if shard.valid:
             for pos, idx in row_chunks(n, rows, spec.chunk_size):
-                terms[pos] = kernels.jsd_terms(*load(idx), spec.inv_temp, state[pos], spec.beta, work)
+                s, t, chunk_rows = load(idx)
+                terms[pos] = kernels.jsd_terms(s, t, spec.inv_temp, state[pos], spec.beta, work, chunk_rows)
         value, kl_student_mixture = shard.all_reduce(terms).unbind(1)
         state[:, 4] = kl_student_mixture
     return value, state
@@ -135,40 +138,71 @@ def _upstream(grad_out: torch.Tensor, rows: torch.Tensor | None, spec: _Spec) ->
     return g.to(spec.dtype) * spec.inv_temp
 
 
+def _logits_grad(
+    student: torch.Tensor,
+    teacher: torch.Tensor,
+    rows: torch.Tensor | None,
+    state: torch.Tensor,
+    gscale: torch.Tensor | float,
+    spec: _Spec,
+) -> torch.Tensor:
+    """The gradient w.r.t. the student logits, written once: the kernels write the selected rows (their padding
+    columns as zeros), and only the unselected rows are zero-filled."""
+    valid = spec.shard.valid
+    grad = torch.empty_like(student, memory_format=torch.contiguous_format)
+    if not valid:
+        return grad.zero_()
+    if rows is not None:
+        unselected = torch.ones(grad.shape[0], dtype=torch.bool, device=grad.device)
+        unselected[rows] = False
+        grad[unselected] = 0
+    work = kernels.Workspace()
+    load = _logits_loader(student, teacher, valid)
+    for pos, idx in row_chunks(state.shape[0], rows, spec.chunk_size):
+        s, t, chunk_rows = load(idx)
+        out = grad if chunk_rows is not None else grad[idx]
+        g = gscale[pos] if isinstance(gscale, torch.Tensor) else gscale
+        kernels.divergence_grad(s, t, spec.inv_temp, state[pos], g, spec.kind, spec.beta, out, work, chunk_rows)
+    return grad
+
+
 class _LogitsDivergence(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, student, teacher, rows, spec: _Spec):
+    def forward(ctx, student, teacher, rows, spec: _Spec, grad_in_forward: bool):
         n = student.shape[0] if rows is None else rows.numel()
-        valid = spec.shard.valid
-        load = _logits_loader(student, teacher, valid)
+        load = _logits_loader(student, teacher, spec.shard.valid)
         value, state = _forward(load, n, rows, spec, student.device, kernels.Workspace())
-        ctx.save_for_backward(student, teacher, rows, state)
         ctx.spec = spec
+        ctx.grad_in_forward = grad_in_forward and ctx.needs_input_grad[0]
+        if ctx.grad_in_forward:
+            # The gradient for a unit upstream gradient: backward only scales it, and the logits are not kept.
+            ctx.save_for_backward(_logits_grad(student, teacher, rows, state, spec.inv_temp, spec), rows)
+        else:
+            ctx.save_for_backward(student, teacher, rows, state)
         return _scatter_rows(value, rows, student.shape[0])
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_out):
-        student, teacher, rows, state = ctx.saved_tensors
         spec: _Spec = ctx.spec
-        valid = spec.shard.valid
-        grad = torch.zeros_like(student)
-        gscale = _upstream(grad_out, rows, spec)
-        work = kernels.Workspace()
-        load = _logits_loader(student, teacher, valid)
-        if valid:
-            for pos, idx in row_chunks(state.shape[0], rows, spec.chunk_size):
-                s, t = load(idx)
-                # Contiguous chunks write straight into the gradient; gathered (masked) rows go through a buffer.
-                out = grad[idx, :valid] if rows is None else work.like(_OUT_SLOT, s, grad.dtype)
-                kernels.divergence_grad(s, t, spec.inv_temp, state[pos], gscale[pos], spec.kind, spec.beta, out, work)
-                if rows is not None:
-                    grad[idx, :valid] = out
-        return grad, None, None, None
+        if ctx.grad_in_forward:
+            # Scaled in place: a second backward through this graph fails autograd's saved-tensor version check.
+            grad, rows = ctx.saved_tensors
+            g = (grad_out if rows is None else grad_out[rows]).to(spec.dtype)
+            kernels.scale_rows(grad, g, rows)
+            return grad, None, None, None, None
+        student, teacher, rows, state = ctx.saved_tensors
+        grad = _logits_grad(student, teacher, rows, state, _upstream(grad_out, rows, spec), spec)
+        return grad, None, None, None, None
 
 
 def _logits_loader(student: torch.Tensor, teacher: torch.Tensor, valid: int) -> Loader:
-    return lambda idx: (student[idx, :valid], teacher[idx, :valid])
+    def load(idx):
+        if isinstance(idx, slice):
+            return student[idx, :valid], teacher[idx, :valid], None
+        return student[:, :valid], teacher[:, :valid], idx
+
+    return load
 
 
 def _check_logits(student: torch.Tensor, teacher: torch.Tensor) -> None:
@@ -192,6 +226,7 @@ def vocab_parallel_divergence(
     group: ProcessGroup | None = None,
     chunk_size: int | None = None,
     vocab_size: int | None = None,
+    grad_in_forward: bool = False,
 ) -> torch.Tensor:
     """Per-token divergence [N] between vocab-sharded student and teacher logits [N, V_local].
 
@@ -201,15 +236,26 @@ def vocab_parallel_divergence(
     Columns with global id >= ``vocab_size`` are padding and are ignored. ``group=None`` is Megatron's TP group
     when initialised, else a single shard. Differentiable w.r.t. ``student_logits`` only; float32 output
     (float64 for float64 inputs).
+
+    ``grad_in_forward``: when the student needs a gradient, write it in the forward pass (for a unit upstream
+    gradient, as Liger-Kernel's fused losses do) and keep it instead of both logits; backward then scales its rows
+    by the upstream gradient in place (rows whose upstream is exactly 1 are left alone on the Triton path). It
+    costs one more read and write of the gradient when the upstream is not 1 (a weighted loss), so the default
+    recomputes the gradient in backward from the saved logits instead (docs/gpu.md); backward can run only once.
+    On the Triton path (CUDA, float32 compute) the default ``chunk_size`` is every token: its kernels need no
+    temporaries.
     """
     _check_logits(student_logits, teacher_logits)
     check_common(temperature, chunk_size)
     kind = effective_kind(kind, beta)
     shard = vocab_shard(student_logits.shape[1], group, vocab_size)
     rows = selected_rows(mask, student_logits.shape[0], student_logits.device)
+    dtype = compute_dtype(student_logits, teacher_logits)
+    if chunk_size is None and kernels._use_triton(student_logits, dtype):
+        chunk_size = max(student_logits.shape[0], 1)
     chunk_size = default_chunk_size(chunk_size, shard.valid, student_logits.device)
-    spec = _Spec(kind, beta, 1.0 / temperature, chunk_size, shard, compute_dtype(student_logits, teacher_logits))
-    return _LogitsDivergence.apply(student_logits, teacher_logits, rows, spec)
+    spec = _Spec(kind, beta, 1.0 / temperature, chunk_size, shard, dtype)
+    return _LogitsDivergence.apply(student_logits, teacher_logits, rows, spec, grad_in_forward)
 
 
 class _FusedLinearDivergence(torch.autograd.Function):
@@ -238,7 +284,7 @@ class _FusedLinearDivergence(torch.autograd.Function):
         grad_w = torch.zeros_like(w_s, dtype=torch.promote_types(w_s.dtype, torch.float32)) if need_w else None
         if valid:
             for pos, idx in row_chunks(state.shape[0], rows, spec.chunk_size):
-                s, t = load(idx)
+                s, t, _ = load(idx)
                 out = work.like(_OUT_SLOT, s, h_s.dtype)
                 kernels.divergence_grad(s, t, spec.inv_temp, state[pos], gscale[pos], spec.kind, spec.beta, out, work)
                 if need_h:
@@ -258,7 +304,7 @@ def _linear_loader(h_s, w_s, h_t, w_t, valid: int, work: kernels.Workspace) -> L
         h_s_c, h_t_c = h_s[idx], h_t[idx]
         s = work.get(_STUDENT_SLOT, (h_s_c.shape[0], valid), h_s.dtype, h_s.device)
         t = work.get(_TEACHER_SLOT, (h_t_c.shape[0], valid), h_t.dtype, h_t.device)
-        return torch.mm(h_s_c, w_s[:valid].t(), out=s), torch.mm(h_t_c, w_t[:valid].t(), out=t)
+        return torch.mm(h_s_c, w_s[:valid].t(), out=s), torch.mm(h_t_c, w_t[:valid].t(), out=t), None
 
     return load
 

@@ -79,13 +79,21 @@ def log_mixture(
 
 
 def divergence_stats(
-    s: torch.Tensor, t: torch.Tensor, inv_temp: float, kind: str, dtype: torch.dtype, work: Workspace
+    s: torch.Tensor,
+    t: torch.Tensor,
+    inv_temp: float,
+    kind: str,
+    dtype: torch.dtype,
+    work: Workspace,
+    rows: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Local row statistics [c, 5]: ``max s``, ``max t``, ``sum exp(s - max s)``, ``sum exp(t - max t)`` and the
     expectation term: ``sum exp(s - max s) (s - t)`` for reverse KL, ``sum exp(t - max t) (t - s)`` for forward
-    KL, 0 for JSD (which needs the global normalisers first, see :func:`jsd_terms`)."""
+    KL, 0 for JSD (which needs the global normalisers first, see :func:`jsd_terms`). ``rows`` [c], when given,
+    selects the rows of ``s`` and ``t`` (the Triton kernels index them; no gathered copy)."""
     if _use_triton(s, dtype):
-        return _triton().divergence_stats(s, t, inv_temp, kind)
+        return _triton().divergence_stats(s, t, inv_temp, kind, rows)
+    s, t = _gather(s, t, rows)
     s = scaled(s, inv_temp, dtype, work.like(0, s, dtype))
     t = scaled(t, inv_temp, dtype, work.like(1, t, dtype))
     m_s, m_t = s.amax(dim=1), t.amax(dim=1)
@@ -101,6 +109,10 @@ def divergence_stats(
     return torch.stack([m_s, m_t, z_s, z_t, expect], dim=1)
 
 
+def _gather(s: torch.Tensor, t: torch.Tensor, rows: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    return (s, t) if rows is None else (s[rows], t[rows])
+
+
 def _log_probs(s, t, inv_temp: float, state: torch.Tensor, work: Workspace) -> tuple[torch.Tensor, torch.Tensor]:
     """log q and log p in workspace slots 0 and 1. Taken as (x - max) - log Z rather than x - lse: exact where x
     is the max, whatever the logits' magnitude."""
@@ -114,12 +126,20 @@ def _log_probs(s, t, inv_temp: float, state: torch.Tensor, work: Workspace) -> t
 
 
 def jsd_terms(
-    s: torch.Tensor, t: torch.Tensor, inv_temp: float, state: torch.Tensor, beta: float, work: Workspace
+    s: torch.Tensor,
+    t: torch.Tensor,
+    inv_temp: float,
+    state: torch.Tensor,
+    beta: float,
+    work: Workspace,
+    rows: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Local sums [c, 2]: J = sum beta p (log p - log M) + (1 - beta) q (log q - log M), and
-    C = sum q (log q - log M) = KL(q || M) over this shard. ``state`` is as in :func:`divergence_grad`."""
+    C = sum q (log q - log M) = KL(q || M) over this shard. ``state`` and ``rows`` are as in
+    :func:`divergence_grad`."""
     if _use_triton(s, state.dtype):
-        return _triton().jsd_terms(s, t, inv_temp, state, beta)
+        return _triton().jsd_terms(s, t, inv_temp, state, beta, rows)
+    s, t = _gather(s, t, rows)
     log_q, log_p = _log_probs(s, t, inv_temp, state, work)
     log_m = log_mixture(log_q, log_p, beta, work.like(2, s, state.dtype), work.like(3, s, state.dtype))
     kl_q = torch.sub(log_q, log_m, out=work.like(4, s, state.dtype)).mul_(log_q.exp_())  # q (log q - log M)
@@ -133,21 +153,26 @@ def divergence_grad(
     t: torch.Tensor,
     inv_temp: float,
     state: torch.Tensor,
-    gscale: torch.Tensor,
+    gscale: torch.Tensor | float,
     kind: str,
     beta: float,
     out: torch.Tensor,
     work: Workspace,
+    rows: torch.Tensor | None = None,
 ) -> None:
-    """Write the gradient w.r.t. the (scaled) student logits into ``out`` [c, V_valid] (any float dtype).
+    """Write the gradient w.r.t. the (scaled) student logits into ``out`` (any float dtype; the same rows as ``s``
+    and ``t``, and at least their V_valid columns: the columns past them are padding and get zeros).
 
     ``state`` [c, 5] holds the global (max s, log Z_s, max t, log Z_t) and a statistic: the divergence for
     reverse KL, C = KL(q || M) for JSD (unused for forward KL); its dtype is the compute dtype. ``gscale`` [c] is
-    the upstream gradient times ``inv_temp``. Needs no communication.
+    the upstream gradient times ``inv_temp`` (one number for every row: a float). ``rows`` [c], when given, are
+    the rows of ``s``, ``t`` and ``out`` the chunk is; only those rows of ``out`` are written. Needs no
+    communication.
     """
     if _use_triton(s, state.dtype):
-        _triton().divergence_grad(s, t, inv_temp, state, gscale, kind, beta, out)
+        _triton().divergence_grad(s, t, inv_temp, state, gscale, kind, beta, out, rows)
         return
+    s, t = _gather(s, t, rows)
     log_q, log_p = _log_probs(s, t, inv_temp, state, work)
     stat = state[:, 4, None]
     if kind == REVERSE_KL:
@@ -159,4 +184,22 @@ def divergence_grad(
         log_m = log_mixture(log_q, log_p, beta, work.like(2, s, state.dtype), log_p)
         coef = torch.sub(log_q, log_m, out=log_m).sub_(stat).mul_(1.0 - beta)  # (1 - beta)(log q - log M - C)
         grad = log_q.exp_().mul_(coef)
-    out.copy_(grad.mul_(gscale[:, None]))
+    grad.mul_(gscale[:, None] if isinstance(gscale, torch.Tensor) else gscale)
+    valid = s.shape[1]
+    if rows is None:
+        out[:, :valid].copy_(grad)
+        out[:, valid:].zero_()
+    else:
+        out[rows, :valid] = grad.to(out.dtype)
+        out[rows, valid:] = 0
+
+
+def scale_rows(x: torch.Tensor, g: torch.Tensor, rows: torch.Tensor | None = None) -> None:
+    """``x[rows[i]] *= g[i]`` in place (``x[i] *= g[i]`` without ``rows``): a gradient written with a unit upstream
+    gradient, scaled by the real one. The Triton kernel leaves rows with ``g == 1`` untouched."""
+    if _use_triton(x, torch.float32):
+        _triton().scale_rows(x, g, rows)
+    elif rows is None:
+        x.mul_(g[:, None])
+    else:
+        x[rows] = (x[rows] * g[:, None]).to(x.dtype)

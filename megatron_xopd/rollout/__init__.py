@@ -2,10 +2,11 @@
 collection of a step's rollouts from a batch of paired prompts."""
 
 from ..ops.sampling import SamplingParams
-from .collect import RolloutCollector, StudentPrompts, has_speech, speech_inputs
+from .collect import Collected, RolloutCollector, StudentPrompts, has_speech, speech_inputs
 from .engine import RolloutBatch, RolloutEngine, rollout_mode
 
 __all__ = [
+    "Collected",
     "RolloutBatch",
     "RolloutCollector",
     "RolloutEngine",

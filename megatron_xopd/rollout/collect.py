@@ -22,6 +22,7 @@ from ..data.cuts import BadCutError
 from ..models.speech import SpeechStudent, expand_audio_locators
 from ..ops.sampling import SamplingParams
 from ..runtime.device import current_device
+from ..runtime.reduce import agree_on_step
 from .engine import RolloutBatch, RolloutEngine, rollout_mode
 
 
@@ -36,6 +37,15 @@ class StudentPrompts:
     modality: list[int] = field(default_factory=list)
     index: list[int] = field(default_factory=list)  # the prompt's position in the batch
     skipped: list[BadCutError] = field(default_factory=list)  # speech prompts too long with the audio expanded
+
+
+@dataclass
+class Collected:
+    """What :meth:`RolloutCollector.collect` made of a batch."""
+
+    rollouts: Rollouts | None  # None on every rank when some rank has no usable prompt (the step is skipped)
+    skipped: list[BadCutError]  # this rank's speech prompts left out as too long
+    anyone: bool  # whether any rank had a batch at all
 
 
 def has_speech(batch: dict[str, Any]) -> bool:
@@ -125,15 +135,17 @@ class RolloutCollector:
         return out
 
     # -------------------------------------------------------------------------------------------- engines
-    def generate(self, prompts: StudentPrompts, params: SamplingParams) -> RolloutBatch:
-        """The student's responses to ``prompts`` (speech embeddings fed on the first stage)."""
+    def generate(self, prompts: StudentPrompts, params: SamplingParams) -> RolloutBatch | None:
+        """The student's responses to ``prompts`` (speech embeddings fed on the first stage); ``None`` for no
+        prompts, when under expert parallelism this rank joins the others' generation
+        (:meth:`RolloutEngine.generate_or_join`, called on every rank of the group)."""
         speech = [a for a in prompts.audio if a is not None]
         first = parallel_state.is_pipeline_first_stage()
-        return self.engine.generate(prompts.prompts, params, audio_embeds=speech if first else None)
+        return self.engine.generate_or_join(prompts.prompts, params, audio_embeds=speech if first else None)
 
-    def teacher_generate(self, prompts: list[list[int]], params: SamplingParams) -> RolloutBatch:
-        with self.teacher_resident():
-            return self.teacher_engine.generate(prompts, params)
+    def teacher_generate(self, prompts: list[list[int]], params: SamplingParams) -> RolloutBatch | None:
+        """The teacher's responses to T prompts, as :meth:`generate`; its weights resident for the generation."""
+        return self.teacher_engine.generate_or_join(prompts, params, resident=self.teacher_resident)
 
     def greedy(self, max_new_tokens: int) -> SamplingParams:
         return SamplingParams(greedy=True, max_new_tokens=max_new_tokens, stop_ids=self.stop_ids())
@@ -149,19 +161,25 @@ class RolloutCollector:
         return tuple(sorted(i for i in {self.tokenizer.eos_token_id, self.end_of_turn_id()} if i is not None))
 
     # ------------------------------------------------------------------------------------------- rollouts
-    def collect(self, batch: dict[str, Any], step: int) -> tuple[Rollouts | None, list[BadCutError]]:
-        """The step's rollouts (``None`` when no prompt is usable) and the prompts skipped as too long."""
-        prompts = self.prompts(batch, self.xopd.modalities)
-        if not prompts.prompts:
-            return None, prompts.skipped
+    def collect(self, batch: dict[str, Any], step: int) -> Collected:
+        """The step's rollouts, on every rank or on none (collective: one all-reduce over the world).
+
+        The ranks agree before generating whether each has a usable prompt: a rank that had none would skip the
+        generation that the others run, and under expert parallelism their MoE forwards wait for it.
+        """
+        prompts = self.prompts(batch, self.xopd.modalities) if batch["cut_ids"] else StudentPrompts()
+        anyone, everyone = agree_on_step(bool(batch["cut_ids"]), bool(prompts.prompts))
+        if not everyone:
+            return Collected(None, prompts.skipped, anyone)
         if self.xopd.responses == "on_policy":
-            return self._sampled(batch, prompts, step), prompts.skipped
-        return self._given(batch, prompts), prompts.skipped
+            return Collected(self._sampled(batch, prompts, step), prompts.skipped, anyone)
+        return Collected(self._given(batch, prompts), prompts.skipped, anyone)
 
     def _sampled(self, batch: dict[str, Any], prompts: StudentPrompts, step: int) -> Rollouts:
         """n samples per prompt from the live student; ``old_logprobs`` are its log-probs at temperature 1."""
         seed = self.seed * 1_000_003 + step * 1009 + parallel_state.get_data_parallel_rank()
         out = self.generate(prompts, replace(self.sampling, seed=seed))
+        assert out is not None  # this rank has prompts
         src = out.sample_to_prompt.tolist()
         expanded = [out.prompt_ids[p, : out.prompt_lengths[p]].tolist() for p in range(len(prompts.prompts))]
         return Rollouts(
@@ -179,9 +197,10 @@ class RolloutCollector:
     def teacher_greedy_answers(self, batch: dict[str, Any]) -> list[list[int]]:
         """The teacher's greedy answer to each prompt's T (ending with its stop token), generated once per cut."""
         missing = [i for i, cut in enumerate(batch["cut_ids"]) if cut not in self._teacher_answers]
-        if missing:
-            out = self.teacher_generate([batch["text_prompt_ids"][i] for i in missing],
-                                        self.greedy(self.sampling.max_new_tokens))
+        # under expert parallelism a rank whose answers are all cached joins the others' generation
+        out = self.teacher_generate([batch["text_prompt_ids"][i] for i in missing],
+                                    self.greedy(self.sampling.max_new_tokens))
+        if out is not None:
             for row, i in enumerate(missing):
                 self._teacher_answers[batch["cut_ids"][i]] = out.tokens[row, : out.lengths[row]].tolist()
         return [self._teacher_answers[cut] for cut in batch["cut_ids"]]

@@ -33,7 +33,8 @@ so every rank of the model-parallel group ends with identical outputs. megatron'
 ``broadcast_from_last_pipeline_stage`` asserts CUDA tensors, so the broadcast is a plain
 ``torch.distributed.broadcast`` over megatron's pipeline group. Under expert parallelism (an MoE model at EP > 1)
 the ranks of the expert-parallel group hold different prompts but each MoE forward is an all-to-all over them:
-they agree on every decode step (see :meth:`RolloutEngine._keep_stepping`).
+they agree on every decode step (see :meth:`RolloutEngine._any_in_group`), and a rank without prompts joins
+the others' generation (:meth:`RolloutEngine.generate_or_join`).
 
 Life cycle: :meth:`RolloutEngine.generate` puts the model in eval mode (dropout off), turns sequence
 parallelism off (megatron's static inference does not support it) and runs under ``no_grad``; on exit it
@@ -45,8 +46,8 @@ model and reads its current parameters at every call.
 from __future__ import annotations
 
 import contextlib
-from dataclasses import dataclass
-from typing import Any, Iterator, Sequence
+from dataclasses import dataclass, replace
+from typing import Any, Callable, ContextManager, Iterator, Sequence
 
 import torch
 import torch.distributed as dist
@@ -299,9 +300,9 @@ class RolloutEngine:
             logits = wrapper.forward_pass_without_pipeline_parallel(inp)
         return logits[:, -1] if logits is not None else None
 
-    def _keep_stepping(self, local: bool, device: torch.device) -> bool:
-        """Whether to make another decode step: this rank's own decision, or under expert parallelism whether any
-        rank of the expert-parallel group continues (one all-reduce per step, only then)."""
+    def _any_in_group(self, local: bool, device: torch.device) -> bool:
+        """This rank's ``local``, or under expert parallelism whether it holds on any rank of the expert-parallel
+        group (one all-reduce, only then): whether to make another decode step, or to generate at all."""
         if self.ep_group is None:
             return local
         return bool(max_over_group([int(local)], self.ep_group, device)[0])
@@ -334,6 +335,27 @@ class RolloutEngine:
                 return self._generate(prompts, params, audio, audio_lens, audio_embeds, use_cache, device)
             finally:
                 self.release()
+
+    def generate_or_join(
+        self,
+        prompts: Sequence[Sequence[int]],
+        params: SamplingParams,
+        *,
+        resident: Callable[[], ContextManager[None]] = contextlib.nullcontext,
+        **inputs: Any,
+    ) -> RolloutBatch | None:
+        """:meth:`generate`, or ``None`` for no ``prompts``; under expert parallelism a rank without prompts still
+        runs the forwards of the group's generation (each is an all-to-all over the group that its ranks must all
+        join) on a one-token throwaway prompt. Call it on every rank of the group (one all-reduce there).
+        ``resident`` is entered around a generation (e.g. to bring offloaded weights onto the device)."""
+        device = next(self.inner.parameters()).device
+        if not self._any_in_group(bool(prompts), device):
+            return None
+        with resident():
+            if prompts:
+                return self.generate(prompts, params, **inputs)
+            self.generate([[params.pad_id]], replace(params, n=1))
+        return None
 
     def _generate(self, prompts, params: SamplingParams, audio, audio_lens, audio_embeds, use_cache, device) -> RolloutBatch:
         prompts, embeds, frames = self._prepare_prompts(prompts, audio, audio_lens, audio_embeds, device)
@@ -412,7 +434,7 @@ class RolloutEngine:
                 finished[idx] |= hit
                 done[idx] |= hit | (count[idx] >= max_new)
                 seq[idx, p] = tok
-            if not self._keep_stepping(not bool(done.all()) and p + 1 < s_max, device):
+            if not self._any_in_group(not bool(done.all()) and p + 1 < s_max, device):
                 break
             if bool(done.all()) or p + 1 >= s_max:
                 # Expert parallelism: another rank of the group still generates, and each of its forwards runs an

@@ -10,6 +10,56 @@ import torch.distributed as dist
 from .cpu_compat import maybe_enable_cpu_compat
 
 
+class LayoutError(ValueError):
+    """A parallel layout that cannot hold the models or the world size; the message names the keys."""
+
+
+def _grid(world_size: int, sizes: tuple[tuple[str, int], ...], key: str) -> str | None:
+    """The problem when ``world_size`` is not divisible by the product of ``sizes``, else None."""
+    product = 1
+    for _, size in sizes:
+        product *= size
+    if world_size % product == 0:
+        return None
+    return f"{key}: world size {world_size} is not divisible by " + " x ".join(f"{n} ({v})" for n, v in sizes)
+
+
+def split_problems(
+    cfg: Any,
+    tp: int,
+    pp: int,
+    ep: int = 1,
+    etp: int | None = None,
+    vpp: int | None = None,
+    *,
+    where: str = "model",
+    key: str = "",
+) -> list[str]:
+    """Every reason a model of ``cfg`` (a :class:`~megatron_xopd.models.GPTModelConfig`) cannot be split over TP
+    ``tp``, PP ``pp`` x virtual PP ``vpp``, EP ``ep`` and expert TP ``etp`` (default ``tp``), one line each naming
+    the model field as ``{where}.field`` and the layout size as ``{key}name``: the one owner of these rules."""
+    etp = tp if etp is None else etp
+    stages = f"pipeline_model_parallel_size ({pp})"
+    if vpp is not None and vpp > 1:
+        stages += f" x {key}virtual_pipeline_model_parallel_size ({vpp})"
+    experts = getattr(cfg, "num_moe_experts", None) or 0
+    dense = not experts or not all(cfg.is_moe_layer(i) for i in range(cfg.num_layers))
+    checks = [
+        ("num_attention_heads", cfg.num_attention_heads, tp, f"tensor_model_parallel_size ({tp})"),
+        ("num_query_groups", cfg.num_query_groups, tp, f"tensor_model_parallel_size ({tp})"),
+        ("ffn_hidden_size", cfg.ffn_hidden_size if dense else 0, tp, f"tensor_model_parallel_size ({tp})"),
+        ("num_layers", cfg.num_layers, pp * (vpp or 1), stages),
+        ("padded_vocab_size", cfg.padded_vocab_size or 0, tp, f"tensor_model_parallel_size ({tp})"),
+        ("num_moe_experts", experts, ep, f"expert_model_parallel_size ({ep})"),
+        ("moe_ffn_hidden_size", cfg.expert_ffn_hidden_size if experts else 0, etp,
+         f"expert_tensor_parallel_size ({etp})"),
+        ("moe_shared_expert_intermediate_size", getattr(cfg, "moe_shared_expert_intermediate_size", None) or 0, tp,
+         f"tensor_model_parallel_size ({tp})"),
+    ]
+    return [f"{where}.{field} ({value}) is not divisible by {key}{what}"
+            for field, value, size, what in checks if value % size]
+
+
 @dataclass
 class ParallelConfig:
     """The parallel layout of a run (``trainer.parallel``). The data-parallel size is what the world size leaves.
@@ -29,17 +79,17 @@ class ParallelConfig:
     use_distributed_optimizer: bool | None = None
     overlap_grad_reduce: bool = False
 
+    def _dense_grid(self) -> tuple[tuple[str, int], ...]:
+        return (("tensor_model_parallel_size", self.tensor_model_parallel_size),
+                ("pipeline_model_parallel_size", self.pipeline_model_parallel_size),
+                ("context_parallel_size", self.context_parallel_size))
+
     def data_parallel_size(self, world_size: int) -> int:
-        model_parallel = (
-            self.tensor_model_parallel_size * self.pipeline_model_parallel_size * self.context_parallel_size
-        )
-        if world_size % model_parallel:
-            raise ValueError(
-                f"parallel: world size {world_size} is not divisible by tensor_model_parallel_size "
-                f"({self.tensor_model_parallel_size}) x pipeline_model_parallel_size "
-                f"({self.pipeline_model_parallel_size}) x context_parallel_size ({self.context_parallel_size})"
-            )
-        return world_size // model_parallel
+        problem = _grid(world_size, self._dense_grid(), "parallel")
+        if problem:
+            raise LayoutError(problem)
+        return world_size // (self.tensor_model_parallel_size * self.pipeline_model_parallel_size
+                              * self.context_parallel_size)
 
     def problems(self, world_size: int, *models: tuple[str, Any]) -> list[str]:
         """Every reason this layout cannot run ``models`` (``(name, GPTModelConfig)`` pairs) on ``world_size``
@@ -56,42 +106,23 @@ class ParallelConfig:
                 out.append(f"{key}.{name} must be >= 1, got {size}")
         if out:
             return out
-        if world_size % (tp * pp * cp):
-            out.append(f"{key}: world size {world_size} is not divisible by tensor_model_parallel_size ({tp}) x "
-                       f"pipeline_model_parallel_size ({pp}) x context_parallel_size ({cp})")
-        if world_size % (etp * ep * pp):
-            out.append(f"{key}: world size {world_size} is not divisible by expert_tensor_parallel_size ({etp}) x "
-                       f"expert_model_parallel_size ({ep}) x pipeline_model_parallel_size ({pp})")
+        expert_grid = (("expert_tensor_parallel_size", etp), ("expert_model_parallel_size", ep),
+                       ("pipeline_model_parallel_size", pp))
+        out += [p for p in (_grid(world_size, self._dense_grid(), key), _grid(world_size, expert_grid, key)) if p]
         if vpp is not None and vpp > 1 and pp == 1:
             out.append(f"{key}.virtual_pipeline_model_parallel_size ({vpp}) needs pipeline_model_parallel_size > 1")
-        stages = pp * (vpp or 1)
         for where, cfg in models:
-            for field, value, size, what in (
-                ("num_attention_heads", cfg.num_attention_heads, tp, "tensor_model_parallel_size"),
-                ("num_query_groups", cfg.num_query_groups, tp, "tensor_model_parallel_size"),
-                ("ffn_hidden_size", cfg.ffn_hidden_size, tp, "tensor_model_parallel_size"),
-                ("num_layers", cfg.num_layers, stages,
-                 "pipeline_model_parallel_size x virtual_pipeline_model_parallel_size"),
-            ):
-                if value % size:
-                    out.append(f"{where}.{field} ({value}) is not divisible by {key}.{what} ({size})")
-            if cfg.padded_vocab_size is not None and cfg.padded_vocab_size % tp:
-                out.append(f"{where}.padded_vocab_size ({cfg.padded_vocab_size}) is not divisible by "
-                           f"{key}.tensor_model_parallel_size ({tp})")
-            experts = getattr(cfg, "num_moe_experts", None)
-            if experts and experts % ep:
-                out.append(f"{where}.num_moe_experts ({experts}) is not divisible by "
-                           f"{key}.expert_model_parallel_size ({ep})")
-            if experts and tp > 1 and not self.sequence_parallel:
+            out += split_problems(cfg, tp, pp, ep, etp, vpp, where=where, key=f"{key}.")
+            if getattr(cfg, "num_moe_experts", None) and tp > 1 and not self.sequence_parallel:
                 out.append(f"{where} is a mixture of experts: megatron-core needs {key}.sequence_parallel=true "
                            f"with tensor_model_parallel_size ({tp}) > 1")
         return out
 
     def validate(self, world_size: int, *models: tuple[str, Any]) -> None:
-        """Raise one ``ValueError`` listing every problem of :meth:`problems`."""
+        """Raise one :class:`LayoutError` listing every problem of :meth:`problems`."""
         found = self.problems(world_size, *models)
         if found:
-            raise ValueError("parallel layout does not fit:\n  " + "\n  ".join(found))
+            raise LayoutError("parallel layout does not fit:\n  " + "\n  ".join(found))
 
 
 def initialize_model_parallel(cfg: ParallelConfig, timeout_minutes: int = 30) -> None:

@@ -8,8 +8,8 @@ from typing import Any, Iterable
 import torch
 
 from ..algo import CROSS_MODAL, IN_MODAL
-from ..rollout import RolloutBatch, RolloutCollector, has_speech
-from ..runtime.reduce import reduce_over_replicas
+from ..rollout import RolloutBatch, RolloutCollector, StudentPrompts, has_speech
+from ..runtime.reduce import all_ranks_agree, reduce_over_replicas
 from .scoring import Scorer
 
 
@@ -34,22 +34,32 @@ def evaluate(
     greedy = collector.greedy(max_new_tokens)
     totals = {"acc_s": 0.0, "acc_t": 0.0, "acc_teacher": 0.0, "n": 0.0}
     speech = True
-    for batch in batches:
-        if not batch["cut_ids"] or totals["n"] >= max_prompts:
+    # Under expert parallelism the DP ranks' validation batches differ in number and content, but every MoE
+    # forward is an all-to-all over the expert group: the ranks go through the batches in lockstep (one
+    # all-reduce per batch) until every rank is done, and a rank without prompts joins the others' generation.
+    lockstep = collector.engine.ep_group is not None or (with_teacher and collector.teacher_engine.ep_group is not None)
+    remaining = iter(batches)
+    while True:
+        batch = next(remaining, None)
+        if all_ranks_agree(batch is None) if lockstep else batch is None:
+            break
+        usable = batch is not None and bool(batch["cut_ids"]) and totals["n"] < max_prompts
+        if not usable and not lockstep:
             continue
-        answers = batch["answers"]
-        speech = has_speech(batch)
-        prompts = collector.prompts(batch, (IN_MODAL, CROSS_MODAL) if speech else (IN_MODAL,))
+        answers = batch["answers"] if usable else []
+        speech = has_speech(batch) if usable else speech
+        modalities = (IN_MODAL, CROSS_MODAL) if speech else (IN_MODAL,)
+        prompts = collector.prompts(batch, modalities) if usable else StudentPrompts()  # none: join the others
         out = collector.generate(prompts, greedy)
-        for row, p in enumerate(out.sample_to_prompt.tolist()):
+        for row, p in enumerate(out.sample_to_prompt.tolist() if out is not None else []):
             reference = answers[prompts.index[p]]
             if reference is not None:
                 key = "acc_s" if prompts.modality[p] == CROSS_MODAL else "acc_t"
                 totals[key] += scorer(_decoded(tokenizer, out, row), reference)
         totals["n"] += sum(a is not None for a in answers)
         if with_teacher:
-            out = collector.teacher_generate(batch["text_prompt_ids"], greedy)
-            for row, reference in enumerate(answers):
+            out = collector.teacher_generate(batch["text_prompt_ids"] if usable else [], greedy)
+            for row, reference in enumerate(answers if out is not None else []):
                 if reference is not None:
                     totals["acc_teacher"] += scorer(_decoded(tokenizer, out, row), reference)
     g = reduce_over_replicas(totals)

@@ -30,7 +30,7 @@ from ..rollout import RolloutCollector
 from ..runtime import init_distributed, initialize_model_parallel, set_seed
 from ..runtime.device import current_device, resident
 from ..runtime.memory import peak_memory_mb, reset_peak_memory
-from ..runtime.reduce import agree_on_step, all_ranks_agree, reduce_over_replicas
+from ..runtime.reduce import all_ranks_agree, reduce_over_replicas
 from .build import build_models, build_optimizer, wrap_ddp
 from .checkpoint import CheckpointError, CheckpointSaver, find_resumable, load_checkpoint, load_model_weights
 from .config import RunConfig
@@ -38,7 +38,7 @@ from .evaluate import evaluate
 from .export import export_student_llm
 from .guard import FiniteStepGuard
 from .metrics import MetricsLogger
-from .passes import score_with_teacher, train_pass
+from .passes import minibatch_rows, score_with_teacher, train_pass
 from .run_dir import prepare_run_dir
 from .scoring import load_scorer
 
@@ -180,13 +180,11 @@ class XOPDTrainer:
         cfg = self.cfg
         reset_peak_memory()
         t0 = time.perf_counter()
-        rollouts = None
-        if batch["cut_ids"]:
-            rollouts, skipped = self.collector.collect(batch, self.step)
-            self._log_skips([error for error in skipped if self.data_stats.record_skip(error)])
-        anyone, everyone = agree_on_step(bool(batch["cut_ids"]), rollouts is not None)
-        if not everyone:
-            if not anyone:
+        collected = self.collector.collect(batch, self.step)  # every rank decides alike, before generating
+        self._log_skips([error for error in collected.skipped if self.data_stats.record_skip(error)])
+        rollouts = collected.rollouts
+        if rollouts is None:
+            if not collected.anyone:
                 return None
             self.skipped_steps += 1
             log.warning("step %d skipped: a data-parallel rank has no usable prompt", self.step)
@@ -203,12 +201,13 @@ class XOPDTrainer:
         grad_norm = 0.0
         updated = True
         self.student.train()
-        for rows in torch.arange(len(rollouts)).chunk(cfg.xopd.minibatches):
+        minibatches = minibatch_rows(len(rollouts), cfg.xopd.minibatches)
+        for rows in minibatches:
             self.ddp.zero_grad_buffer()
             self.optimizer.zero_grad()
             loss_before = stats.loss
             train_pass(self.ddp, rollouts, rows, cfg.xopd, cfg.trainer.micro_batch_size, self.models.text_vocab_size,
-                       stats, minibatches=cfg.xopd.minibatches)
+                       stats, minibatches=len(minibatches))
             # The guard before the step (megatron's FP32/BF16 optimizers would apply a NaN), and the optimizer's
             # own verdict after it (the FP16 loss scaler skips overflows itself); all ranks agree on both.
             updated = self.guard.update_allowed(self.ddp, stats.loss - loss_before)

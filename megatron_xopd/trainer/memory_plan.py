@@ -96,6 +96,7 @@ def workload(run: RunConfig, recompute: str | None = None) -> Workload:
         new_tokens=rollout.max_new_tokens,
         micro_batch=run.trainer.micro_batch_size,
         loss=xopd.loss,
+        divergence_form=xopd.divergence_form,
         offload_teacher=run.trainer.offload_teacher,
         recompute=recompute,
         freeze_llm=run.model.student.freeze_llm,

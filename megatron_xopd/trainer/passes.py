@@ -35,19 +35,30 @@ class MicroBatch:
     audio: tuple[torch.Tensor, torch.Tensor] | None = None  # padded perception inputs and lengths, row-major
 
 
+def minibatch_rows(num_rows: int, minibatches: int) -> list[torch.Tensor]:
+    """This rank's rows for each optimizer step of a rollout batch (``xopd.minibatches`` of them, fewer when no
+    data-parallel rank has that many rows). Every rank makes the same number of steps, since each (DDP's gradient
+    reduction, the optimizer, MoE all-to-alls) is collective: a rank with fewer rows gets empty mini-batches.
+    Collective over the data-parallel group (one all-reduce)."""
+    most = max_over_group([num_rows], parallel_state.get_data_parallel_group(), current_device())[0]
+    return list(torch.arange(num_rows).tensor_split(min(minibatches, most)))
+
+
 def micro_batches(rollouts: Rollouts, rows: torch.Tensor, size: int, *, teacher: bool) -> list[MicroBatch]:
     """Cut ``rows`` into micro-batches of exactly ``size`` rows (repeating a row with weight 0 to fill the
-    last) and one common sequence length (a multiple of the TP size), on this rank's device."""
+    last) and one common sequence length (a multiple of the TP size), on this rank's device. No ``rows`` give
+    one micro-batch of padding (row 0 with weight 0): the rank still joins the pass's collectives."""
     device = current_device()
     prompts = rollouts.teacher_prompts if teacher else rollouts.student_prompts
-    seq_len = max(len(prompts[r]) for r in rows.tolist()) + rollouts.responses.shape[1]
+    real = rows.tolist()
+    seq_len = max(len(prompts[r]) for r in real or [0]) + rollouts.responses.shape[1]
     tp = parallel_state.get_tensor_model_parallel_world_size()
     seq_len = -(-seq_len // tp) * tp  # sequence parallelism splits the sequence over TP; causal: padding is inert
     out = []
-    for start in range(0, len(rows), size):
-        chunk = rows[start : start + size].tolist()
+    for start in range(0, max(len(real), 1), size):
+        chunk = real[start : start + size]
         fill = [-1] * (size - len(chunk))
-        src = chunk + [chunk[-1]] * len(fill)
+        src = chunk + [chunk[-1] if chunk else 0] * len(fill)
         packed = pack_sequences(
             [prompts[r] for r in src], rollouts.responses[src].cpu(), rollouts.lengths[src].cpu(), seq_len=seq_len
         ).to(device)
