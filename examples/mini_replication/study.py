@@ -25,8 +25,8 @@ one process, one after the other (no start-up per run):
 The grid, the seeds and every size below were fixed before any method ran.
 
 Cost. Measured here on 2026-12-01, sharing the 2 cores with other jobs (load 4-10, this study at nice 15): data
-preparation 31 min (6.7 min on a quiet machine in the previous study); the teacher's text SFT 42 s a step (16
-text prompts of ~55 tokens, forward and backward of SmolLM2-135M). Counting in "training tokens" (a token through
+preparation 31 min (6.7 min on a quiet machine in the previous study); the teacher's text SFT 30-70 s a step (16
+text prompts of ~55 tokens, forward and backward of SmolLM2-135M), 44.7 min for the stage with its evaluation. Counting in "training tokens" (a token through
 forward and backward; a forward-only token counts 1/3), a method run costs about 8 steps x 16 rows x ~75 tokens =
 9.6k for training (on-policy: + ~1.5k for rollouts and teacher scores, n = 1 sample per prompt and modality) and
 ~5k for its evaluation (132 prompts from S and T, ~75 tokens each); the teacher SFT 66k, the student SFT 18k,
