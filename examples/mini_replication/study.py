@@ -24,15 +24,15 @@ one process, one after the other (no start-up per run):
 
 The grid, the seeds and every size below were fixed before any method ran.
 
-Cost. Measured here on 2026-12-01, sharing the 2 cores with other jobs (load 4-10, this study at nice 15): data
-preparation 31 min (6.7 min on a quiet machine in the previous study); the teacher's text SFT 30-70 s a step (16
-text prompts of ~55 tokens, forward and backward of SmolLM2-135M), 44.7 min for the stage with its evaluation. Counting in "training tokens" (a token through
-forward and backward; a forward-only token counts 1/3), a method run costs about 8 steps x 16 rows x ~75 tokens =
-9.6k for training (on-policy: + ~1.5k for rollouts and teacher scores, n = 1 sample per prompt and modality) and
-~5k for its evaluation (132 prompts from S and T, ~75 tokens each); the teacher SFT 66k, the student SFT 18k,
-align 12k, start ~8k. In all ~540k. At the contended rate measured (~21 training tokens/s) the whole study would take ~7 h;
-at twice that on a quiet machine (an estimate, not measured), ~3.5 h: over the 2.5-hour aim. Per stage on a quiet machine (estimate, minutes): data 7 | teacher_sft 24 | student_sft 7 | ctc 0.5 | align
-4 | start 3 | each of the 28 method runs 5-6 (7 methods x (2 rates + 2 more seeds)). The measured wall time of
+Cost. Measured here on 2026-12-01 (this study at nice 15, other jobs sharing the 2 cores): data preparation 31
+min under load 10-18 (6.7 min on a quiet machine in the previous study); teacher_sft 44.7 min, its steps 30-70 s
+under load 4-18 (16 text prompts of ~55 tokens, forward and backward of SmolLM2-135M); student_sft 3.2 min,
+20 steps of ~6 s at lower load, evaluation included. Counting "training tokens" (through forward and backward; a
+forward-only token counts 1/3): a method run is ~9.6k for training (8 steps x 16 rows x ~75 tokens; on-policy
++ ~1.5k for rollouts and teacher scores, n = 1) and ~5k for its evaluation (val 32, test >= 60, forget 40, from
+S and T); teacher_sft 66k, student_sft 18k, align 12k, start ~8k; ~540k in all. At the student_sft rate
+(~150 training tokens/s) that is ~1 h plus data preparation; at the rate under heavy load (~21/s) ~7 h. So
+the study fits the 2.5-hour aim only on a machine that is not shared. The measured wall time of
 each stage goes to OUT/timings.jsonl; ``--stop-after STAGE`` ends a session after that stage, and the next
 invocation goes on from there. Knobs that cut the cost without touching the comparison: ``max_eval_prompts``,
 ``teacher_sft_steps`` (the guide: 82% at 45 steps), the split sizes; fixed before any method runs.
