@@ -20,7 +20,7 @@ from lhotse import CutSet, Recording, SupervisionSegment
 from lhotse.cut import Cut
 from lhotse import NumpyFilesWriter
 
-from megatron_xopd.data.cuts import BadCutError, CutStats, answer, load_prompt_cuts, text_prompt
+from megatron_xopd.data.cuts import BadCutError, CutStats, answer, load_prompt_cuts, reference_response, text_prompt
 from megatron_xopd.data.dataset import PairedPromptDataset, build_dataloader
 from megatron_xopd.prep.synthesis import (
     PromptItem,
@@ -89,6 +89,25 @@ def test_text_prompt_fallback_and_answer(tmp_path):
     assert text_prompt(paired) == "Typed prompt" and answer(paired) == "4"
     with pytest.raises(BadCutError, match=r"cut 'bare', field 'text_prompt'"):
         text_prompt(make_cut(tmp_path, "bare", 0.1, text=None))
+
+
+def test_reference_responses_and_cuts_without_one(tmp_path, tokenizer):
+    """xopd.responses=reference trains on custom 'response', else the answer; a cut with neither is a bad cut that
+    names the field (skipped and counted, or raised), and only when the dataset requires a response."""
+    with_response = make_cut(tmp_path, "resp", 0.1, custom={"answer": "4", "response": "2 + 2 = 4"})
+    answer_only = make_cut(tmp_path, "ans", 0.1, custom={"answer": 5})
+    bare = make_cut(tmp_path, "bare", 0.1)
+    cuts = CutSet.from_cuts([with_response, answer_only, bare])
+    assert [reference_response(c) for c in cuts] == ["2 + 2 = 4", "5", None]
+    plain = PairedPromptDataset(tokenizer, AUDIO_LOCATOR, max_prompt_tokens=100, speech_input="none")[cuts]
+    assert plain["responses"] == ["2 + 2 = 4", "5", None] and plain["stats"].as_dict()["data/cuts_skipped"] == 0
+    required = PairedPromptDataset(tokenizer, AUDIO_LOCATOR, max_prompt_tokens=100, speech_input="none",
+                                   require_response=True)[cuts]
+    assert required["cut_ids"] == ["resp", "ans"] and required["stats"].as_dict()["data/skipped_response"] == 1
+    with pytest.raises(BadCutError, match=r"cut 'bare', field 'response': no reference response .*'answer'.*"
+                                          r"xopd.responses=reference"):
+        PairedPromptDataset(tokenizer, AUDIO_LOCATOR, max_prompt_tokens=100, speech_input="none",
+                            require_response=True, on_bad_cut="raise")[cuts]
 
 
 @pytest.fixture

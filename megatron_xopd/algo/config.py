@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 LOSSES = ("sampled_token", "reverse_kl", "jsd", "topk_reverse_kl", "topk_forward_kl", "sft")
 DIVERGENCE_FORMS = ("linear", "logits")
-RESPONSES = ("on_policy", "teacher_greedy", "transcript")
+RESPONSES = ("on_policy", "teacher_greedy", "transcript", "reference")
 IN_MODAL, CROSS_MODAL = 0, 1  # modality of a rollout: prompted with T, or with S
 
 
@@ -24,7 +24,8 @@ class XOPDConfig:
     divergence_form: str = "linear"
     topk: int = 32  # teacher tokens kept per position by the topk_* losses (the rest is one tail bucket)
     # on_policy: n student samples | teacher_greedy: the teacher's greedy answer to T | transcript: T's text itself
-    # (with loss=sft and lam=0: speech recognition, the usual first alignment of a speech adapter)
+    # (with loss=sft and lam=0: speech recognition, the usual first alignment of a speech adapter) | reference: the
+    # cut's reference response (custom "response", else "answer"; with loss=sft: supervised fine-tuning)
     responses: str = "on_policy"
     beta: float = 0.5  # JSD mixture weight of the teacher (TRL convention); 0 = forward KL, 1 = reverse KL
     kl_temperature: float = 1.0  # temperature of the full-vocabulary divergences
@@ -41,7 +42,8 @@ class XOPDConfig:
         if self.responses not in RESPONSES:
             raise ValueError(f"xopd.responses: {self.responses!r} is not one of {RESPONSES}")
         if self.loss == "sft" and self.responses == "on_policy":
-            raise ValueError("xopd.loss=sft trains on given responses: set xopd.responses=teacher_greedy or transcript")
+            raise ValueError("xopd.loss=sft trains on given responses: set xopd.responses=teacher_greedy, "
+                             "transcript or reference")
         if self.responses == "transcript" and self.loss != "sft":
             raise ValueError("xopd.responses=transcript (speech recognition) has no teacher to match: set xopd.loss=sft")
         if self.loss == "sampled_token" and self.responses != "on_policy":

@@ -4,7 +4,9 @@ Conventions for a prompt cut (a ``MonoCut``):
 
 * **text prompt T**: ``cut.custom["text_prompt"]``, or else the text of the first supervision (so a plain
   ASR-style manifest, whose transcript *is* the prompt, works unchanged);
-* **answer** (optional, kept for scoring only): ``cut.custom["answer"]``;
+* **answer** (optional, for scoring): ``cut.custom["answer"]``;
+* **reference response** (optional, what ``xopd.responses=reference`` trains on): ``cut.custom["response"]``,
+  else the answer;
 * **speech prompt S**: the cut's audio (``cut.recording``), or cached encoder outputs in the custom
   ``TemporalArray`` field ``encoder_features`` with shape ``[frames, dim]`` (``temporal_dim=0``), written e.g.
   with ``cut.encoder_features = writer.store_array(cut.id, array, frame_shift=..., temporal_dim=0)``.
@@ -142,6 +144,12 @@ def answer(cut: Cut) -> str | None:
     """The optional reference answer (``cut.custom["answer"]``)."""
     value = (cut.custom or {}).get("answer")
     return None if value is None else str(value)
+
+
+def reference_response(cut: Cut) -> str | None:
+    """The response to train on with ``xopd.responses=reference``: ``custom["response"]``, else the answer."""
+    value = (cut.custom or {}).get("response")
+    return answer(cut) if value is None else str(value)
 
 
 def load_audio(cut: Cut, sampling_rate: int = 16000) -> np.ndarray:

@@ -15,7 +15,8 @@ from lhotse.dataset import DynamicBucketingSampler
 from lhotse.dataset.collation import collate_matrices, collate_vectors
 from torch.utils.data import DataLoader
 
-from .cuts import BadCutError, CutStats, answer, check_entry, load_audio, load_encoder_features, text_prompt
+from .cuts import (BadCutError, CutStats, answer, check_entry, load_audio, load_encoder_features,
+                   reference_response, text_prompt)
 from .nemo_config import located
 from .tokenizer import format_prompt
 
@@ -31,6 +32,7 @@ class PairedPromptDataset(torch.utils.data.Dataset):
     Keys of a batch of ``B`` usable cuts:
 
     * ``cut_ids``: ``list[str]``; ``text_prompts``: ``list[str]``; ``answers``: ``list[str | None]``;
+      ``responses``: ``list[str | None]``, the reference responses (:func:`.cuts.reference_response`);
     * ``text_prompt_ids`` / ``speech_prompt_ids``: ``list[list[int]]``, chat-formatted with a generation prompt;
       the speech prompt holds the audio-locator token where the speech embeddings go;
     * ``speech_input="audio"``: ``audio`` float32 ``[B, T]`` (16 kHz mono, zero-padded), ``audio_lens`` int64 ``[B]``;
@@ -41,7 +43,8 @@ class PairedPromptDataset(torch.utils.data.Dataset):
 
     A bad cut (see :mod:`megatron_xopd.data.cuts`) raises with ``on_bad_cut="raise"``; with ``"skip"`` it is
     recorded in ``stats`` (the training loop logs and counts it once) and left out, so a batch may be smaller
-    than sampled, or empty (``B == 0``).
+    than sampled, or empty (``B == 0``). With ``require_response`` (``xopd.responses=reference``), a cut without
+    a reference response is such a bad cut.
     """
 
     def __init__(
@@ -53,6 +56,7 @@ class PairedPromptDataset(torch.utils.data.Dataset):
         speech_input: Literal["audio", "features", "none"] = "audio",
         sampling_rate: int = 16000,
         on_bad_cut: Literal["skip", "raise"] = "skip",
+        require_response: bool = False,
     ) -> None:
         if speech_input not in ("audio", "features", "none"):
             raise ValueError(f"data.speech_input must be 'audio', 'features' or 'none', got {speech_input!r}")
@@ -64,6 +68,7 @@ class PairedPromptDataset(torch.utils.data.Dataset):
         self.speech_input = speech_input
         self.sampling_rate = sampling_rate
         self.on_bad_cut = on_bad_cut
+        self.require_response = require_response
 
     def _example(self, cut: Cut) -> dict[str, Any]:
         check_entry(cut)
@@ -72,6 +77,10 @@ class PairedPromptDataset(torch.utils.data.Dataset):
         if len(text_ids) > self.max_prompt_tokens:
             too_long = f"prompt too long: {len(text_ids)} tokens > max_prompt_tokens={self.max_prompt_tokens}"
             raise BadCutError(cut.id, "text_prompt", too_long)
+        response = reference_response(cut)
+        if response is None and self.require_response:
+            raise BadCutError(cut.id, "response", "no reference response (custom 'response' or 'answer'), which "
+                              "xopd.responses=reference trains on")
         speech_ids = format_prompt(self.tokenizer, text, audio=True, audio_locator=self.audio_locator)
         speech = None
         if self.speech_input == "audio":
@@ -79,7 +88,7 @@ class PairedPromptDataset(torch.utils.data.Dataset):
         elif self.speech_input == "features":
             speech = load_encoder_features(cut)
         return {"id": cut.id, "text": text, "text_ids": text_ids, "speech_ids": speech_ids, "speech": speech,
-                "answer": answer(cut)}
+                "answer": answer(cut), "response": response}
 
     def __getitem__(self, cuts: CutSet) -> dict[str, Any]:
         examples, stats = [], CutStats()
@@ -104,6 +113,7 @@ class PairedPromptDataset(torch.utils.data.Dataset):
             "speech_prompt_ids": [ex["speech_ids"] for ex in examples],
             **speech,
             "answers": [ex["answer"] for ex in examples],
+            "responses": [ex["response"] for ex in examples],
             "stats": stats,
         }
 

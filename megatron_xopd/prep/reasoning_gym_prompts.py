@@ -39,15 +39,22 @@ def arithmetic_prompts(
     max_digits: int = 1,
     operators: tuple[str, ...] = ("+",),
     exclude: set[str] = frozenset(),
+    task: str = "basic_arithmetic",
 ) -> list[dict[str, Any]]:
-    """``num`` distinct two-term prompts of reasoning-gym's ``basic_arithmetic`` (operands with up to
-    ``max_digits`` digits, one of ``operators``) as records ``{"id", "prompt", "answer", "metadata"}``, none in
-    ``exclude`` (a set of prompt texts). Ids are ``arith-<hash of the prompt>``: stable across runs and sizes.
+    """``num`` distinct two-term prompts of a reasoning-gym arithmetic generator (operands with up to
+    ``max_digits`` digits) as records ``{"id", "prompt", "answer", "metadata"}``, none in ``exclude`` (a set of
+    prompt texts), all asked as :data:`ARITHMETIC_TEMPLATE`. ``task`` is ``basic_arithmetic`` (with one of
+    ``operators``) or ``products`` (``a * b``). Ids are ``arith-<hash of the prompt>``: stable across runs and sizes.
     """
-    cfg = {"min_terms": 2, "max_terms": 2, "min_digits": 1, "max_digits": max_digits, "operators": tuple(operators),
-           "allow_parentheses": False, "allow_negation": False}
+    if task == "basic_arithmetic":
+        cfg = {"min_terms": 2, "max_terms": 2, "min_digits": 1, "max_digits": max_digits,
+               "operators": tuple(operators), "allow_parentheses": False, "allow_negation": False}
+    elif task == "products":
+        cfg = {"min_terms": 2, "max_terms": 2, "min_digits": 1, "max_digits": max_digits, "allow_negation": False}
+    else:
+        raise ValueError(f"arithmetic_prompts: task {task!r} is not 'basic_arithmetic' or 'products'")
     draws = 20 * (num + len(exclude)) + 100
-    dataset = _reasoning_gym().create_dataset("basic_arithmetic", size=draws, seed=seed, **cfg)
+    dataset = _reasoning_gym().create_dataset(task, size=draws, seed=seed, **cfg)
     records: list[dict[str, Any]] = []
     seen = set(exclude)
     for entry in dataset:
@@ -56,11 +63,12 @@ def arithmetic_prompts(
             continue
         seen.add(prompt)
         item_id = "arith-" + hashlib.sha1(prompt.encode()).hexdigest()[:12]
-        records.append({"id": item_id, "prompt": prompt, "answer": entry["answer"], "metadata": entry["metadata"]})
+        records.append({"id": item_id, "prompt": prompt, "answer": str(entry["answer"]),
+                        "metadata": entry["metadata"]})
         if len(records) == num:
             return records
-    raise ValueError(f"only {len(records)} distinct {max_digits}-digit prompts with operators {operators} left for "
-                     f"{num}; ask for fewer or raise max_digits")
+    raise ValueError(f"only {len(records)} distinct {max_digits}-digit {task} prompts left for {num}; ask for "
+                     "fewer or raise max_digits")
 
 
 def write_prompts_jsonl(records: list[dict[str, Any]], path: str | Path) -> None:

@@ -1,8 +1,9 @@
 """Rollout collection: a batch of paired prompts -> the student's S and T prompts -> a step's :class:`Rollouts`.
 
-Three sources of responses (``xopd.responses``): ``on_policy`` samples n responses per prompt from the live
+Four sources of responses (``xopd.responses``): ``on_policy`` samples n responses per prompt from the live
 student (the engine); ``teacher_greedy`` takes the teacher's greedy answer to T (offline KD), generated once per
-cut and cached; ``transcript`` takes T's own text (speech-recognition alignment). Every rank of a TP/PP group
+cut and cached; ``transcript`` takes T's own text (speech-recognition alignment); ``reference`` takes the cut's
+reference response (supervised fine-tuning). Every rank of a TP/PP group
 ends with the same rollouts; the perception output lives on the first pipeline stage only.
 """
 
@@ -209,11 +210,18 @@ class RolloutCollector:
         end = self.end_of_turn_id()
         return [self.tokenizer.encode(text, add_special_tokens=False) + [end] for text in batch["text_prompts"]]
 
+    def references(self, batch: dict[str, Any]) -> list[list[int]]:
+        """Each prompt's reference response, ending the turn (the dataset has left out cuts without one)."""
+        end = self.end_of_turn_id()
+        return [self.tokenizer.encode(text, add_special_tokens=False) + [end] for text in batch["responses"]]
+
     def _given(self, batch: dict[str, Any], prompts: StudentPrompts) -> Rollouts:
         """Rows whose responses are given, not sampled: every student prompt (S or T) paired with the teacher's
-        greedy answer to T (``responses=teacher_greedy``) or with T's text (``responses=transcript``)."""
-        teacher = self.xopd.responses == "teacher_greedy"
-        answers = self.teacher_greedy_answers(batch) if teacher else self.transcripts(batch)
+        greedy answer to T (``responses=teacher_greedy``), with T's text (``responses=transcript``) or with the
+        cut's reference response (``responses=reference``)."""
+        source = {"teacher_greedy": self.teacher_greedy_answers, "transcript": self.transcripts,
+                  "reference": self.references}[self.xopd.responses]
+        answers = source(batch)
         responses = [answers[i] for i in prompts.index]
         longest = max(len(r) for r in responses)
         tokens = torch.zeros(len(responses), longest, dtype=torch.long)

@@ -108,9 +108,19 @@ def build_models(cfg: RunConfig, tokenizer: Any) -> Models:
         student.perception.load_state_dict(load_file(str(resolve_path(cfg.model.student.perception_weights))))
     if cfg.model.student.freeze_llm:
         student.language_model.requires_grad_(False)
+    if cfg.model.student.freeze_embedding:
+        freeze_embedding(student.language_model)
     teacher = build_teacher(teacher_cfg, student_cfg, sequence_parallel=layout.sequence_parallel)
     load_llm_weights(teacher, cfg.model.teacher, teacher_cfg)
     return Models(student, teacher, student_cfg, teacher_cfg, text_vocab, locator)
+
+
+def freeze_embedding(llm: torch.nn.Module) -> None:
+    """No gradient to the input embedding, nor to the output layer when it is tied to it (the same weights)."""
+    if llm.pre_process:
+        llm.embedding.word_embeddings.weight.requires_grad_(False)
+    if llm.post_process and llm.share_embeddings_and_output_weights:
+        llm.shared_embedding_or_output_weight().requires_grad_(False)
 
 
 def teacher_tokenizer_source(cfg: RunConfig) -> tuple[Any, str]:

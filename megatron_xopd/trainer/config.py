@@ -58,6 +58,7 @@ class StudentSection(LLMSection):
     perception: dict[str, Any] = field(default_factory=dict)  # fields of PerceptionConfig
     perception_weights: str | None = None  # safetensors of the perception module (NeMo names)
     freeze_llm: bool = False
+    freeze_embedding: bool = False  # the LLM's input embedding (and a tied output layer): the vocabulary stays put
 
 
 @dataclass
@@ -75,6 +76,9 @@ class DataSection:
     # tarred_audio_filepaths, ...; docs/nemo.md)
     train: Any = "???"
     validation: Any = None
+    # more evaluation sets, {name: manifest or config}, evaluated with ``validation`` in the same process and
+    # logged as eval/<name>/acc_speech etc. (e.g. a held-out test split and a task that no stage trains on)
+    eval_sets: dict[str, Any] = field(default_factory=dict)
     speech_input: str = "features"  # audio | features (cached encoder outputs) | none (text only: xopd.lam=1)
     prompts_per_step: int = 4  # max_cuts per DP rank and step
     max_duration: float | None = None
@@ -82,7 +86,8 @@ class DataSection:
     shuffle: bool = True
     on_bad_cut: str = "skip"  # skip (counted, logged) | raise
     scorer: str = "exact_match"  # or module:function(response, reference) -> float
-    max_eval_prompts: int = 64
+    max_eval_prompts: int = 64  # per evaluation set
+    eval_prompts_per_step: int | None = None  # prompts per evaluation batch; None: prompts_per_step
 
     def __post_init__(self) -> None:
         if self.num_buckets < 2:
@@ -91,6 +96,9 @@ class DataSection:
             raise ValueError(f"data.speech_input: {self.speech_input!r} is not 'audio', 'features' or 'none'")
         if self.on_bad_cut not in ("skip", "raise"):
             raise ValueError(f"data.on_bad_cut: {self.on_bad_cut!r} is not 'skip' or 'raise'")
+        bad = [name for name in self.eval_sets if not name or "/" in name]
+        if bad:
+            raise ValueError(f"data.eval_sets: names must be non-empty and hold no '/', got {bad}")
 
 
 @dataclass
@@ -115,6 +123,9 @@ class CheckpointSection:
     resume: bool = True  # from the newest checkpoint under ``dir`` that verifies (see docs/robustness.md)
     keep_last: int = 2  # 0: keep all
     async_save: bool = False  # megatron-core's asynchronous save (CUDA only; on CPU a synchronous save, logged once)
+    # at the end of training, the student's LLM as an HF directory (config, safetensors, tokenizer) that
+    # model.teacher.hf_path / model.student.hf_path load: e.g. a text-SFT'd LLM that then serves as the teacher
+    export_hf: str | None = None
 
     def __post_init__(self) -> None:
         if self.keep_last < 0:

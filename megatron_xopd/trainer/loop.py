@@ -35,6 +35,7 @@ from .build import build_models, build_optimizer, wrap_ddp
 from .checkpoint import CheckpointError, CheckpointSaver, find_resumable, load_checkpoint, load_model_weights
 from .config import RunConfig
 from .evaluate import evaluate
+from .export import export_student_llm
 from .guard import FiniteStepGuard
 from .metrics import MetricsLogger
 from .passes import minibatch_rows, score_with_teacher, train_pass
@@ -78,7 +79,10 @@ class XOPDTrainer:
         self.scorer = load_scorer(cfg.data.scorer)
         max_prompt = min(rollout.max_prompt_tokens, self.collector.prompt_limit)
         self.dataset = PairedPromptDataset(self.tokenizer, cfg.model.audio_locator, max_prompt,
-                                           speech_input=cfg.data.speech_input, on_bad_cut=cfg.data.on_bad_cut)
+                                           speech_input=cfg.data.speech_input, on_bad_cut=cfg.data.on_bad_cut,
+                                           require_response=cfg.xopd.responses == "reference")
+        self.eval_dataset = PairedPromptDataset(self.tokenizer, cfg.model.audio_locator, max_prompt,
+                                                speech_input=cfg.data.speech_input, on_bad_cut=cfg.data.on_bad_cut)
         self.loader = self._loader(cfg.data.train, "data.train", shuffle=cfg.data.shuffle)
         self.data_stats = CutStats()
         self.guard = FiniteStepGuard(cfg.trainer.max_bad_steps)
@@ -103,10 +107,11 @@ class XOPDTrainer:
                                     on_bad_cut=self.cfg.data.on_bad_cut)
         except (FileNotFoundError, ValueError) as err:
             raise type(err)(f"{key}: {err}") from err
+        data = self.cfg.data
         return build_dataloader(
             cuts,
-            self.dataset,
-            max_cuts=self.cfg.data.prompts_per_step,
+            self.eval_dataset if validation else self.dataset,
+            max_cuts=(data.eval_prompts_per_step or data.prompts_per_step) if validation else data.prompts_per_step,
             max_duration=self.cfg.data.max_duration,
             dp_rank=parallel_state.get_data_parallel_rank(),
             dp_world_size=parallel_state.get_data_parallel_world_size(),
@@ -285,13 +290,18 @@ class XOPDTrainer:
 
     # ---------------------------------------------------------------------------------------- evaluation
     def evaluate(self, *, with_teacher: bool = False) -> dict[str, float]:
-        """Greedy accuracy on the validation set (``data.validation``); empty when there is none."""
-        if not self.cfg.data.validation:
-            return {}
-        return evaluate(self.collector, self._loader(self.cfg.data.validation, "data.validation", shuffle=False,
-                                                     validation=True), self.scorer,
-                        max_new_tokens=self.cfg.trainer.eval_max_new_tokens,
-                        max_prompts=self.cfg.data.max_eval_prompts, with_teacher=with_teacher)
+        """Greedy accuracy on the validation set (``data.validation``: ``eval/...``) and on each of
+        ``data.eval_sets`` (``eval/<name>/...``); empty when there are none."""
+        data = self.cfg.data
+        sets = {"data.validation": ("eval/", data.validation)} if data.validation else {}
+        sets.update({f"data.eval_sets.{name}": (f"eval/{name}/", manifest) for name, manifest in data.eval_sets.items()})
+        metrics = {}
+        for key, (prefix, manifest) in sets.items():
+            found = evaluate(self.collector, self._loader(manifest, key, shuffle=False, validation=True), self.scorer,
+                             max_new_tokens=self.cfg.trainer.eval_max_new_tokens, max_prompts=data.max_eval_prompts,
+                             with_teacher=with_teacher)
+            metrics.update({prefix + name.removeprefix("eval/"): value for name, value in found.items()})
+        return metrics
 
     # --------------------------------------------------------------------------------------------- loop
     def train(self) -> None:
@@ -331,6 +341,8 @@ class XOPDTrainer:
                 self.save()
             if self.saver is not None:
                 self.saver.finish()
+            if cfg.checkpoint.export_hf:
+                export_student_llm(cfg, self.models, cfg.checkpoint.export_hf)
         finally:
             if progress is not None:
                 progress.close()
