@@ -287,16 +287,25 @@ class _FusedLinearDivergence(torch.autograd.Function):
                 s, t, _ = load(idx)
                 out = work.like(_OUT_SLOT, s, h_s.dtype)
                 kernels.divergence_grad(s, t, spec.inv_temp, state[pos], gscale[pos], spec.kind, spec.beta, out, work)
-                if need_h:
-                    grad_h[idx] = out @ w_s[:valid]
-                if need_w and grad_w.dtype == out.dtype:
-                    grad_w[:valid].addmm_(out.t(), h_s[idx])
-                elif need_w:
-                    grad_w[:valid] += out.t() @ h_s[idx]
+                _add_head_grads(out, idx, h_s, w_s, valid, grad_h, grad_w)
         if need_h:
             # The hidden state is replicated over the TP group: its gradient sums every shard's part.
             spec.shard.all_reduce(grad_h)
         return grad_h, None if grad_w is None else grad_w.to(w_s.dtype), None, None, None, None
+
+
+def _add_head_grads(
+    out: torch.Tensor, idx, h_s: torch.Tensor, w_s: torch.Tensor, valid: int,
+    grad_h: torch.Tensor | None, grad_w: torch.Tensor | None,
+) -> None:
+    """One chunk's gradient of the logits ``out`` [c, valid] taken back through the head: into the hidden states'
+    rows ``idx`` and, accumulated, into the head shard's valid rows."""
+    if grad_h is not None:
+        grad_h[idx] = out @ w_s[:valid]
+    if grad_w is not None and grad_w.dtype == out.dtype:
+        grad_w[:valid].addmm_(out.t(), h_s[idx])
+    elif grad_w is not None:
+        grad_w[:valid] += out.t() @ h_s[idx]
 
 
 class _FusedLinearDivergenceLoss(torch.autograd.Function):
@@ -322,14 +331,10 @@ class _FusedLinearDivergenceLoss(torch.autograd.Function):
             value, state = _forward(lambda _: chunk, pos.stop - pos.start, None, spec, h_s.device, work)
             values[pos] = value
             if (need_h or need_w) and valid:
-                out = work.like(_OUT_SLOT, chunk[0], h_s.dtype)
-                kernels.divergence_grad(*chunk, spec.inv_temp, state, gscale[pos], spec.kind, spec.beta, out, work)
-                if need_h:
-                    grad_h[idx] = out @ w_s[:valid]
-                if need_w and grad_w.dtype == out.dtype:
-                    grad_w[:valid].addmm_(out.t(), h_s[idx])
-                elif need_w:
-                    grad_w[:valid] += out.t() @ h_s[idx]
+                s, t, _ = chunk  # the linear loader builds the chunk's own rows (no row index)
+                out = work.like(_OUT_SLOT, s, h_s.dtype)
+                kernels.divergence_grad(s, t, spec.inv_temp, state, gscale[pos], spec.kind, spec.beta, out, work)
+                _add_head_grads(out, idx, h_s, w_s, valid, grad_h, grad_w)
         if need_h:
             spec.shard.all_reduce(grad_h)  # the hidden state is replicated over the TP group
         ctx.grads = (grad_h, None if grad_w is None else grad_w.to(w_s.dtype))
