@@ -205,15 +205,18 @@ class RolloutCollector:
                 self._teacher_answers[batch["cut_ids"][i]] = out.tokens[row, : out.lengths[row]].tolist()
         return [self._teacher_answers[cut] for cut in batch["cut_ids"]]
 
+    def _turns(self, texts: list[str]) -> list[list[int]]:
+        """Texts as response token ids, each ending the turn."""
+        end = self.end_of_turn_id()
+        return [self.tokenizer.encode(text, add_special_tokens=False) + [end] for text in texts]
+
     def transcripts(self, batch: dict[str, Any]) -> list[list[int]]:
         """The text of each prompt's T, ending the turn: the responses of speech-recognition alignment."""
-        end = self.end_of_turn_id()
-        return [self.tokenizer.encode(text, add_special_tokens=False) + [end] for text in batch["text_prompts"]]
+        return self._turns(batch["text_prompts"])
 
     def references(self, batch: dict[str, Any]) -> list[list[int]]:
         """Each prompt's reference response, ending the turn (the dataset has left out cuts without one)."""
-        end = self.end_of_turn_id()
-        return [self.tokenizer.encode(text, add_special_tokens=False) + [end] for text in batch["responses"]]
+        return self._turns(batch["responses"])
 
     def _given(self, batch: dict[str, Any], prompts: StudentPrompts) -> Rollouts:
         """Rows whose responses are given, not sampled: every student prompt (S or T) paired with the teacher's
