@@ -13,6 +13,11 @@ RSS (``VmHWM``, reset after the inputs are allocated) minus its RSS then; on CUD
 gradients, which both paths produce. Times (wall, and the process's CPU time, which other processes' load
 disturbs less) are the median of ``--repeats`` runs after one warm-up run. CPU subprocesses run with
 ``OMP_WAIT_POLICY=PASSIVE`` unless it is set (see ``main``).
+
+With ``--form linear`` a third subprocess times the four ``[N, H] x [H, V]`` matmuls alone that both paths must do
+(student and teacher logits, the gradients of the hidden states and of the head), in the same chunks as the fused
+path: ``matmul_floor_ratio`` = that time over the naive path's is the time ratio no exact method that forms the
+logits can beat on this device.
 """
 
 from __future__ import annotations
@@ -106,6 +111,30 @@ def _step(path: str, args: argparse.Namespace, x: dict[str, torch.Tensor]) -> tu
     return value, value.sum()
 
 
+def _matmul_floor(args: argparse.Namespace, device: torch.device) -> dict:
+    """Median time of the linear form's four head matmuls per chunk, nothing else."""
+    x = {k: v.detach() for k, v in _inputs(args, device).items()}
+    chunk = default_chunk_size(args.chunk_size, args.vocab, device, linear=True)
+    s = torch.empty(chunk, args.vocab, device=device)
+    t = torch.empty(chunk, args.vocab, device=device)
+    grad_h, grad_w = torch.empty_like(x["h_s"]), torch.zeros_like(x["w_s"])
+    times, cpu_times = [], []
+    for _ in range(args.repeats + 1):
+        start, cpu_start = time.perf_counter(), _cpu_seconds()
+        for lo in range(0, args.tokens, chunk):
+            h_s, h_t = x["h_s"][lo : lo + chunk], x["h_t"][lo : lo + chunk]
+            c = h_s.shape[0]
+            torch.mm(h_s, x["w_s"].t(), out=s[:c])
+            torch.mm(h_t, x["w_t"].t(), out=t[:c])
+            torch.mm(s[:c], x["w_s"], out=grad_h[lo : lo + c])
+            grad_w.addmm_(s[:c].t(), h_s)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - start)
+        cpu_times.append(_cpu_seconds() - cpu_start)
+    return {"s": statistics.median(times[1:]), "cpu_s": statistics.median(cpu_times[1:])}
+
+
 def _run(path: str, args: argparse.Namespace, device: torch.device) -> dict:
     """Time ``path`` and measure its peak memory above the inputs; keep its outputs for the comparison."""
     x = _inputs(args, device)
@@ -163,7 +192,7 @@ def main() -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     parser.add_argument("--json", action="store_true", help="print one JSON line")
-    parser.add_argument("--worker", choices=["fused", "naive"], help=argparse.SUPPRESS)
+    parser.add_argument("--worker", choices=["fused", "naive", "matmul"], help=argparse.SUPPRESS)
     parser.add_argument("--out", help=argparse.SUPPRESS)
     args = parser.parse_args()
     device = torch.device(args.device)
@@ -171,25 +200,28 @@ def main() -> None:
         torch.set_num_threads(args.threads)
 
     if args.worker:
-        torch.save(_run(args.worker, args, device), args.out)
+        torch.save(_matmul_floor(args, device) if args.worker == "matmul" else _run(args.worker, args, device), args.out)
         return
+    linear = args.form == "linear"
     if device.type == "cpu":
         argv = [a for a in sys.argv[1:] if a != "--json"]
         # OpenMP threads that spin at barriers waste whole time slices when other processes share the cores;
         # the chunked path runs many short parallel regions and would measure the machine's load, not its own.
         env = {**os.environ, "OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY", "PASSIVE")}
         fused, naive = (_run_in_subprocess(path, argv, env) for path in ("fused", "naive"))
+        floor = _run_in_subprocess("matmul", argv, env) if linear else None
     else:
         fused = _run("fused", args, device)
         gc.collect()
         torch.cuda.empty_cache()
         naive = _run("naive", args, device)
+        floor = _matmul_floor(args, device) if linear else None
     result = {
         "tokens": args.tokens,
         "vocab": args.vocab,
         "form": args.form,
         "device": str(device),
-        "chunk_size": default_chunk_size(args.chunk_size, args.vocab, device, linear=args.form == "linear"),
+        "chunk_size": default_chunk_size(args.chunk_size, args.vocab, device, linear=linear),
         "threads": torch.get_num_threads(),
         "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", "PASSIVE") if device.type == "cpu" else None,
         "fused_peak_mb": round(fused["peak_mb"], 1),
@@ -203,8 +235,9 @@ def main() -> None:
         "max_abs_err": (fused["value"] - naive["value"]).abs().max().item(),
         "max_abs_grad_err": max((a - b).abs().max().item() for a, b in zip(fused["grads"], naive["grads"])),
     }
-    if args.form == "linear":
-        result["hidden"] = args.hidden
+    if linear:
+        result.update(hidden=args.hidden, matmul_s=round(floor["s"], 4), matmul_cpu_s=round(floor["cpu_s"], 4),
+                      matmul_floor_ratio=round(floor["s"] / naive["s"], 3))
     if device.type == "cuda" and args.form == "logits":
         # Reverse KL reads both logits in the forward and again in the backward, and writes the gradient.
         result["fused_gbps"] = round(5 * args.tokens * args.vocab * 4 / fused["s"] / 1e9, 1)

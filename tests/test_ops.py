@@ -164,6 +164,35 @@ def test_fused_linear_loss_takes_the_gradient_in_the_forward(kind, beta):
     assert loss.grad_fn is None
 
 
+@pytest.mark.parametrize("kind,buffers", [("reverse_kl", 4), ("forward_kl", 4), ("jsd", 6)])
+def test_fused_linear_loss_chunk_buffers_and_gradient_written_over_the_logits(kind, buffers, monkeypatch):
+    """float32 at temperature 1: a chunk holds at most ``buffers`` [c, V] work buffers (the gradient overwrites the
+    student logits chunk), and the result still equals the float64 reference."""
+    from megatron_xopd.ops import kernels
+
+    sizes: dict[int, int] = {}
+    get = kernels.Workspace.get
+
+    def recording_get(self, slot, shape, dtype, device):
+        sizes[slot] = max(sizes.get(slot, 0), math.prod(shape))
+        return get(self, slot, shape, dtype, device)
+
+    monkeypatch.setattr(kernels.Workspace, "get", recording_get)
+    gen = torch.Generator().manual_seed(9)
+    h_s, w_s, h_t, w_t = (torch.randn(*shape, generator=gen) for shape in ((N, 5), (V, 5), (N, 4), (V, 4)))
+    coefficients = torch.rand(N, generator=gen)
+    h, w = h_s.clone().requires_grad_(), w_s.clone().requires_grad_()
+    loss, value = fused_linear_divergence_loss(h, w, h_t, w_t, kind, coefficients, chunk_size=3)
+    loss.backward()
+    assert sum(size >= 3 * V for size in sizes.values()) <= buffers, sizes
+    h2, w2 = h_s.double().requires_grad_(), w_s.double().requires_grad_()
+    expected = ref.divergence(h2 @ w2.t(), (h_t @ w_t.t()).double(), kind)
+    (expected * coefficients.double()).sum().backward()
+    torch.testing.assert_close(value.double(), expected.detach(), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(h.grad.double(), h2.grad, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(w.grad.double(), w2.grad, rtol=1e-5, atol=1e-6)
+
+
 def test_fused_linear_bf16():
     gen = torch.Generator().manual_seed(7)
     h_s, w_s = torch.randn(N, 8, generator=gen).bfloat16(), torch.randn(V, 8, generator=gen).bfloat16()

@@ -28,8 +28,12 @@ LINEAR_CHUNK_ELEMENTS = 1 << 25
 # A chunk loader maps rows (a slice or an index tensor) to (student, teacher, rows): logits [c, V_valid], or, with
 # ``rows`` [c] not None, logits whose rows ``rows`` are the chunk (the kernels index them; no gathered copy).
 Loader = Callable[[slice | torch.Tensor], tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]]
-# Workspace slots beyond the kernels' own (0-4): the gradient chunk and the fused-linear form's logits chunks.
-_OUT_SLOT, _STUDENT_SLOT, _TEACHER_SLOT = 5, 6, 7
+# Workspace slots beyond the kernels' own (0-4): the fused-linear form's logits chunks.
+_STUDENT_SLOT, _TEACHER_SLOT = 5, 6
+# The fused-linear ops write a chunk's logits gradient over its student logits, which kernels.divergence_grad
+# reads before writing (the PyTorch path into log q first; the Triton kernel loads each block before storing it).
+# With the kernels' statistics and gradient sharing two buffers, a float32 chunk at temperature 1 needs four
+# [c, V/TP] buffers for reverse or forward KL (student and teacher logits and those two; eight before).
 
 
 @dataclass(frozen=True)
@@ -285,9 +289,9 @@ class _FusedLinearDivergence(torch.autograd.Function):
         if valid:
             for pos, idx in row_chunks(state.shape[0], rows, spec.chunk_size):
                 s, t, _ = load(idx)
-                out = work.like(_OUT_SLOT, s, h_s.dtype)
-                kernels.divergence_grad(s, t, spec.inv_temp, state[pos], gscale[pos], spec.kind, spec.beta, out, work)
-                _add_head_grads(out, idx, h_s, w_s, valid, grad_h, grad_w)
+                # The gradient overwrites the student logits chunk (read before it is written; see the slot note at the top).
+                kernels.divergence_grad(s, t, spec.inv_temp, state[pos], gscale[pos], spec.kind, spec.beta, s, work)
+                _add_head_grads(s, idx, h_s, w_s, valid, grad_h, grad_w)
         if need_h:
             # The hidden state is replicated over the TP group: its gradient sums every shard's part.
             spec.shard.all_reduce(grad_h)
@@ -332,9 +336,9 @@ class _FusedLinearDivergenceLoss(torch.autograd.Function):
             values[pos] = value
             if (need_h or need_w) and valid:
                 s, t, _ = chunk  # the linear loader builds the chunk's own rows (no row index)
-                out = work.like(_OUT_SLOT, s, h_s.dtype)
-                kernels.divergence_grad(s, t, spec.inv_temp, state, gscale[pos], spec.kind, spec.beta, out, work)
-                _add_head_grads(out, idx, h_s, w_s, valid, grad_h, grad_w)
+                # The gradient overwrites the student logits chunk (read before it is written; see the slot note at the top).
+                kernels.divergence_grad(s, t, spec.inv_temp, state, gscale[pos], spec.kind, spec.beta, s, work)
+                _add_head_grads(s, idx, h_s, w_s, valid, grad_h, grad_w)
         if need_h:
             spec.shard.all_reduce(grad_h)  # the hidden state is replicated over the TP group
         ctx.grads = (grad_h, None if grad_w is None else grad_w.to(w_s.dtype))

@@ -94,32 +94,45 @@ def divergence_stats(
     if _use_triton(s, dtype):
         return _triton().divergence_stats(s, t, inv_temp, kind, rows)
     s, t = _gather(s, t, rows)
-    s = scaled(s, inv_temp, dtype, work.like(0, s, dtype))
-    t = scaled(t, inv_temp, dtype, work.like(1, t, dtype))
+    s = _scaled_in(work, 0, s, inv_temp, dtype)
+    t = _scaled_in(work, 1, t, inv_temp, dtype)
     m_s, m_t = s.amax(dim=1), t.amax(dim=1)
-    e_s = torch.sub(s, m_s[:, None], out=work.like(2, s, dtype)).exp_()
-    e_t = torch.sub(t, m_t[:, None], out=work.like(3, s, dtype)).exp_()
-    z_s, z_t = e_s.sum(dim=1), e_t.sum(dim=1)
+    # Two [c, V] buffers: the exponentials of the side whose expectation is not taken are summed, then the
+    # buffer is reused for the difference.
+    a, b = work.like(2, s, dtype), work.like(3, s, dtype)
+    e_s = torch.sub(s, m_s[:, None], out=a).exp_()
+    z_s = e_s.sum(dim=1)
+    e_t = torch.sub(t, m_t[:, None], out=b).exp_()
+    z_t = e_t.sum(dim=1)
     if kind == REVERSE_KL:
-        expect = e_s.mul_(torch.sub(s, t, out=work.like(4, s, dtype))).sum(dim=1)
+        expect = e_s.mul_(torch.sub(s, t, out=b)).sum(dim=1)
     elif kind == FORWARD_KL:
-        expect = e_t.mul_(torch.sub(t, s, out=work.like(4, s, dtype))).sum(dim=1)
+        expect = e_t.mul_(torch.sub(t, s, out=a)).sum(dim=1)
     else:
         expect = torch.zeros_like(z_s)
     return torch.stack([m_s, m_t, z_s, z_t, expect], dim=1)
+
+
+def _scaled_in(work: Workspace, slot: int, x: torch.Tensor, inv_temp: float, dtype: torch.dtype) -> torch.Tensor:
+    """:func:`scaled` into workspace ``slot``, which is only allocated when a copy is needed."""
+    if x.dtype == dtype and inv_temp == 1.0:
+        return x
+    return scaled(x, inv_temp, dtype, work.like(slot, x, dtype))
 
 
 def _gather(s: torch.Tensor, t: torch.Tensor, rows: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
     return (s, t) if rows is None else (s[rows], t[rows])
 
 
-def _log_probs(s, t, inv_temp: float, state: torch.Tensor, work: Workspace) -> tuple[torch.Tensor, torch.Tensor]:
-    """log q and log p in workspace slots 0 and 1. Taken as (x - max) - log Z rather than x - lse: exact where x
-    is the max, whatever the logits' magnitude."""
+def _log_probs(
+    s, t, inv_temp: float, state: torch.Tensor, work: Workspace, log_q: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """log q and log p, in workspace slots 2 and 3 (the statistics pass's two buffers) or log q in ``log_q``.
+    Taken as (x - max) - log Z rather than x - lse: exact where x is the max, whatever the logits' magnitude."""
     dtype = state.dtype
     m_s, log_z_s, m_t, log_z_t = (state[:, i, None] for i in range(4))
-    log_q = work.like(0, s, dtype)
-    log_p = work.like(1, t, dtype)
+    log_q = work.like(2, s, dtype) if log_q is None else log_q
+    log_p = work.like(3, t, dtype)
     torch.sub(scaled(s, inv_temp, dtype, log_q), m_s, out=log_q).sub_(log_z_s)
     torch.sub(scaled(t, inv_temp, dtype, log_p), m_t, out=log_p).sub_(log_z_t)
     return log_q, log_p
@@ -141,8 +154,8 @@ def jsd_terms(
         return _triton().jsd_terms(s, t, inv_temp, state, beta, rows)
     s, t = _gather(s, t, rows)
     log_q, log_p = _log_probs(s, t, inv_temp, state, work)
-    log_m = log_mixture(log_q, log_p, beta, work.like(2, s, state.dtype), work.like(3, s, state.dtype))
-    kl_q = torch.sub(log_q, log_m, out=work.like(4, s, state.dtype)).mul_(log_q.exp_())  # q (log q - log M)
+    log_m = log_mixture(log_q, log_p, beta, work.like(4, s, state.dtype), work.like(0, s, state.dtype))
+    kl_q = torch.sub(log_q, log_m, out=work.like(0, s, state.dtype)).mul_(log_q.exp_())  # q (log q - log M)
     kl_p = torch.sub(log_p, log_m, out=log_m).mul_(log_p.exp_())  # p (log p - log M)
     c = kl_q.sum(dim=1)
     return torch.stack([beta * kl_p.sum(dim=1) + (1.0 - beta) * c, c], dim=1)
@@ -173,7 +186,10 @@ def divergence_grad(
         _triton().divergence_grad(s, t, inv_temp, state, gscale, kind, beta, out, rows)
         return
     s, t = _gather(s, t, rows)
-    log_q, log_p = _log_probs(s, t, inv_temp, state, work)
+    # The gradient is built in ``out`` itself when it has the chunk's shape and the compute dtype (no copy; ``out``
+    # may be ``s``, which is read first).
+    direct = rows is None and out.dtype == state.dtype and out.shape == s.shape
+    log_q, log_p = _log_probs(s, t, inv_temp, state, work, out if direct else None)
     stat = state[:, 4, None]
     if kind == REVERSE_KL:
         coef = torch.sub(log_q, log_p, out=log_p).sub_(stat)  # log q - log p - KL
@@ -181,11 +197,13 @@ def divergence_grad(
     elif kind == FORWARD_KL:
         grad = log_q.exp_().sub_(log_p.exp_())  # q - p
     else:
-        log_m = log_mixture(log_q, log_p, beta, work.like(2, s, state.dtype), log_p)
+        log_m = log_mixture(log_q, log_p, beta, work.like(4, s, state.dtype), log_p)
         coef = torch.sub(log_q, log_m, out=log_m).sub_(stat).mul_(1.0 - beta)  # (1 - beta)(log q - log M - C)
         grad = log_q.exp_().mul_(coef)
     grad.mul_(gscale[:, None] if isinstance(gscale, torch.Tensor) else gscale)
     valid = s.shape[1]
+    if direct:
+        return
     if rows is None:
         out[:, :valid].copy_(grad)
         out[:, valid:].zero_()

@@ -303,11 +303,10 @@ class RolloutEngine:
                 mask = get_attention_mask(end)[..., start:end, :end]
             position_ids = torch.arange(start, end, device=ids.device).expand(rows, -1)
         inp = {"tokens": ids, "position_ids": position_ids, "attention_mask": mask, "audio_embeds": audio_embeds}
-        with device_mode_suspended():
-            if self.pp_size > 1:
-                logits = wrapper.forward_pass_with_pipeline_parallel_small_input_batch(inp)
-            else:
-                logits = wrapper.forward_pass_without_pipeline_parallel(inp)
+        if self.pp_size > 1:
+            logits = wrapper.forward_pass_with_pipeline_parallel_small_input_batch(inp)
+        else:
+            logits = wrapper.forward_pass_without_pipeline_parallel(inp)
         return logits[:, -1] if logits is not None else None
 
     def _any_in_group(self, local: bool, device: torch.device) -> bool:
@@ -342,7 +341,12 @@ class RolloutEngine:
         device = next(self.inner.parameters()).device
         with rollout_mode(self.model), vocab_parallel_logits(self.model):
             try:
-                return self._generate(prompts, params, audio, audio_lens, audio_embeds, use_cache, device)
+                # The perception (a NeMo or transformers encoder) runs under the CPU layer's device mode; the
+                # generation loop, megatron's inference path included, needs none of it (see
+                # device_mode_suspended), and the mode's hook on every torch call is ~6% of a CPU rollout.
+                prompts, embeds, frames = self._prepare_prompts(prompts, audio, audio_lens, audio_embeds, device)
+                with device_mode_suspended():
+                    return self._generate(prompts, embeds, frames, params, use_cache, device)
             finally:
                 self.release()
 
@@ -367,8 +371,7 @@ class RolloutEngine:
             self.generate([[params.pad_id]], replace(params, n=1))
         return None
 
-    def _generate(self, prompts, params: SamplingParams, audio, audio_lens, audio_embeds, use_cache, device) -> RolloutBatch:
-        prompts, embeds, frames = self._prepare_prompts(prompts, audio, audio_lens, audio_embeds, device)
+    def _generate(self, prompts, embeds, frames, params: SamplingParams, use_cache, device) -> RolloutBatch:
         if any(len(p) == 0 for p in prompts):
             raise ValueError("generate: empty prompt")
         n_prompts, n = len(prompts), params.n
@@ -384,16 +387,15 @@ class RolloutEngine:
                 f"model's max_position_embeddings ({limit})"
             )
 
-        prompt_ids = torch.full((n_prompts, p_max), params.pad_id, dtype=torch.int64, device=device)
-        for i, p in enumerate(prompts):
-            prompt_ids[i, : len(p)] = torch.tensor(p, dtype=torch.int64, device=device)
-        # The prompt block the model reads and the column where each prompt ends.
         cols = torch.arange(p_max, device=device)[None, :]
+        flat = torch.tensor([t for p in prompts for t in p], dtype=torch.int64, device=device)
+        prompt_ids = torch.full((n_prompts, p_max), params.pad_id, dtype=torch.int64, device=device)
+        prompt_ids[cols < plen[:, None]] = flat  # row-major: each prompt at the start of its row
+        # The prompt block the model reads and the column where each prompt ends.
         if self.left_padded:
             pad = p_max - plen
             block = torch.full_like(prompt_ids, params.pad_id)
-            for i, p in enumerate(prompts):
-                block[i, p_max - len(p) :] = prompt_ids[i, : len(p)]
+            block[cols >= pad[:, None]] = flat  # each prompt at the end of its row
             in_prompt, prompt_end, prefill = cols >= pad[:, None], torch.full_like(plen, p_max), p_max
         else:
             pad, block = None, prompt_ids

@@ -263,8 +263,8 @@ def device_mode_suspended() -> Iterator[None]:
     """Run a block without the device mode of 3. (when it is the innermost torch function mode).
 
     Every torch call under the mode goes through its Python ``__torch_function__``: about a tenth of a CPU
-    rollout's decode step on a 135M model. The rollout engine's forwards need none of it: megatron's inference
-    path names the device through ``torch.cuda.current_device()``, which stays patched.
+    rollout's decode step on a 135M model. The rollout engine's generation loop needs none of it: megatron's
+    inference path names the device through ``torch.cuda.current_device()``, which stays patched.
     """
     if _MODE is None or torch.overrides._get_current_function_mode() is not _MODE:
         yield
