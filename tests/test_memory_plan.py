@@ -172,8 +172,9 @@ def test_quickstart_weights_grads_and_optimizer_equal_the_built_models():
 
 
 def _teacher_kept(forms: tuple[str, ...]) -> dict[str, tuple[int, dict]]:
-    """Bytes the teacher pass keeps for a full-vocabulary loss (reverse_kl) in each ``divergence_form``, scoring
-    tests/test_trainer_passes.py's 4 rollouts in micro-batches of 2, and how long their prompts are."""
+    """Bytes the teacher pass keeps for a full-vocabulary loss (reverse_kl) in each ``divergence_form`` (or, for
+    "sampled_token", with that loss), scoring tests/test_trainer_passes.py's 4 rollouts in micro-batches of 2, and
+    how long their prompts are."""
     from megatron_xopd.algo import XOPDConfig
     from megatron_xopd.trainer.passes import score_with_teacher
     from tests._models import VOCAB
@@ -183,8 +184,10 @@ def _teacher_kept(forms: tuple[str, ...]) -> dict[str, tuple[int, dict]]:
     out = {}
     for form in forms:
         r = _rollouts(student)
-        score_with_teacher(teacher, r, 2, VOCAB, XOPDConfig(lam=0.5, loss="reverse_kl", divergence_form=form))
-        kept = {"hidden": r.teacher_hidden, "logits": r.teacher_logits}
+        loss = "sampled_token" if form == "sampled_token" else "reverse_kl"
+        score_with_teacher(teacher, r, 2, VOCAB, XOPDConfig(lam=0.5, loss=loss,
+                                                             divergence_form="linear" if loss != "reverse_kl" else form))
+        kept = {"hidden": r.teacher_hidden, "logits": r.teacher_logits, "head": r.teacher_head}
         out[form] = ({k: sum(t.numel() * t.element_size() for t in (v if isinstance(v, list) else [v]))
                       for k, v in kept.items() if v is not None},
                      {"prompt": max(len(p) for p in r.teacher_prompts), "new": r.responses.shape[1]})
@@ -199,10 +202,20 @@ def test_plan_keeps_what_the_teacher_pass_keeps_in_each_divergence_form():
     from megatron_xopd.models.memory import Workload, plan_memory
     from tests.test_trainer_passes import _configs
 
-    measured = run_distributed(_teacher_kept, 1, ("linear", "logits"), tp=1)[0]
+    measured = run_distributed(_teacher_kept, 1, ("linear", "logits", "sampled_token"), tp=1)[0]
     student, teacher = _configs()
+    # the sampled-token loss keeps only the log-probs, and its teacher pass builds no logits: the head runs on the
+    # response rows of the hidden states
+    kept, shape = measured["sampled_token"]
+    assert kept == {}
+    work = Workload(prompts=2, n_samples=1, modalities=2, prompt_tokens=shape["prompt"], new_tokens=shape["new"],
+                    micro_batch=2, loss="sampled_token")
+    plan = plan_memory(student, teacher, Layout(ParallelConfig(), 1), work, 1 << 40)
+    lines = {line.name for phase in plan.phases for line in phase.lines}
+    assert "teacher hidden states" in lines and not {"teacher logits", "teacher logits kept", "teacher hidden kept"} & lines
     for form, name, kind in (("linear", "teacher hidden kept", "hidden"), ("logits", "teacher logits kept", "logits")):
         kept, shape = measured[form]
+        kept.pop("head", None)  # the linear form's reference to the teacher's head shard (no bytes of its own)
         assert set(kept) == {kind}
         work = Workload(prompts=2, n_samples=1, modalities=2, prompt_tokens=shape["prompt"], new_tokens=shape["new"],
                         micro_batch=2, loss="reverse_kl", divergence_form=form)

@@ -419,9 +419,10 @@ def _plan_stage(student, teacher, layout: Layout, work: Workload, gpu_bytes: int
         Line("sampling logits", sample_logits, f"R x V/t x ({wb} + 8) B (last-position logits, fp32 sampler temporaries)"),
     ])
 
-    # teacher scoring: the teacher resident, micro-batches of b rollouts through a no-grad forward.
+    # teacher scoring: the teacher resident, micro-batches of b rollouts through a no-grad forward. The sampled-token
+    # loss and the linear form take the teacher's hidden states; its head runs on response rows, chunk by chunk.
     b, s = work.micro_batch, work.seq_len
-    if linear:
+    if linear or work.loss == "sampled_token":
         t_out = Line("teacher hidden states", ((b * s + b * n_new) * h_t * tb + chunk * (tb + 2 * FP32)) if last else 0,
                      f"(b s + b N) x H_t x {tb} B (hidden states, response rows) + a logits chunk of 2^25 values "
                      f"({tb} B + 2 fp32 temporaries)")
@@ -445,10 +446,10 @@ def _plan_stage(student, teacher, layout: Layout, work: Workload, gpu_bytes: int
         head_copy = v_local * h_t * tb if work.offload_teacher else 0
         loss_line = Line(
             "loss buffers",
-            (2 * (b * s + b * n_new) * h * wb + b * n_new * h_t * tb + chunk * (5 * FP32 + 3 * wb) + head_grad
+            (2 * (b * s + b * n_new) * h * wb + b * n_new * h_t * tb + chunk * (5 * FP32 + 2 * wb) + head_grad
              + head_copy) if last else 0,
             f"2 x (b s + b N) x h x {wb} B (hidden states, response rows, their grads) + teacher micro-batch "
-            f"b N H_t x {tb} B + 2^25-value chunks (5 fp32 + 3 x {wb} B)"
+            f"b N H_t x {tb} B + 2^25-value chunks (at most 5 fp32 + 2 x {wb} B)"
             + (" + fp32 head-shard grad V/t x h" if head_grad else "")
             + (" + the offloaded teacher's head shard V/t x H_t" if head_copy else ""))
     else:

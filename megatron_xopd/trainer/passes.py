@@ -19,7 +19,14 @@ from megatron.core.pipeline_parallel import get_forward_backward_func
 from megatron.core.utils import get_model_config
 
 from ..algo import LOSS_FUNCTIONS, LossInputs, LossStats, PackedSequences, Rollouts, XOPDConfig, pack_sequences
-from ..algo import clear_teacher_scores, store_teacher_scores, student_outputs_hidden, teacher_keeps, teacher_scores
+from ..algo import (
+    clear_teacher_scores,
+    store_teacher_scores,
+    student_outputs_hidden,
+    teacher_keeps,
+    teacher_reads_hidden,
+    teacher_scores,
+)
 from ..data.dataset import pad_along_time
 from ..models.head import hidden_states_output
 from ..runtime.device import current_device
@@ -122,8 +129,8 @@ def score_with_teacher(
     keep = teacher_keeps(cfg)
     batches = pad_for_expert_parallelism(
         teacher, micro_batches(rollouts, torch.arange(len(rollouts)), micro_batch_size, teacher=True))
-    with hidden_states_output(teacher) if keep == "hidden" else contextlib.nullcontext() as head:
-        clear_teacher_scores(rollouts, head)
+    with hidden_states_output(teacher) if teacher_reads_hidden(keep) else contextlib.nullcontext() as head:
+        clear_teacher_scores(rollouts, head if keep == "hidden" else None)  # the head the loss reads
 
         def collect(mb: MicroBatch, output: torch.Tensor):
             store_teacher_scores(rollouts, mb.rows, teacher_scores(output, mb.packed, keep, text_vocab_size, cfg, head))
