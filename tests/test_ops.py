@@ -11,6 +11,7 @@ from megatron_xopd.ops import (
     KINDS,
     fused_linear_divergence,
     fused_linear_divergence_loss,
+    fused_linear_logprobs,
     vocab_parallel_divergence,
     vocab_parallel_logprobs,
     vocab_parallel_topk_divergence,
@@ -191,6 +192,29 @@ def test_fused_linear_loss_chunk_buffers_and_gradient_written_over_the_logits(ki
     torch.testing.assert_close(value.double(), expected.detach(), rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(h.grad.double(), h2.grad, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(w.grad.double(), w2.grad, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_fused_linear_logprobs_and_gradients_equal_the_reference(dtype):
+    """Log-probs of the targets from hidden states through the head (padding rows of the head ignored), and their
+    gradients w.r.t. both, equal the float64 full-vocabulary reference; no gradient work under no_grad."""
+    gen = torch.Generator().manual_seed(11)
+    h0, w0 = torch.randn(N, 6, generator=gen, dtype=torch.float64), torch.randn(V, 6, generator=gen).double()
+    targets = torch.randint(0, V - 2, (N,), generator=gen)
+    upstream = torch.rand(N, generator=gen, dtype=torch.float64)
+    h, w = h0.to(dtype).clone().requires_grad_(), w0.to(dtype).clone().requires_grad_()
+    lp = fused_linear_logprobs(h, w, targets, vocab_size=V - 2, temperature=1.3, chunk_size=3)
+    (lp * upstream.to(lp.dtype)).sum().backward()
+    h2, w2 = h0.clone().requires_grad_(), w0.clone().requires_grad_()
+    expected, _ = ref.logprobs(h2 @ w2.t(), targets, 1.3, V - 2)
+    (expected * upstream).sum().backward()
+    tol = dict(rtol=1e-10, atol=1e-12) if dtype == torch.float64 else dict(rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(lp.double(), expected.detach(), **tol)
+    torch.testing.assert_close(h.grad.double(), h2.grad, **tol)
+    torch.testing.assert_close(w.grad.double(), w2.grad, **tol)
+    assert bool((w.grad[V - 2 :] == 0).all())  # padding rows of the head get no gradient
+    with torch.no_grad():
+        assert fused_linear_logprobs(h, w, targets, vocab_size=V - 2).grad_fn is None
 
 
 def test_fused_linear_bf16():

@@ -13,6 +13,7 @@ import torch.distributed as dist
 from megatron_xopd.ops import (
     fused_linear_divergence,
     fused_linear_divergence_loss,
+    fused_linear_logprobs,
     vocab_parallel_divergence,
     vocab_parallel_logprobs,
     vocab_parallel_topk_divergence,
@@ -106,6 +107,11 @@ def _tp_checks(group_name: str) -> dict:
     )
     (lp * UPSTREAM + entropy).sum().backward()
     out["logprobs"] = [_out(lp), _out(entropy), _out(x.grad)]
+    # The targets' log-probs from hidden states through the head shard (3 chunks of 2 tokens); vocabulary 9.
+    h, w = h_s.detach().clone().requires_grad_(), w_s[cols].clone().requires_grad_()
+    lp = fused_linear_logprobs(h, w, ids[:, 1], group, vocab_size=9, temperature=TEMPERATURE, chunk_size=2)
+    (lp * UPSTREAM).sum().backward()
+    out["linear_logprobs"] = [_out(lp), _out(h.grad), _out(w.grad)]
     out["collectives"] = _collectives(s[:, cols], t[:, cols], group)
     return out
 
@@ -150,6 +156,10 @@ def _expected() -> dict[str, list[torch.Tensor]]:
     lp, entropy = ref.logprobs(x, ids[:, 1], TEMPERATURE, 9)
     (lp * UPSTREAM + entropy).sum().backward()
     expected["logprobs"] = [lp.detach(), entropy.detach(), x.grad]
+    h, w = h_s.detach().clone().requires_grad_(), w_s.detach().clone().requires_grad_()
+    lp, _ = ref.logprobs(h @ w.t(), ids[:, 1], TEMPERATURE, 9)
+    (lp * UPSTREAM).sum().backward()
+    expected["linear_logprobs"] = [lp.detach(), h.grad, w.grad]
     return expected
 
 
@@ -166,7 +176,7 @@ def _tolerance(name: str, expected: torch.Tensor) -> dict[str, float]:
 def _shard_dim(name: str, i: int) -> int | None:
     """Which output is a vocabulary shard (and along which dim): the logits' gradient (dim 1) and the output
     weight's (dim 0). Per-token outputs and the replicated hidden state's gradient are full on every rank."""
-    if name in ("linear", "linear_loss"):
+    if name in ("linear", "linear_loss", "linear_logprobs"):
         return 0 if i == 2 else None
     return 1 if i == (2 if name == "logprobs" else 1) else None
 

@@ -56,14 +56,18 @@ def _topk_reference(lam: float, loss_kind: str):
 
 @pytest.mark.parity
 @pytest.mark.slow
-@pytest.mark.parametrize("layout,sp", [({"tp": 1}, False), ({"tp": 2}, False), ({"tp": 2}, True), ({"tp": 1, "pp": 2}, False)],
-                         ids=["tp1", "tp2", "tp2-sp", "pp2"])
-def test_fused_linear_reverse_kl_equals_hand_computation(layout, sp):
+@pytest.mark.parametrize("loss_kind,layout,sp", [
+    ("reverse_kl", {"tp": 1}, False), ("reverse_kl", {"tp": 2}, True), ("reverse_kl", {"tp": 1, "pp": 2}, False),
+    ("sampled_token", {"tp": 2}, False), ("sampled_token", {"tp": 1, "pp": 2}, False), ("sft", {"tp": 1}, False),
+], ids=["reverse_kl-tp1", "reverse_kl-tp2-sp", "reverse_kl-pp2", "sampled_token-tp2", "sampled_token-pp2", "sft-tp1"])
+def test_linear_form_equals_hand_computation(loss_kind, layout, sp):
     """The linear form's loss, teacher log-probs and gradients equal the hand computation (float32, 1e-5), as the
-    logits form's do (tests/test_trainer_passes.py); with sequence parallelism the hidden states are gathered."""
-    reference = run_distributed(_hand_reference, 1, 0.5, "reverse_kl", tp=1)[0]
+    logits form's do (tests/test_trainer_passes.py): the full-vocabulary reverse KL, and the sampled tokens'
+    log-probs of the sampled-token and SFT losses, from hidden states through the head shards; with sequence
+    parallelism the hidden states are gathered."""
+    reference = run_distributed(_hand_reference, 1, 0.5, loss_kind, tp=1)[0]
     world = layout["tp"] * layout.get("pp", 1)
-    result = run_distributed(_pipeline, world, 0.5, "reverse_kl", 3, False, sp, "linear", **layout)[-1]
+    result = run_distributed(_pipeline, world, 0.5, loss_kind, 3, False, sp, "linear", **layout)[-1]
     _assert_matches(result, reference)
 
 

@@ -10,7 +10,7 @@ from .loss import (
     rollout_weights,
     sampled_token_loss,
     sft_loss,
-    student_outputs_hidden,
+    reads_hidden,
     teacher_keeps,
     token_advantages,
     topk_loss,
@@ -18,7 +18,7 @@ from .loss import (
 )
 from .metrics import LossStats, rollout_sums, step_metrics
 from .rollouts import Rollouts
-from .teacher import TeacherScores, clear_teacher_scores, store_teacher_scores, teacher_reads_hidden, teacher_scores
+from .teacher import TeacherScores, clear_teacher_scores, store_teacher_scores, teacher_scores
 from .sequences import PackedSequences, pack_sequences, response_logits, response_logprobs
 
 __all__ = [
@@ -42,9 +42,8 @@ __all__ = [
     "rollout_weights",
     "sampled_token_loss",
     "sft_loss",
-    "student_outputs_hidden",
+    "reads_hidden",
     "teacher_keeps",
-    "teacher_reads_hidden",
     "topk_loss",
     "step_metrics",
     "TeacherScores",

@@ -19,8 +19,9 @@ class XOPDConfig:
     # sampled_token (paper) | reverse_kl | jsd | topk_reverse_kl | topk_forward_kl (against the teacher's top-k and
     # a tail bucket) | sft (log-likelihood of the responses)
     loss: str = "sampled_token"
-    # reverse_kl / jsd from the final hidden states through the output-layer shards, chunked over tokens (linear:
-    # no [rows, length, V/TP] logits kept), or from the models' logits (logits: the teacher's kept per row)
+    # linear: every loss but the topk_* ones reads both models' final hidden states through their output-layer
+    # shards, chunked over tokens, on the response positions only (no [rows, length, V/TP] logits built or kept);
+    # logits: from the models' logits (reverse_kl / jsd keep the teacher's per row)
     divergence_form: str = "linear"
     topk: int = 32  # teacher tokens kept per position by the topk_* losses (the rest is one tail bucket)
     # on_policy: n student samples | teacher_greedy: the teacher's greedy answer to T | transcript: T's text itself

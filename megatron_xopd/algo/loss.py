@@ -12,7 +12,8 @@ data-parallel ranks reproduces the per-modality means exactly: the loss is -sum_
 The variants replace r*A by an exact per-token divergence of the student from the teacher over the whole
 (vocab-parallel) vocabulary: ``reverse_kl`` (KL(student || teacher)) or ``jsd`` (generalised JSD, TRL's beta); by
 default (``divergence_form="linear"``) from both models' final hidden states through their output-layer shards,
-chunk by chunk, so no [rows, length, V/TP] logits are kept. ``topk_reverse_kl`` / ``topk_forward_kl`` compare the
+chunk by chunk, so no [rows, length, V/TP] logits are kept (the sampled-token and SFT losses read their
+log-probs the same way). ``topk_reverse_kl`` / ``topk_forward_kl`` compare the
 student with the teacher's top-k tokens plus one tail bucket for the rest of the vocabulary.
 
 The paper's baselines run through the same weights: ``loss="sft"`` maximises log p_theta(y_t) of given responses,
@@ -29,7 +30,12 @@ from typing import Callable
 
 import torch
 
-from ..ops import fused_linear_divergence_loss, vocab_parallel_divergence, vocab_parallel_topk_divergence
+from ..ops import (
+    fused_linear_divergence_loss,
+    fused_linear_logprobs,
+    vocab_parallel_divergence,
+    vocab_parallel_topk_divergence,
+)
 from .config import XOPDConfig
 from .sequences import PackedSequences, response_logits, response_logprobs
 
@@ -118,10 +124,22 @@ class LossOutput:
     ratio: torch.Tensor | None = None  # [b, L] r_t = p_theta / p_old (sampled-token loss only), detached
 
 
+def student_logprobs(x: LossInputs) -> torch.Tensor:
+    """log p_theta of the response tokens [b, L]: from the logits, or (``head_weight`` given) from the final hidden
+    states at the response positions through the head shard, chunk by chunk."""
+    if x.head_weight is None:
+        return response_logprobs(x.logits, x.packed, x.text_vocab_size)
+    hidden = response_logits(x.logits, x.packed)
+    b, length, width = hidden.shape
+    targets = x.packed.response_tokens.to(hidden.device).reshape(-1)
+    return fused_linear_logprobs(hidden.reshape(b * length, width), x.head_weight, targets,
+                                 vocab_size=x.text_vocab_size).view(b, length)
+
+
 def sft_loss(x: LossInputs, cfg: XOPDConfig) -> LossOutput:
     """Supervised fine-tuning on given responses (offline KD, speech alignment), maximised:
     x_jt = log p_theta(y_jt),  loss = -sum_j c_j sum_t x_jt."""
-    terms = response_logprobs(x.logits, x.packed, x.text_vocab_size) * x.mask
+    terms = student_logprobs(x) * x.mask
     return LossOutput(weighted_loss(terms, x.mask, x.weights, maximise=True), terms)
 
 
@@ -129,7 +147,7 @@ def sampled_token_loss(x: LossInputs, cfg: XOPDConfig) -> LossOutput:
     """The paper's X-OPD loss (Eqs. 1-5), maximised:
     x_jt = r_jt * A_jt,  r_jt = p_theta(y_jt) / p_old(y_jt),  A_jt = log p_teacher(y_jt | T) - log p_old(y_jt),
     loss = -sum_j c_j sum_t x_jt (PPO-clipped with ``xopd.clip_ratio``)."""
-    new_logprobs = response_logprobs(x.logits, x.packed, x.text_vocab_size)
+    new_logprobs = student_logprobs(x)
     advantages = token_advantages(x.teacher_logprobs, x.old_logprobs)
     terms, ratio = policy_gradient_terms(new_logprobs, x.old_logprobs, advantages, x.mask, cfg.clip_ratio)
     return LossOutput(weighted_loss(terms, x.mask, x.weights, maximise=True), terms, ratio)
@@ -198,6 +216,7 @@ def teacher_keeps(cfg: XOPDConfig) -> str:
     return "topk" if LOSS_FUNCTIONS[cfg.loss] is topk_loss else "logprobs"
 
 
-def student_outputs_hidden(cfg: XOPDConfig) -> bool:
-    """Whether the training pass takes the student's final hidden states instead of its logits."""
-    return teacher_keeps(cfg) == "hidden"
+def reads_hidden(cfg: XOPDConfig) -> bool:
+    """Whether the passes take the models' final hidden states instead of their logits (the output layer bypassed,
+    the loss applying the head shard to the response positions): the linear form, for every loss but top-k."""
+    return cfg.divergence_form == "linear" and teacher_keeps(cfg) != "topk"

@@ -27,10 +27,10 @@ def teacher_scores(
     output: torch.Tensor, packed: PackedSequences, keep: str, text_vocab_size: int, cfg: XOPDConfig,
     head: torch.Tensor | None = None,
 ) -> TeacherScores:
-    """One micro-batch's scores from the teacher's last-stage output: vocab-parallel logits [b, S, V/TP] when the
-    loss reads logits (``keep`` is ``logits`` or ``topk``), else final hidden states [b, S, H_t] with ``head`` its
-    output-layer shard (:func:`teacher_reads_hidden`), of which only the response positions go through the head."""
-    if not teacher_reads_hidden(keep):
+    """One micro-batch's scores from the teacher's last-stage output: vocab-parallel logits [b, S, V/TP], or, with
+    ``head`` its output-layer shard (:func:`megatron_xopd.algo.loss.reads_hidden`), final hidden states
+    [b, S, H_t], of which only the response positions go through the head."""
+    if head is None:
         scores = TeacherScores(response_logprobs(output, packed, text_vocab_size))
         if keep == "logits":
             scores.logits = response_logits(output, packed)
@@ -47,13 +47,6 @@ def teacher_scores(
     logprobs = fused_linear_logprobs(hidden.reshape(b * length, width), head, targets, vocab_size=text_vocab_size)
     mask = packed.response_mask.to(logprobs.device)
     return TeacherScores(logprobs.view(b, length) * mask, hidden=hidden if keep == "hidden" else None)
-
-
-def teacher_reads_hidden(keep: str) -> bool:
-    """Whether the teacher pass bypasses the output layer (``keep`` from :func:`teacher_keeps`): every loss but
-    the logits-form and top-k ones reads only the sampled tokens' log-probs (or the hidden states), so the head runs
-    on the response positions alone, chunk by chunk, and no [b, S, V/TP] logits are built."""
-    return keep in ("hidden", "logprobs")
 
 
 def clear_teacher_scores(rollouts: Rollouts, head: torch.Tensor | None = None) -> None:

@@ -394,7 +394,9 @@ def _plan_stage(student, teacher, layout: Layout, work: Workload, gpu_bytes: int
     teacher_line = Line("teacher weights", teacher_bytes, f"{tparams.total:,} params x {_BYTES[teacher.params_dtype]} B")
     offloaded = Line("teacher weights", 0, "offloaded to host (trainer.offload_teacher)")
     full_vocab = work.loss in ("reverse_kl", "jsd")
-    linear = full_vocab and work.divergence_form == "linear"  # hidden states and head shards, logits chunk by chunk
+    # the linear form: every loss but top-k reads hidden states through the head shards, logits chunk by chunk
+    reads_hidden = work.divergence_form == "linear" and not work.loss.startswith("topk")
+    linear = full_vocab and reads_hidden
     tb, h_t, n_new = _BYTES[teacher.params_dtype], teacher.hidden_size, work.new_tokens
     # full-vocabulary losses: what the teacher pass keeps of the responses on the last stage until the training pass
     kept = []
@@ -419,10 +421,9 @@ def _plan_stage(student, teacher, layout: Layout, work: Workload, gpu_bytes: int
         Line("sampling logits", sample_logits, f"R x V/t x ({wb} + 8) B (last-position logits, fp32 sampler temporaries)"),
     ])
 
-    # teacher scoring: the teacher resident, micro-batches of b rollouts through a no-grad forward. The sampled-token
-    # loss and the linear form take the teacher's hidden states; its head runs on response rows, chunk by chunk.
+    # teacher scoring: the teacher resident, micro-batches of b rollouts through a no-grad forward.
     b, s = work.micro_batch, work.seq_len
-    if linear or work.loss == "sampled_token":
+    if reads_hidden:
         t_out = Line("teacher hidden states", ((b * s + b * n_new) * h_t * tb + chunk * (tb + 2 * FP32)) if last else 0,
                      f"(b s + b N) x H_t x {tb} B (hidden states, response rows) + a logits chunk of 2^25 values "
                      f"({tb} B + 2 fp32 temporaries)")
@@ -452,6 +453,14 @@ def _plan_stage(student, teacher, layout: Layout, work: Workload, gpu_bytes: int
             f"b N H_t x {tb} B + 2^25-value chunks (at most 5 fp32 + 2 x {wb} B)"
             + (" + fp32 head-shard grad V/t x h" if head_grad else "")
             + (" + the offloaded teacher's head shard V/t x H_t" if head_copy else ""))
+    elif reads_hidden:  # sampled-token / SFT log-probs from the hidden states (ops.fused_linear_logprobs)
+        h = student.hidden_size
+        head_grad = 0 if work.freeze_llm else v_local * h * FP32
+        loss_line = Line(
+            "loss buffers",
+            (2 * (b * s + b * n_new) * h * wb + chunk * (FP32 + wb) + head_grad) if last else 0,
+            f"2 x (b s + b N) x h x {wb} B (hidden states, response rows, their grads) + a 2^25-value logits chunk "
+            f"(fp32 + {wb} B)" + (" + fp32 head-shard grad V/t x h" if head_grad else ""))
     else:
         full, resp = b * s * v_local * wb, b * n_new * v_local * wb
         slots = 8 if full_vocab else 2

@@ -105,7 +105,61 @@ def vocab_parallel_logprobs(
     return (logprobs, entropy) if return_entropy else logprobs
 
 
-@torch.no_grad()
+class _FusedLinearLogprobs(torch.autograd.Function):
+    """Log-probs of the targets under ``softmax(hidden @ weight.T / T)``, the logits built one token chunk at a
+    time in the forward (statistics) and again in the backward (gradient), so no [N, V_local] tensor outlives a
+    chunk. The statistics of all chunks are combined over the TP group in one collective."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, targets, spec: _Spec):
+        shard, n = spec.shard, hidden.shape[0]
+        maxes = torch.full((n, 1), -math.inf, dtype=spec.dtype, device=hidden.device)
+        sums = torch.zeros(n, 2, dtype=spec.dtype, device=hidden.device)  # sum exp(s - m_local), target logit
+        if shard.valid:
+            w = weight[: shard.valid]
+            for pos, _ in row_chunks(n, None, spec.chunk_size):
+                s = scaled(hidden[pos] @ w.t(), spec.inv_temp, spec.dtype)
+                maxes[pos, 0] = m = s.amax(dim=1)
+                local, owned = local_columns(targets[pos, None], shard)
+                sums[pos, 1] = s.gather(1, local).squeeze(1).masked_fill_(~owned.squeeze(1), 0.0)
+                sums[pos, 0] = s.sub_(m[:, None]).exp_().sum(dim=1)
+        m, shift = global_max(maxes, shard)
+        sums[:, 0:1] *= shift.exp()
+        z, target_logit = shard.all_reduce(sums).unbind(1)
+        m, log_z = m[:, 0], z.log()
+        ctx.save_for_backward(hidden, weight, targets, m, log_z)
+        ctx.spec = spec
+        return (target_logit - m) - log_z
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_logprob):
+        hidden, weight, targets, m, log_z = ctx.saved_tensors
+        spec: _Spec = ctx.spec
+        shard = spec.shard
+        need_h, need_w = ctx.needs_input_grad[:2]
+        grad_h = torch.zeros_like(hidden) if need_h else None
+        grad_w = torch.zeros_like(weight, dtype=torch.promote_types(weight.dtype, torch.float32)) if need_w else None
+        if shard.valid:
+            w = weight[: shard.valid]
+            g = grad_logprob.to(spec.dtype)
+            for pos, _ in row_chunks(hidden.shape[0], None, spec.chunk_size):
+                s = scaled(hidden[pos] @ w.t(), spec.inv_temp, spec.dtype)
+                # d logprob / ds = onehot - q, times the upstream gradient and the chain rule through s / T
+                q = s.sub_(m[pos, None]).sub_(log_z[pos, None]).exp_()
+                grad_s = q.mul_(g[pos, None]).neg_()
+                local, owned = local_columns(targets[pos, None], shard)
+                grad_s.scatter_add_(1, local, g[pos, None].masked_fill(~owned, 0.0))
+                grad_s = grad_s.mul_(spec.inv_temp).to(hidden.dtype)
+                if need_h:
+                    grad_h[pos] = grad_s @ w
+                if need_w:
+                    grad_w[: shard.valid].addmm_(grad_s.t().to(grad_w.dtype), hidden[pos].to(grad_w.dtype))
+        if need_h:
+            shard.all_reduce(grad_h)  # the hidden state is replicated over the TP group: its gradient sums the shards'
+        return grad_h, None if grad_w is None else grad_w.to(weight.dtype), None, None
+
+
 def fused_linear_logprobs(
     hidden: torch.Tensor,
     weight: torch.Tensor,
@@ -117,16 +171,14 @@ def fused_linear_logprobs(
     chunk_size: int | None = None,
 ) -> torch.Tensor:
     """:func:`vocab_parallel_logprobs` of the logits ``hidden @ weight.T`` (hidden [N, H], this rank's head shard
-    [V_local, H]), built chunk by chunk so no [N, V_local] logits outlive a chunk. No gradient: it scores with
-    the frozen teacher."""
+    [V_local, H]), built chunk by chunk so no [N, V_local] logits outlive a chunk. Differentiable w.r.t. ``hidden``
+    (summed over the TP group, where it is replicated) and ``weight``; the backward rebuilds each chunk's logits."""
     if hidden.dim() != 2 or weight.dim() != 2 or hidden.shape[1] != weight.shape[1]:
         raise ValueError(f"hidden [N, H] and weight [V_local, H] must match in H, got {tuple(hidden.shape)} "
                          f"and {tuple(weight.shape)}")
     check_common(temperature, chunk_size)
-    n = hidden.shape[0]
+    shard = vocab_shard(weight.shape[0], group, vocab_size)
+    check_token_ids(targets, (hidden.shape[0],), "targets", shard.vocab_size)
     chunk_size = default_chunk_size(chunk_size, weight.shape[0], hidden.device, linear=True)
-    out = torch.zeros(n, dtype=compute_dtype(hidden, weight), device=hidden.device)
-    for pos, _ in row_chunks(n, None, chunk_size):
-        logits = hidden[pos] @ weight.t()
-        out[pos] = vocab_parallel_logprobs(logits, targets[pos], group, vocab_size=vocab_size, temperature=temperature)
-    return out
+    spec = _Spec(1.0 / temperature, chunk_size, shard, compute_dtype(hidden, weight), False)
+    return _FusedLinearLogprobs.apply(hidden, weight, targets.to(torch.int64), spec)

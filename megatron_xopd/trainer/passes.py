@@ -22,9 +22,8 @@ from ..algo import LOSS_FUNCTIONS, LossInputs, LossStats, PackedSequences, Rollo
 from ..algo import (
     clear_teacher_scores,
     store_teacher_scores,
-    student_outputs_hidden,
+    reads_hidden,
     teacher_keeps,
-    teacher_reads_hidden,
     teacher_scores,
 )
 from ..data.dataset import pad_along_time
@@ -129,7 +128,7 @@ def score_with_teacher(
     keep = teacher_keeps(cfg)
     batches = pad_for_expert_parallelism(
         teacher, micro_batches(rollouts, torch.arange(len(rollouts)), micro_batch_size, teacher=True))
-    with hidden_states_output(teacher) if teacher_reads_hidden(keep) else contextlib.nullcontext() as head:
+    with hidden_states_output(teacher) if reads_hidden(cfg) else contextlib.nullcontext() as head:
         clear_teacher_scores(rollouts, head if keep == "hidden" else None)  # the head the loss reads
 
         def collect(mb: MicroBatch, output: torch.Tensor):
@@ -161,7 +160,7 @@ def train_pass(
     batches = pad_for_expert_parallelism(model, micro_batches(rollouts, rows, micro_batch_size, teacher=False))
     scale = len(batches) * parallel_state.get_data_parallel_world_size() * minibatches
     loss_kind = LOSS_FUNCTIONS[cfg.loss]
-    hidden = student_outputs_hidden(cfg)
+    hidden = reads_hidden(cfg)
 
     def loss_fn(mb: MicroBatch, output: torch.Tensor):
         device = output.device
