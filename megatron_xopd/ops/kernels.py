@@ -105,9 +105,9 @@ def divergence_stats(
     e_t = torch.sub(t, m_t[:, None], out=b).exp_()
     z_t = e_t.sum(dim=1)
     if kind == REVERSE_KL:
-        expect = e_s.mul_(torch.sub(s, t, out=b)).sum(dim=1)
+        expect = torch.linalg.vecdot(e_s, torch.sub(s, t, out=b))
     elif kind == FORWARD_KL:
-        expect = e_t.mul_(torch.sub(t, s, out=a)).sum(dim=1)
+        expect = torch.linalg.vecdot(e_t, torch.sub(t, s, out=a))
     else:
         expect = torch.zeros_like(z_s)
     return torch.stack([m_s, m_t, z_s, z_t, expect], dim=1)
@@ -189,18 +189,11 @@ def divergence_grad(
     # The gradient is built in ``out`` itself when it has the chunk's shape and the compute dtype (no copy; ``out``
     # may be ``s``, which is read first).
     direct = rows is None and out.dtype == state.dtype and out.shape == s.shape
-    log_q, log_p = _log_probs(s, t, inv_temp, state, work, out if direct else None)
-    stat = state[:, 4, None]
+    g = gscale[:, None] if isinstance(gscale, torch.Tensor) else gscale
     if kind == REVERSE_KL:
-        coef = torch.sub(log_q, log_p, out=log_p).sub_(stat)  # log q - log p - KL
-        grad = log_q.exp_().mul_(coef)
-    elif kind == FORWARD_KL:
-        grad = log_q.exp_().sub_(log_p.exp_())  # q - p
+        grad = _reverse_kl_grad(s, t, inv_temp, state, g, work, out if direct else None)
     else:
-        log_m = log_mixture(log_q, log_p, beta, work.like(4, s, state.dtype), log_p)
-        coef = torch.sub(log_q, log_m, out=log_m).sub_(stat).mul_(1.0 - beta)  # (1 - beta)(log q - log M - C)
-        grad = log_q.exp_().mul_(coef)
-    grad.mul_(gscale[:, None] if isinstance(gscale, torch.Tensor) else gscale)
+        grad = _mixture_grad(s, t, inv_temp, state, g, kind, beta, work, out if direct else None)
     valid = s.shape[1]
     if direct:
         return
@@ -210,6 +203,34 @@ def divergence_grad(
     else:
         out[rows, :valid] = grad.to(out.dtype)
         out[rows, valid:] = 0
+
+
+def _reverse_kl_grad(s, t, inv_temp: float, state: torch.Tensor, g, work: Workspace, out: torch.Tensor | None):
+    """q (log q - log p - KL) g, written as exp((s - m_s) - log Z_s) ((s - t) - c) g with one row constant
+    c = (m_s - m_t) + (log Z_s - log Z_t + KL): seven passes over the chunk and two buffers (or ``out``). The
+    maxima are subtracted before anything small is added, as in :func:`_log_probs`: large logits lose no digits."""
+    dtype = state.dtype
+    s_ = _scaled_in(work, 0, s, inv_temp, dtype)
+    t_ = _scaled_in(work, 1, t, inv_temp, dtype)
+    m_s, log_z_s, m_t, log_z_t, kl = (state[:, i, None] for i in range(5))
+    row = (m_s - m_t) + ((log_z_s - log_z_t) + kl)
+    coef = torch.sub(s_, t_, out=work.like(3, s_, dtype)).sub_(row).mul_(g)  # before ``out`` (maybe s) is written
+    q = torch.sub(s_, m_s, out=work.like(2, s_, dtype) if out is None else out).sub_(log_z_s).exp_()
+    return q.mul_(coef)
+
+
+def _mixture_grad(s, t, inv_temp: float, state: torch.Tensor, g, kind: str, beta: float, work: Workspace,
+                  out: torch.Tensor | None):
+    """Forward KL (q - p) and JSD ((1 - beta) q (log q - log M - C)) gradients, times ``g``."""
+    log_q, log_p = _log_probs(s, t, inv_temp, state, work, out)
+    stat = state[:, 4, None]
+    if kind == FORWARD_KL:
+        grad = log_q.exp_().sub_(log_p.exp_())  # q - p
+    else:
+        log_m = log_mixture(log_q, log_p, beta, work.like(4, s, state.dtype), log_p)
+        coef = torch.sub(log_q, log_m, out=log_m).sub_(stat).mul_(1.0 - beta)  # (1 - beta)(log q - log M - C)
+        grad = log_q.exp_().mul_(coef)
+    return grad.mul_(g)
 
 
 def scale_rows(x: torch.Tensor, g: torch.Tensor, rows: torch.Tensor | None = None) -> None:
