@@ -66,8 +66,10 @@ def check(args: argparse.Namespace, device: str = "cuda") -> dict:
                          family="qwen3", max_position_embeddings=args.prompt + args.new, params_dtype="bfloat16")
     layout = Layout(parallel, 1)
     flash = uses_transformer_engine(cfg)
+    # the logits form: the measured pass below takes the log-probs from the output layer's logits
     train_work = Workload(prompts=args.micro_batch, n_samples=1, modalities=1, prompt_tokens=args.prompt,
-                          new_tokens=args.new, micro_batch=args.micro_batch, flash_attention=flash)
+                          new_tokens=args.new, micro_batch=args.micro_batch, flash_attention=flash,
+                          divergence_form="logits")
     rollout_work = Workload(prompts=args.prompts, n_samples=args.n, modalities=1, prompt_tokens=args.prompt,
                             new_tokens=args.new, micro_batch=args.micro_batch, flash_attention=flash)
     model = build_gpt_model(cfg).to(device)
