@@ -105,9 +105,9 @@ def divergence_stats(
     e_t = torch.sub(t, m_t[:, None], out=b).exp_()
     z_t = e_t.sum(dim=1)
     if kind == REVERSE_KL:
-        expect = torch.linalg.vecdot(e_s, torch.sub(s, t, out=b))
+        expect = e_s.mul_(torch.sub(s, t, out=b)).sum(dim=1)
     elif kind == FORWARD_KL:
-        expect = torch.linalg.vecdot(e_t, torch.sub(t, s, out=a))
+        expect = e_t.mul_(torch.sub(t, s, out=a)).sum(dim=1)
     else:
         expect = torch.zeros_like(z_s)
     return torch.stack([m_s, m_t, z_s, z_t, expect], dim=1)
