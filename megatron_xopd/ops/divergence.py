@@ -289,7 +289,7 @@ class _FusedLinearDivergence(torch.autograd.Function):
         if valid:
             for pos, idx in row_chunks(state.shape[0], rows, spec.chunk_size):
                 s, t, _ = load(idx)
-                # The gradient overwrites the student logits chunk (read before it is written; see the slot note at the top).
+                # The gradient overwrites the student logits chunk (see the note on the slots at the top).
                 kernels.divergence_grad(s, t, spec.inv_temp, state[pos], gscale[pos], spec.kind, spec.beta, s, work)
                 _add_head_grads(s, idx, h_s, w_s, valid, grad_h, grad_w)
         if need_h:
@@ -336,7 +336,7 @@ class _FusedLinearDivergenceLoss(torch.autograd.Function):
             values[pos] = value
             if (need_h or need_w) and valid:
                 s, t, _ = chunk  # the linear loader builds the chunk's own rows (no row index)
-                # The gradient overwrites the student logits chunk (read before it is written; see the slot note at the top).
+                # The gradient overwrites the student logits chunk (see the note on the slots at the top).
                 kernels.divergence_grad(s, t, spec.inv_temp, state, gscale[pos], spec.kind, spec.beta, s, work)
                 _add_head_grads(s, idx, h_s, w_s, valid, grad_h, grad_w)
         if need_h:

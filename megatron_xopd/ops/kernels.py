@@ -194,9 +194,9 @@ def divergence_grad(
         grad = _reverse_kl_grad(s, t, inv_temp, state, g, work, out if direct else None)
     else:
         grad = _mixture_grad(s, t, inv_temp, state, g, kind, beta, work, out if direct else None)
-    valid = s.shape[1]
     if direct:
         return
+    valid = s.shape[1]
     if rows is None:
         out[:, :valid].copy_(grad)
         out[:, valid:].zero_()
