@@ -18,7 +18,7 @@ from torch.utils.data import DataLoader
 from .cuts import (BadCutError, CutStats, answer, check_entry, load_audio, load_encoder_features,
                    reference_response, text_prompt)
 from .nemo_config import located
-from .tokenizer import format_prompt
+from .prompt_format import LocatorFormat, PromptFormat, student_format
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
@@ -33,8 +33,9 @@ class PairedPromptDataset(torch.utils.data.Dataset):
 
     * ``cut_ids``: ``list[str]``; ``text_prompts``: ``list[str]``; ``answers``: ``list[str | None]``;
       ``responses``: ``list[str | None]``, the reference responses (:func:`.cuts.reference_response`);
-    * ``text_prompt_ids`` / ``speech_prompt_ids``: ``list[list[int]]``, chat-formatted with a generation prompt;
-      the speech prompt holds the audio-locator token where the speech embeddings go;
+    * ``text_prompt_ids`` / ``speech_prompt_ids``: ``list[list[int]]``, the student's T and S prompts in its own
+      format (:mod:`.prompt_format`), ending in the assistant header; the speech prompt holds one audio-locator
+      token where the speech embeddings go; ``teacher_prompt_ids``: T in the teacher's own format;
     * ``speech_input="audio"``: ``audio`` float32 ``[B, T]`` (16 kHz mono, zero-padded), ``audio_lens`` int64 ``[B]``;
       ``speech_input="features"``: ``features`` float32 ``[B, F, D]`` and ``feature_lens`` int64 ``[B]``;
       ``speech_input="none"`` (text only: no speech is read, the cuts need none): neither;
@@ -50,9 +51,11 @@ class PairedPromptDataset(torch.utils.data.Dataset):
     def __init__(
         self,
         tokenizer: PreTrainedTokenizerBase,
-        audio_locator: str = "<|audio|>",
+        audio_locator: str | None = None,
         max_prompt_tokens: int = 1024,
         *,
+        student: LocatorFormat | None = None,
+        teacher: PromptFormat | None = None,
         speech_input: Literal["audio", "features", "none"] = "audio",
         sampling_rate: int = 16000,
         on_bad_cut: Literal["skip", "raise"] = "skip",
@@ -63,7 +66,10 @@ class PairedPromptDataset(torch.utils.data.Dataset):
         if on_bad_cut not in ("skip", "raise"):
             raise ValueError(f"on_bad_cut must be 'skip' or 'raise', got {on_bad_cut!r}")
         self.tokenizer = tokenizer
-        self.audio_locator = audio_locator
+        # the student's format (``tokenizer``'s family, no chat options, unless given) and the teacher's (the
+        # student's text prompts, unless given)
+        self.student = student or student_format(tokenizer, audio_locator)
+        self.teacher = teacher
         self.max_prompt_tokens = max_prompt_tokens
         self.speech_input = speech_input
         self.sampling_rate = sampling_rate
@@ -73,21 +79,24 @@ class PairedPromptDataset(torch.utils.data.Dataset):
     def _example(self, cut: Cut) -> dict[str, Any]:
         check_entry(cut)
         text = text_prompt(cut)
-        text_ids = format_prompt(self.tokenizer, text, audio=False, audio_locator=self.audio_locator)
-        if len(text_ids) > self.max_prompt_tokens:
-            too_long = f"prompt too long: {len(text_ids)} tokens > max_prompt_tokens={self.max_prompt_tokens}"
+        text_ids = self.student.text_prompt(text)
+        teacher_ids = self.teacher.text_prompt(text) if self.teacher is not None else text_ids
+        longest = max(len(text_ids), len(teacher_ids))
+        if longest > self.max_prompt_tokens:
+            too_long = f"prompt too long: {longest} tokens > max_prompt_tokens={self.max_prompt_tokens}"
             raise BadCutError(cut.id, "text_prompt", too_long)
         response = reference_response(cut)
         if response is None and self.require_response:
             raise BadCutError(cut.id, "response", "no reference response (custom 'response' or 'answer'), which "
                               "xopd.responses=reference trains on")
-        speech_ids = format_prompt(self.tokenizer, text, audio=True, audio_locator=self.audio_locator)
+        speech_ids = self.student.speech_prompt()
         speech = None
         if self.speech_input == "audio":
             speech = load_audio(cut, self.sampling_rate)
         elif self.speech_input == "features":
             speech = load_encoder_features(cut)
-        return {"id": cut.id, "text": text, "text_ids": text_ids, "speech_ids": speech_ids, "speech": speech,
+        return {"id": cut.id, "text": text, "text_ids": text_ids, "teacher_ids": teacher_ids,
+                "speech_ids": speech_ids, "speech": speech,
                 "answer": answer(cut), "response": response}
 
     def __getitem__(self, cuts: CutSet) -> dict[str, Any]:
@@ -111,6 +120,7 @@ class PairedPromptDataset(torch.utils.data.Dataset):
             "text_prompts": [ex["text"] for ex in examples],
             "text_prompt_ids": [ex["text_ids"] for ex in examples],
             "speech_prompt_ids": [ex["speech_ids"] for ex in examples],
+            "teacher_prompt_ids": [ex["teacher_ids"] for ex in examples],
             **speech,
             "answers": [ex["answer"] for ex in examples],
             "responses": [ex["response"] for ex in examples],

@@ -1,19 +1,25 @@
-"""Tokenizers of the student (speech LLM) and teacher (text LLM), and their chat-formatted prompts.
+"""Tokenizers of the student (speech LLM) and teacher (text LLM), and the check that they share the text vocabulary.
 
-The student's tokenizer is the teacher's plus one special audio-locator token, which marks where the
-encoded speech is spliced into the prompt. Distillation compares the two models' distributions over the
-same vocabulary, so the two tokenizers must agree on every other id.
+The student's tokenizer is the teacher's plus its own audio tokens: one added audio-locator token, which marks where
+the encoded speech is spliced into the prompt, or the audio tokens of a family that has its own
+(:mod:`.prompt_format`). Distillation compares the two models' distributions over the same vocabulary, so the two
+tokenizers must agree on every other id, and end the assistant's turn with the same token.
 """
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from pathlib import Path
 
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
-AUDIO_LOCATOR = "<|audio|>"
+from .prompt_format import AUDIO_LOCATOR, PromptFormat, Qwen3OmniFormat, end_of_turn_token, student_format
+
+__all__ = ["AUDIO_LOCATOR", "VocabReport", "check_end_of_turn", "check_vocab_compat", "format_prompt",
+           "load_text_tokenizer", "load_tokenizer"]
 _SHOWN_MISMATCHES = 5
+END_OF_TURN_RULE = "the end of a turn is ChatML's '<|im_end|>' where a tokenizer has it, else its EOS token"
 
 
 @dataclass(frozen=True)
@@ -24,27 +30,48 @@ class VocabReport:
     audio_locator_id: int | None
 
 
-def load_tokenizer(path: Path | str, audio_locator: str = AUDIO_LOCATOR) -> PreTrainedTokenizerBase:
-    """Load the HF tokenizer (with its chat template) at ``path`` and register ``audio_locator`` as a special token."""
+def load_text_tokenizer(path: Path | str) -> PreTrainedTokenizerBase:
+    """The HF tokenizer at ``path`` with its chat template, as it is (the teacher's). A chat template kept only in
+    the processor's ``chat_template.json`` (as multimodal checkpoints ship it) is the tokenizer's too."""
     tokenizer = AutoTokenizer.from_pretrained(str(path))
-    if audio_locator not in tokenizer.all_special_tokens:
-        # Second argument False: extend the extra/additional special tokens instead of replacing them.
-        tokenizer.add_special_tokens({"additional_special_tokens": [audio_locator]}, False)
+    processor_template = Path(path) / "chat_template.json"
+    if tokenizer.chat_template is None and processor_template.is_file():
+        tokenizer.chat_template = json.loads(processor_template.read_text())["chat_template"]
     return tokenizer
 
 
+def load_tokenizer(path: Path | str, audio_locator: str | None = AUDIO_LOCATOR) -> PreTrainedTokenizerBase:
+    """The student's tokenizer (:func:`load_text_tokenizer`) with ``audio_locator`` (None: ``<|audio|>``) registered
+    as a special token, unless the tokenizer has audio tokens of its own (Qwen3-Omni's)."""
+    tokenizer = load_text_tokenizer(path)
+    locator = audio_locator or AUDIO_LOCATOR
+    if not Qwen3OmniFormat.matches(tokenizer) and locator not in tokenizer.all_special_tokens:
+        # Second argument False: extend the extra/additional special tokens instead of replacing them.
+        tokenizer.add_special_tokens({"additional_special_tokens": [locator]}, False)
+    return tokenizer
+
+
+def _own_ids(tokenizer: PreTrainedTokenizerBase, audio_locator: str | None) -> list[int]:
+    """The student's audio-token ids (none for a tokenizer without its locator)."""
+    fmt = student_format(tokenizer, audio_locator)
+    return fmt.own_token_ids if fmt.locator in tokenizer.get_vocab() else []
+
+
 def check_vocab_compat(
-    student_tok: PreTrainedTokenizerBase, teacher_tok: PreTrainedTokenizerBase, audio_locator: str = AUDIO_LOCATOR
+    student_tok: PreTrainedTokenizerBase, teacher_tok: PreTrainedTokenizerBase, audio_locator: str | None = None
 ) -> VocabReport:
-    """Check that the two tokenizers map every id to the same token, apart from the student's audio locator.
+    """Check that the two tokenizers map every id to the same token, apart from the student's own audio tokens
+    (its locator; Qwen3-Omni's audio tokens and every id after the first of them) that the teacher lacks.
 
     Raises ``ValueError`` naming the sizes and the first mismatching ids when they differ.
     """
     student = {idx: tok for tok, idx in student_tok.get_vocab().items()}
     teacher = {idx: tok for tok, idx in teacher_tok.get_vocab().items()}
-    locator_id = student_tok.convert_tokens_to_ids(audio_locator) if audio_locator in student.values() else None
-    if locator_id is not None and teacher.get(locator_id) != audio_locator:
-        del student[locator_id]
+    own = _own_ids(student_tok, audio_locator)
+    locator = student_format(student_tok, audio_locator).locator
+    for idx in [i for i in student if own and i >= min(own)]:
+        if teacher.get(idx) != student[idx]:
+            del student[idx]
     mismatches = [
         f"id {idx}: student {student.get(idx)!r} vs teacher {teacher.get(idx)!r}"
         for idx in sorted(student.keys() | teacher.keys())
@@ -52,25 +79,34 @@ def check_vocab_compat(
     ]
     if mismatches:
         raise ValueError(
-            f"student and teacher vocabularies differ (student {len(student)} tokens, its {audio_locator!r} aside; "
+            f"student and teacher vocabularies differ (student {len(student)} tokens, its {locator!r} aside; "
             f"teacher {len(teacher)} tokens; {len(mismatches)} ids differ): "
             + "; ".join(mismatches[:_SHOWN_MISMATCHES])
         )
-    return VocabReport(shared_size=len(teacher), audio_locator_id=locator_id)
+    return VocabReport(shared_size=len(teacher), audio_locator_id=student_tok.convert_tokens_to_ids(locator)
+                       if own else None)
+
+
+def check_end_of_turn(student: PromptFormat, teacher: PromptFormat) -> int:
+    """The id of the token that ends the assistant's turn, which both tokenizers must have as the same id: the
+    responses (and the rollouts' stop token) are shared. Raises ``ValueError`` otherwise."""
+    tokens = {name: end_of_turn_token(fmt.tokenizer) for name, fmt in (("student", student), ("teacher", teacher))}
+    ids = {"student": student.end_of_turn_id, "teacher": teacher.end_of_turn_id}
+    if None in tokens.values() or tokens["student"] != tokens["teacher"] or ids["student"] != ids["teacher"]:
+        shown = ", ".join(f"{name} {tokens[name]!r} (id {ids[name]})" for name in tokens)
+        raise ValueError(f"student and teacher end the assistant's turn with different tokens ({shown}): "
+                         f"{END_OF_TURN_RULE}")
+    return ids["student"]
 
 
 def format_prompt(
-    tokenizer: PreTrainedTokenizerBase, text: str, *, audio: bool, audio_locator: str = AUDIO_LOCATOR
+    tokenizer: PreTrainedTokenizerBase, text: str, *, audio: bool, audio_locator: str | None = None
 ) -> list[int]:
-    """Token ids of a one-turn chat prompt ending in the assistant header (``add_generation_prompt=True``).
+    """Token ids of a one-turn chat prompt ending in the assistant header (``add_generation_prompt=True``), in the
+    student's own format (:func:`.prompt_format.student_format`), without chat options.
 
-    With ``audio=True`` the user message is the audio locator alone (one token) and ``text`` is not used:
+    With ``audio=True`` the user message is the audio alone (one locator token) and ``text`` is not used:
     the speech itself is spliced in by the student at the locator's position.
     """
-    messages = [{"role": "user", "content": audio_locator if audio else text}]
-    rendered = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-    # The template renders any BOS itself, so the tokenizer must not add special tokens again.
-    ids = tokenizer.encode(rendered, add_special_tokens=False)
-    if audio and ids.count(tokenizer.convert_tokens_to_ids(audio_locator)) != 1:
-        raise ValueError(f"{audio_locator!r} is not a single special token of this tokenizer: use load_tokenizer")
-    return ids
+    fmt = student_format(tokenizer, audio_locator)
+    return fmt.speech_prompt() if audio else fmt.text_prompt(text)

@@ -2,7 +2,7 @@
 collection of a step's rollouts from a batch of paired prompts."""
 
 from ..ops.sampling import SamplingParams
-from .collect import Collected, RolloutCollector, StudentPrompts, has_speech, speech_inputs
+from .collect import Collected, RolloutCollector, StudentPrompts, has_speech, speech_inputs, teacher_prompts
 from .engine import RolloutBatch, RolloutEngine, rollout_mode
 
 __all__ = [
@@ -15,4 +15,5 @@ __all__ = [
     "rollout_mode",
     "has_speech",
     "speech_inputs",
+    "teacher_prompts",
 ]

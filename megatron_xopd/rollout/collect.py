@@ -19,6 +19,7 @@ from megatron.core import parallel_state
 
 from ..algo import CROSS_MODAL, Rollouts, XOPDConfig
 from ..data.cuts import BadCutError
+from ..data.prompt_format import end_of_turn_token
 from ..models.speech import SpeechStudent, expand_audio_locators
 from ..ops.sampling import SamplingParams
 from ..runtime.device import current_device
@@ -51,6 +52,12 @@ class Collected:
 def has_speech(batch: dict[str, Any]) -> bool:
     """Whether the batch carries speech (``data.speech_input`` is not ``none``)."""
     return "features" in batch or "audio" in batch
+
+
+def teacher_prompts(batch: dict[str, Any]) -> list[list[int]]:
+    """The teacher's T prompts, in its own format; a batch made without them (one tokenizer and template for both
+    models) has the student's."""
+    return batch.get("teacher_prompt_ids", batch["text_prompt_ids"])
 
 
 def speech_inputs(batch: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -151,11 +158,8 @@ class RolloutCollector:
         return SamplingParams(greedy=True, max_new_tokens=max_new_tokens, stop_ids=self.stop_ids())
 
     def end_of_turn_id(self) -> int:
-        """ChatML's ``<|im_end|>`` when the tokenizer has it, else EOS."""
-        end_of_turn = self.tokenizer.convert_tokens_to_ids("<|im_end|>")
-        if isinstance(end_of_turn, int) and end_of_turn != self.tokenizer.unk_token_id:
-            return end_of_turn
-        return self.tokenizer.eos_token_id
+        """ChatML's ``<|im_end|>`` when the tokenizer has it, else EOS (the teacher's is the same: checked at start)."""
+        return self.tokenizer.convert_tokens_to_ids(end_of_turn_token(self.tokenizer))
 
     def stop_ids(self) -> tuple[int, ...]:
         return tuple(sorted(i for i in {self.tokenizer.eos_token_id, self.end_of_turn_id()} if i is not None))
@@ -186,7 +190,7 @@ class RolloutCollector:
             modality=torch.tensor([prompts.modality[p] for p in src]),
             prompt_index=torch.tensor([prompts.index[p] for p in src]),
             student_prompts=[expanded[p] for p in src],
-            teacher_prompts=[batch["text_prompt_ids"][prompts.index[p]] for p in src],
+            teacher_prompts=[teacher_prompts(batch)[prompts.index[p]] for p in src],
             responses=out.tokens.cpu(),
             lengths=out.lengths.cpu(),
             old_logprobs=out.logprobs.float().cpu(),
@@ -198,7 +202,7 @@ class RolloutCollector:
         """The teacher's greedy answer to each prompt's T (ending with its stop token), generated once per cut."""
         missing = [i for i, cut in enumerate(batch["cut_ids"]) if cut not in self._teacher_answers]
         # under expert parallelism a rank whose answers are all cached joins the others' generation
-        out = self.teacher_generate([batch["text_prompt_ids"][i] for i in missing],
+        out = self.teacher_generate([teacher_prompts(batch)[i] for i in missing],
                                     self.greedy(self.sampling.max_new_tokens))
         if out is not None:
             for row, i in enumerate(missing):
@@ -236,7 +240,7 @@ class RolloutCollector:
             prompt_index=torch.tensor(prompts.index),
             student_prompts=[expand_audio_locators(p, f, locator) if m == CROSS_MODAL else p
                              for p, f, m in zip(prompts.prompts, prompts.num_frames, prompts.modality)],
-            teacher_prompts=[batch["text_prompt_ids"][i] for i in prompts.index],
+            teacher_prompts=[teacher_prompts(batch)[i] for i in prompts.index],
             responses=tokens,
             lengths=torch.tensor([len(r) for r in responses]),
             old_logprobs=torch.zeros(len(responses), longest),

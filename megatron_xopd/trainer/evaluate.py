@@ -8,7 +8,7 @@ from typing import Any, Iterable
 import torch
 
 from ..algo import CROSS_MODAL, IN_MODAL
-from ..rollout import RolloutBatch, RolloutCollector, StudentPrompts, has_speech
+from ..rollout import RolloutBatch, RolloutCollector, StudentPrompts, has_speech, teacher_prompts
 from ..runtime.reduce import all_ranks_agree, reduce_over_replicas
 from .scoring import Scorer
 
@@ -58,7 +58,7 @@ def evaluate(
                 totals[key] += scorer(_decoded(tokenizer, out, row), reference)
         totals["n"] += sum(a is not None for a in answers)
         if with_teacher:
-            out = collector.teacher_generate(batch["text_prompt_ids"] if usable else [], greedy)
+            out = collector.teacher_generate(teacher_prompts(batch) if usable else [], greedy)
             for row, reference in enumerate(answers if out is not None else []):
                 if reference is not None:
                     totals["acc_teacher"] += scorer(_decoded(tokenizer, out, row), reference)

@@ -24,14 +24,13 @@ from ..algo import step_metrics
 from ..convert.sources import resolve_path
 from ..data.cuts import CutStats, load_prompt_cuts
 from ..data.dataset import PairedPromptDataset, build_dataloader
-from ..data.tokenizer import load_tokenizer
 from ..ops.sampling import SamplingParams
 from ..rollout import RolloutCollector
 from ..runtime import init_distributed, initialize_model_parallel, set_seed
 from ..runtime.device import current_device, resident
 from ..runtime.memory import peak_memory_mb, reset_peak_memory
 from ..runtime.reduce import all_ranks_agree, reduce_over_replicas
-from .build import build_models, build_optimizer, wrap_ddp
+from .build import build_models, build_optimizer, load_prompts, wrap_ddp
 from .checkpoint import CheckpointError, CheckpointSaver, find_resumable, load_checkpoint, load_model_weights
 from .config import RunConfig
 from .evaluate import evaluate
@@ -40,6 +39,7 @@ from .guard import FiniteStepGuard
 from .metrics import MetricsLogger
 from .passes import minibatch_rows, score_with_teacher, train_pass
 from .run_dir import prepare_run_dir
+from .samples import SampleWriter
 from .scoring import load_scorer
 
 log = logging.getLogger("megatron_xopd")
@@ -54,8 +54,9 @@ class XOPDTrainer:
         cfg = self.cfg = prepare_run_dir(cfg)  # logging.dir, checkpoint.dir: NeMo exp_manager's layout
         initialize_model_parallel(cfg.trainer.parallel)
         set_seed(cfg.trainer.seed)
-        self.tokenizer = load_tokenizer(str(resolve_path(cfg.model.tokenizer)), audio_locator=cfg.model.audio_locator)
-        self.models = build_models(cfg, self.tokenizer)
+        self.prompts = load_prompts(cfg)  # each model's own tokenizer and chat template, checked against each other
+        self.tokenizer = self.prompts.student.tokenizer
+        self.models = build_models(cfg, self.tokenizer, self.prompts)
         self.student, self.teacher = self.models.student, self.models.teacher
         self.offload_teacher = cfg.trainer.offload_teacher and torch.cuda.is_available()
         if self.offload_teacher:
@@ -78,10 +79,11 @@ class XOPDTrainer:
         )
         self.scorer = load_scorer(cfg.data.scorer)
         max_prompt = min(rollout.max_prompt_tokens, self.collector.prompt_limit)
-        self.dataset = PairedPromptDataset(self.tokenizer, cfg.model.audio_locator, max_prompt,
+        formats = {"student": self.prompts.student, "teacher": self.prompts.teacher}
+        self.dataset = PairedPromptDataset(self.tokenizer, max_prompt_tokens=max_prompt, **formats,
                                            speech_input=cfg.data.speech_input, on_bad_cut=cfg.data.on_bad_cut,
                                            require_response=cfg.xopd.responses == "reference")
-        self.eval_dataset = PairedPromptDataset(self.tokenizer, cfg.model.audio_locator, max_prompt,
+        self.eval_dataset = PairedPromptDataset(self.tokenizer, max_prompt_tokens=max_prompt, **formats,
                                                 speech_input=cfg.data.speech_input, on_bad_cut=cfg.data.on_bad_cut)
         self.loader = self._loader(cfg.data.train, "data.train", shuffle=cfg.data.shuffle)
         self.data_stats = CutStats()
@@ -99,6 +101,7 @@ class XOPDTrainer:
             cfg.logging.dir, enabled=dist.get_rank() == 0, tensorboard=cfg.logging.tensorboard, resume_step=self.step,
             wandb=cfg.logging.wandb, hparams=OmegaConf.to_container(OmegaConf.structured(cfg)),
         )
+        self.samples = SampleWriter(cfg.logging.dir, cfg.logging.samples, self.tokenizer, enabled=dist.get_rank() == 0)
 
     # ----------------------------------------------------------------------------------------------- data
     def _loader(self, manifest: Any, key: str, *, shuffle: bool, validation: bool = False):
@@ -221,6 +224,7 @@ class XOPDTrainer:
             self.scheduler.step(increment=1)
         self.guard.end_step(self.step + 1, updated, loss=stats.loss, grad_norm=grad_norm)
         t_train = time.perf_counter() - t0 - t_rollout - t_teacher
+        self.samples.write(self.step + 1, rollouts)  # logging.samples: readable rollouts, samples.jsonl
         on_policy = cfg.xopd.responses == "on_policy"  # the sampled-token KL estimate needs student samples
         g = reduce_over_replicas({**rollout_sums(rollouts, on_policy), **stats.sums()})
         ratio_max = reduce_over_replicas({"ratio_max": stats.ratio_max}, op=dist.ReduceOp.MAX)["ratio_max"]
@@ -347,3 +351,4 @@ class XOPDTrainer:
             if progress is not None:
                 progress.close()
             self.logger.close()
+            self.samples.close()

@@ -9,6 +9,7 @@ from pathlib import Path
 import torch
 
 from ..convert.sources import resolve_path
+from ..data.prompt_format import student_format
 from ..data.tokenizer import load_tokenizer
 from ..models import GPTModelConfig, ModelConfigError, PerceptionConfig, audio_locator_id, common_padded_vocab
 from ..models.memory import GiB, Layout, MemoryPlan, Workload, plan_memory
@@ -75,8 +76,8 @@ def run_model_configs(
     teacher = section_config(run.model.teacher, "model.teacher.llm", teacher_preset)
     tokenizer = run.model.tokenizer
     if tokenizer.startswith("builtin:") or Path(tokenizer).expanduser().exists():
-        locator = audio_locator_id(load_tokenizer(str(resolve_path(tokenizer)), audio_locator=run.model.audio_locator),
-                                   run.model.audio_locator)
+        loaded = load_tokenizer(str(resolve_path(tokenizer)), audio_locator=run.model.audio_locator)
+        locator = audio_locator_id(loaded, student_format(loaded, run.model.audio_locator).locator)
         student.vocab_size = max(student.vocab_size, locator + 1)
     padded = common_padded_vocab([student, teacher], tensor_parallel_size)
     student.padded_vocab_size = teacher.padded_vocab_size = padded
