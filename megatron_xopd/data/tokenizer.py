@@ -51,12 +51,6 @@ def load_tokenizer(path: Path | str, audio_locator: str | None = AUDIO_LOCATOR) 
     return tokenizer
 
 
-def _own_ids(tokenizer: PreTrainedTokenizerBase, audio_locator: str | None) -> list[int]:
-    """The student's audio-token ids (none for a tokenizer without its locator)."""
-    fmt = student_format(tokenizer, audio_locator)
-    return fmt.own_token_ids if fmt.locator in tokenizer.get_vocab() else []
-
-
 def check_vocab_compat(
     student_tok: PreTrainedTokenizerBase, teacher_tok: PreTrainedTokenizerBase, audio_locator: str | None = None
 ) -> VocabReport:
@@ -67,10 +61,11 @@ def check_vocab_compat(
     """
     student = {idx: tok for tok, idx in student_tok.get_vocab().items()}
     teacher = {idx: tok for tok, idx in teacher_tok.get_vocab().items()}
-    own = _own_ids(student_tok, audio_locator)
-    locator = student_format(student_tok, audio_locator).locator
-    for idx in [i for i in student if own and i >= min(own)]:
-        if teacher.get(idx) != student[idx]:
+    fmt = student_format(student_tok, audio_locator)
+    has_locator = fmt.locator in student.values()
+    if has_locator:
+        first_own = min(fmt.own_token_ids)
+        for idx in [i for i in student if i >= first_own and teacher.get(i) != student[i]]:
             del student[idx]
     mismatches = [
         f"id {idx}: student {student.get(idx)!r} vs teacher {teacher.get(idx)!r}"
@@ -79,12 +74,11 @@ def check_vocab_compat(
     ]
     if mismatches:
         raise ValueError(
-            f"student and teacher vocabularies differ (student {len(student)} tokens, its {locator!r} aside; "
+            f"student and teacher vocabularies differ (student {len(student)} tokens, its audio tokens aside; "
             f"teacher {len(teacher)} tokens; {len(mismatches)} ids differ): "
             + "; ".join(mismatches[:_SHOWN_MISMATCHES])
         )
-    return VocabReport(shared_size=len(teacher), audio_locator_id=student_tok.convert_tokens_to_ids(locator)
-                       if own else None)
+    return VocabReport(shared_size=len(teacher), audio_locator_id=fmt.locator_id if has_locator else None)
 
 
 def check_end_of_turn(student: PromptFormat, teacher: PromptFormat) -> int:
