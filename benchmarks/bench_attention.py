@@ -37,7 +37,7 @@ def _status_kib(field: str) -> int:
     raise KeyError(field)
 
 
-def _run(impl: str, seq: int, batch: int, reps: int) -> dict:
+def _run(impl: str, seq: int, batch: int, reps: int, dtype: str) -> dict:
     """One implementation in this (fresh) process: time and peak memory of forward+backward."""
     import torch
     from megatron.core.transformer.dot_product_attention import DotProductAttention
@@ -55,7 +55,8 @@ def _run(impl: str, seq: int, batch: int, reps: int) -> dict:
     set_seed(0)
     cuda = torch.cuda.is_available()
     device = "cuda" if cuda else "cpu"
-    model = build_gpt_model(GPTModelConfig(max_position_embeddings=seq, **SHAPE)).to(device).train()
+    model = build_gpt_model(GPTModelConfig(max_position_embeddings=seq, params_dtype=dtype, **SHAPE)).to(device)
+    model.train()
     cores = [m for m in model.modules() if isinstance(m, SDPAttention)]
     assert cores, "the local spec's core attention is SDPAttention"
     if impl == "unfused":
@@ -64,7 +65,7 @@ def _run(impl: str, seq: int, batch: int, reps: int) -> dict:
     gen = torch.Generator().manual_seed(1)
     ids = torch.randint(0, SHAPE["vocab_size"], (batch, seq), generator=gen).to(device)
     pos = torch.arange(seq, device=device)[None].expand(batch, -1)
-    upstream = torch.randn(batch, seq, SHAPE["vocab_size"], generator=gen).to(device)
+    upstream = torch.randn(batch, seq, SHAPE["vocab_size"], generator=gen).to(device, model.output_layer.weight.dtype)
 
     def step() -> torch.Tensor:
         model.zero_grad(set_to_none=True)
@@ -97,16 +98,18 @@ def main() -> None:
     p.add_argument("--seq", type=int, default=4096)
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--reps", type=int, default=2)
+    p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"), help="params_dtype")
     p.add_argument("--json", action="store_true", help="print one JSON line")
     p.add_argument("--impl", choices=("sdpa", "unfused"), help=argparse.SUPPRESS)  # the child process
     args = p.parse_args()
     if args.impl:
-        print(json.dumps(_run(args.impl, args.seq, args.batch, args.reps)))
+        print(json.dumps(_run(args.impl, args.seq, args.batch, args.reps, args.dtype)))
         return
-    results = {"seq": args.seq, "batch": args.batch, **{k: v for k, v in SHAPE.items() if k != "transformer_impl"}}
+    shape = {k: v for k, v in SHAPE.items() if k != "transformer_impl"}
+    results = {"seq": args.seq, "batch": args.batch, "dtype": args.dtype, **shape}
     for impl in ("sdpa", "unfused"):
         cmd = [sys.executable, __file__, "--impl", impl, "--seq", str(args.seq), "--batch", str(args.batch),
-               "--reps", str(args.reps)]
+               "--reps", str(args.reps), "--dtype", args.dtype]
         proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "PYTHONWARNINGS": "ignore"})
         if proc.returncode:
             raise RuntimeError(f"{impl}: {proc.stderr[-2000:]}")

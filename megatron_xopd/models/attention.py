@@ -119,8 +119,14 @@ class SDPAttention(DotProductAttention):
         # A given mask holds the causality too (megatron's convention); SDPA's boolean mask is True where allowed.
         allowed = None if attention_mask is None else ~attention_mask
         causal = allowed is None and sq > 1 and self.attn_mask_type == AttnMaskType.causal
+        gqa = k.shape[1] != heads
+        if gqa and q.is_cuda and (allowed is not None or q.dtype == torch.float32):
+            # CUDA's grouped-query SDPA is FlashAttention's (bf16/fp16, no mask); the memory-efficient kernel, which
+            # takes masks and float32, gets the key/value heads expanded (small next to the scores it avoids)
+            k, v = (x.repeat_interleave(heads // x.shape[1], dim=1) for x in (k, v))
+            gqa = False
         out = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=allowed, is_causal=causal, scale=self.softmax_scale, enable_gqa=k.shape[1] != heads,
+            q, k, v, attn_mask=allowed, is_causal=causal, scale=self.softmax_scale, enable_gqa=gqa,
         )
         return out.permute(2, 0, 1, 3).reshape(sq, b, heads * head_dim)
 
