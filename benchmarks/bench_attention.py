@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import socket
 import statistics
 import subprocess
 import sys
@@ -49,7 +50,6 @@ def _run(impl: str, seq: int, batch: int, reps: int, dtype: str) -> dict:
     from megatron_xopd.runtime.seed import set_seed
 
     os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1")
-    os.environ.setdefault("MASTER_PORT", str(20000 + os.getpid() % 20000))
     init_distributed()
     initialize_model_parallel(ParallelConfig())
     set_seed(0)
@@ -110,7 +110,11 @@ def main() -> None:
     for impl in ("sdpa", "unfused"):
         cmd = [sys.executable, __file__, "--impl", impl, "--seq", str(args.seq), "--batch", str(args.batch),
                "--reps", str(args.reps), "--dtype", args.dtype]
-        proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "PYTHONWARNINGS": "ignore"})
+        with socket.socket() as sock:  # a free port: the caller may hold a process group of its own
+            sock.bind(("127.0.0.1", 0))
+            port = sock.getsockname()[1]
+        env = {**os.environ, "PYTHONWARNINGS": "ignore", "MASTER_PORT": str(port)}
+        proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
         if proc.returncode:
             raise RuntimeError(f"{impl}: {proc.stderr[-2000:]}")
         results[impl] = json.loads(proc.stdout.strip().splitlines()[-1])

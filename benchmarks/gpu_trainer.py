@@ -66,11 +66,12 @@ def _gap(row: dict) -> dict:
     return {"logprob_gap_mean": row.get("logprob_gap_mean"), "logprob_gap_max": row.get("logprob_gap_max")}
 
 
-def _trainer(tmp: Path, steps: int, llm: dict | None) -> dict:
-    """Run ``steps`` trainer steps; the metrics of the last, the time per step and the peak memory."""
+def _trainer(tmp: Path, steps: int, llm: dict | None, save: bool = True) -> dict:
+    """Run ``steps`` trainer steps; the metrics of the last, the time per step and the peak memory. Without
+    ``save`` no checkpoint is written (``save_resume_bf16`` checks bf16 saves)."""
     from tests._trainer_setup import train
 
-    cfg = _config(tmp, steps, llm)
+    cfg = _config(tmp, steps, llm, **({} if save else {"checkpoint": {"dir": None}}))
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
     start = time.perf_counter()
@@ -149,7 +150,7 @@ def _fp8(tmp: Path, small: bool) -> dict:
 
     if not transformer_engine_usable():
         return {"ok": True, "skipped": "Transformer Engine is not importable (or no CUDA): no FP8 step was run"}
-    rows = train(_config(tmp, 1, dict(params_dtype="bfloat16", fp8="hybrid")))
+    rows = train(_config(tmp, 1, dict(params_dtype="bfloat16", fp8="hybrid"), checkpoint={"dir": None}))
     finite = len(rows) == 1 and math.isfinite(rows[0]["loss"])
     return {"ok": finite, "loss": rows[0]["loss"] if rows else None, "response_len_cm": rows[0].get("response_len_cm")
             if rows else None, **(_gap(rows[0]) if rows else {})}
@@ -160,7 +161,7 @@ def _offload_linear(tmp: Path) -> dict:
     (the teacher's head shard kept on the device; the Triton gradient written over the logits chunks), 2 steps."""
     from tests._trainer_setup import train
 
-    cfg = _config(tmp, 2, BF16, trainer={"offload_teacher": True}, xopd={"loss": "reverse_kl"})
+    cfg = _config(tmp, 2, BF16, trainer={"offload_teacher": True}, xopd={"loss": "reverse_kl"}, checkpoint={"dir": None})
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
     rows = train(cfg)
@@ -182,8 +183,10 @@ def _multi_gpu(tmp: Path) -> dict:
     out: dict = {"ok": True}
     layouts = {"tp2": (None, {"tensor_model_parallel_size": 2}), "ep2": (MOE_LLM, {"expert_model_parallel_size": 2})}
     for name, (llm, parallel) in layouts.items():
-        one = run_distributed(train, 1, _config(tmp / f"{name}_1", 2, llm))[0]
-        two = run_distributed(train, 2, _config(tmp / f"{name}_2", 2, llm, trainer={"parallel": parallel}))[0]
+        nosave = {"dir": None}
+        one = run_distributed(train, 1, _config(tmp / f"{name}_1", 2, llm, checkpoint=nosave))[0]
+        two = run_distributed(train, 2, _config(tmp / f"{name}_2", 2, llm, trainer={"parallel": parallel},
+                                                checkpoint=nosave))[0]
         # bf16 MoE: other reduction orders over two GPUs
         agree = _agree(two[-1], one[-1], 2e-2 if llm else 1e-3) if len(one) == len(two) == 2 else {"ok": False}
         out[name] = agree
@@ -257,7 +260,7 @@ def main() -> int:
     small = args.allow_cpu and not torch.cuda.is_available()
     sections = {
         "trainer_dense": lambda tmp: _trainer(tmp, args.steps, None),
-        "trainer_moe": lambda tmp: _trainer(tmp, args.steps, MOE_LLM),
+        "trainer_moe": lambda tmp: _trainer(tmp, args.steps, MOE_LLM, save=False),
         "rollout": lambda tmp: _rollout(args.prompts, 4 if small else args.new_tokens, small),
         "save_resume_bf16": _save_resume,
         "offload_linear": _offload_linear,
