@@ -290,10 +290,10 @@ def divergence_grad(
         raise ValueError("divergence_grad writes rows of unit column stride")
     per_row = isinstance(gscale, torch.Tensor)
     g_arg = gscale.contiguous() if per_row else state
-    inplace = _shares_memory(out, s) or _shares_memory(out, t)
-    _launch("grad_inplace" if inplace else "grad", s, n, s, t, rows_arg, state.contiguous(), g_arg, out, s.stride(0), t.stride(0),
-            out.stride(0), s.shape[1], out.shape[1], inv_temp, 1.0 if per_row else float(gscale), beta,
-            *_log_betas(beta), KIND=_KIND_IDS[kind], HAS_ROWS=has_rows, HAS_G=per_row)
+    name = "grad_inplace" if _shares_memory(out, s) or _shares_memory(out, t) else "grad"
+    _launch(name, s, n, s, t, rows_arg, state.contiguous(), g_arg, out, s.stride(0), t.stride(0), out.stride(0),
+            s.shape[1], out.shape[1], inv_temp, 1.0 if per_row else float(gscale), beta, *_log_betas(beta),
+            KIND=_KIND_IDS[kind], HAS_ROWS=has_rows, HAS_G=per_row)
 
 
 def scale_rows(x: torch.Tensor, g: torch.Tensor, rows: torch.Tensor | None = None) -> None:
