@@ -5,7 +5,8 @@ kept for the backward) and, for grouped-query attention, first copies every key/
 ``num_heads / num_query_groups`` times (``repeat_interleave``): in training at 4096 tokens that is gigabytes per
 layer, at decode time a copy of the whole KV cache per layer and step (CPU rollouts ran at ~0.6x ``transformers``).
 :class:`SDPAttention` calls ``torch.nn.functional.scaled_dot_product_attention`` with ``enable_gqa`` instead
-(FlashAttention or the memory-efficient kernel on CUDA, which keep no score matrix; the math kernel on CPU), in
+(FlashAttention or the memory-efficient kernel on CUDA, which keep no score matrix; PyTorch's flash-style CPU kernel
+or its math kernel on CPU), in
 training and inference alike, wherever its semantics are megatron's: causal without a mask, or a boolean mask
 (``True`` = masked, megatron's convention, causality included); TP and SP need nothing (each rank holds its heads,
 the whole sequence). Megatron's own code still runs attention biases, packed sequences, sliding windows, softmax
