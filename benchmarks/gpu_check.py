@@ -2,9 +2,14 @@
 
     python3 benchmarks/gpu_check.py --out "$OUT/gpu_check.json"
 
-Needs only torch and triton (no Megatron; pytest only for the first section). Sections, in order, each recorded
-even if a later one fails or the ``--budget-s`` deadline skips it:
+Needs only torch and triton (no Megatron; pytest only for the ``pytest`` section). Sections, in order, each
+recorded even if a later one fails or the ``--budget-s`` deadline skips it:
 
+0. ``inplace_repeat``: in a fresh process (no kernel tuned yet), each op twice on the same inputs, compared with
+   float64 both times: ``vocab_parallel_divergence`` (gradient recomputed and written in the forward), and the
+   fused-linear ops, whose gradient kernel writes over the student logits it reads (the autotuner must restore
+   them between its timed runs). The first call per tuning key is the autotuning one; before this section no
+   other had tuned these keys.
 1. ``pytest``: ``tests/test_ops_triton.py -k cuda`` in a subprocess (the kernel-level checks compiled on CUDA).
 2. ``unit``: the same checks (``tests.test_ops_triton._run_checks("cuda")``) in this process, errors recorded.
 3. ``bandwidth``: ``vocab_parallel_divergence`` forward+backward at ``--tokens`` x ``--vocab`` (reverse KL, forward
@@ -452,6 +457,83 @@ def sec_logprobs(ctx: Ctx, n: int, vocab: int) -> dict:
     return out
 
 
+def _repeat_child(args: argparse.Namespace) -> dict:
+    """``inplace_repeat``'s fresh process: every op twice on the same inputs, each call against float64."""
+    from megatron_xopd.ops import fused_linear_divergence, fused_linear_divergence_loss, vocab_parallel_divergence
+    from tests import _ops_reference as ref
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    n, v, hidden = args.tokens, args.vocab, args.hidden
+    gen = torch.Generator(device=device).manual_seed(21)
+    g = torch.randn(n, generator=gen, device=device)
+    out: dict = {"ok": True, "shape": {"tokens": n, "vocab": v, "hidden": hidden}, "legend": "[max_abs, rel_l2, ok]"}
+
+    def judge(name: str, got, want, dtype) -> None:
+        # bf16: rounding of the gradient (and of the fused-linear ops' bf16 logits), judged by the relative L2;
+        # fp32 head gradients sum n rows. A corrupted gradient is off by about its own size.
+        bf16_tol = 5e-2 if name.startswith("fused") else 2e-2
+        for part, a, b in zip(("value", "grad", "grad_w"), got, want):
+            c = compare(a, b, 1e-4, 1e-5)
+            if dtype == torch.bfloat16 or part == "grad_w":
+                c[2] = isinstance(c[1], float) and c[1] <= (bf16_tol if dtype == torch.bfloat16 else 1e-4)
+            out[f"{name}:{part}"] = c
+            out["ok"] = out["ok"] and c[2]
+
+    for dtype in (torch.float32, torch.bfloat16):
+        name = str(dtype).split(".")[1]
+        s, t = _inputs(n, v, dtype, device, seed=31)
+        for kind, beta in KIND_BETAS[::2]:  # reverse KL, JSD (the JSD-terms kernel too)
+            want = ref.reference_grad(
+                lambda x: ref.divergence(x, t.double(), kind, beta=beta, temperature=TEMPERATURE), s, g)
+            for where in ("bwd", "fwd"):
+                for call in (1, 2):
+                    x = s.detach().clone().requires_grad_()
+                    value = vocab_parallel_divergence(x, t, kind, beta=beta, temperature=TEMPERATURE,
+                                                      grad_in_forward=where == "fwd")
+                    value.backward(g)
+                    judge(f"logits_{name}_{kind}_{where}_call{call}", (value.detach(), x.grad), want, dtype)
+        w_scale = hidden**-0.5 * 3
+        h_s, h_t = (torch.randn(n, hidden, generator=gen, device=device).to(dtype) for _ in range(2))
+        w_s, w_t = ((torch.randn(v, hidden, generator=gen, device=device) * w_scale).to(dtype) for _ in range(2))
+        hs64, ws64 = h_s.double().requires_grad_(), w_s.double().requires_grad_()
+        value64 = ref.divergence(hs64 @ ws64.T, h_t.double() @ w_t.double().T, "reverse_kl", temperature=TEMPERATURE)
+        (value64 * g.double()).sum().backward()
+        want = (value64.detach(), hs64.grad, ws64.grad)
+        for op in ("fused_linear", "fused_linear_loss"):
+            for call in (1, 2):
+                hs, ws = h_s.detach().clone().requires_grad_(), w_s.detach().clone().requires_grad_()
+                if op == "fused_linear":
+                    value = fused_linear_divergence(hs, ws, h_t, w_t, "reverse_kl", temperature=TEMPERATURE)
+                    value.backward(g)
+                else:
+                    loss, value = fused_linear_divergence_loss(hs, ws, h_t, w_t, "reverse_kl", g,
+                                                               temperature=TEMPERATURE)
+                    loss.backward()
+                judge(f"{op}_{name}_call{call}", (value.detach(), hs.grad, ws.grad), want, dtype)
+    return out
+
+
+def sec_inplace_repeat(ctx: Ctx) -> dict:
+    """Run :func:`_repeat_child` in a fresh process (this one may have tuned kernels already)."""
+    args = ctx.args
+    cmd = [sys.executable, os.path.abspath(__file__), "--repeat-child", "--tokens", str(args.repeat_tokens),
+           "--vocab", str(args.repeat_vocab), "--hidden", str(args.repeat_hidden)]
+    if not ctx.cuda:
+        cmd.append("--allow-cpu")
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=max(60, ctx.left()))
+    lines = proc.stdout.strip().splitlines()
+    if proc.returncode not in (0, 1) or not lines:
+        ctx.fail("inplace_repeat")
+        return {"rc": proc.returncode, "tail": (proc.stdout + proc.stderr)[-1500:]}
+    res = json.loads(lines[-1])
+    failed = [k for k, val in res.items() if isinstance(val, list) and len(val) == 3 and val[2] is not True]
+    for name in failed:
+        ctx.fail(f"inplace_repeat:{name}")
+    if not res.get("ok"):
+        ctx.fail("inplace_repeat")
+    return {**res, "failed": failed}
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--out", default=None, help="also write the JSON line here")
@@ -464,8 +546,16 @@ def main() -> int:
     p.add_argument("--budget-s", type=float, default=240.0, help="skip sections not started by then")
     p.add_argument("--skip", default="", help="comma-separated sections to skip")
     p.add_argument("--allow-cpu", action="store_true", help="tiny smoke run on CPU (with TRITON_INTERPRET=1)")
+    p.add_argument("--repeat-tokens", type=int, default=512, help="tokens of the inplace_repeat section")
+    p.add_argument("--repeat-vocab", type=int, default=32768, help="vocabulary of inplace_repeat (4 configs tuned)")
+    p.add_argument("--repeat-hidden", type=int, default=512, help="hidden size of inplace_repeat's fused-linear ops")
+    p.add_argument("--repeat-child", action="store_true", help=argparse.SUPPRESS)  # inplace_repeat's process
     args = p.parse_args()
     t0 = time.monotonic()
+    if args.repeat_child:
+        result = _repeat_child(args)
+        print(json.dumps(result), flush=True)
+        return 0 if result["ok"] else 1
 
     cuda = torch.cuda.is_available()
     if not cuda and not args.allow_cpu:
@@ -476,6 +566,7 @@ def main() -> int:
             print(json.dumps({"ok": False, "error": "--allow-cpu needs TRITON_INTERPRET=1"}))
             return 2
         args.tokens, args.vocab, args.hidden, args.reps, args.ref_rows = 4, 256, 32, 1, 4
+        args.repeat_tokens, args.repeat_vocab, args.repeat_hidden = 4, 96, 16
     ctx = Ctx(args, "cuda" if cuda else "cpu")
     info = {"torch": torch.__version__, "python": sys.version.split()[0]}
     try:
@@ -517,6 +608,7 @@ def main() -> int:
     if not 0 < valid < local:
         valid = max(1, local - align)
     sections = [
+        ("inplace_repeat", lambda: sec_inplace_repeat(ctx)),  # first: a fresh process, nothing tuned before
         ("pytest", lambda: sec_pytest(ctx)),
         ("unit", lambda: sec_unit(ctx)),
         ("bandwidth", lambda: sec_bandwidth(ctx, n, v)),

@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import importlib.util
+import inspect
 import json
 import os
 import re
@@ -38,6 +39,8 @@ CHECKS = (
     ]
     + [f"tp2-{kind}-{part}" for kind, _ in _KINDS_BETA for part in ("value", "grad")]
     + ["scale-rows"]
+    + [f"autotune-{name}" for name in ("stats", "jsd", "grad", "grad-inplace", "grad-inplace-bf16", "op-linear")]
+    + ["autotune-unrestored-corrupts", "autotune-timed-configs"]
 )
 # The whole-tensor checks: an odd vocabulary (77 real columns of 80, so the interpreter's 32-column blocks end in a
 # partial one and the padding must come back as zeros), a masked row, and an upstream gradient of exactly 1 on one
@@ -131,6 +134,113 @@ def _run_checks(device: str = "cpu") -> dict[str, tuple[float, float]]:
     factors, rows = torch.tensor([-2.0, 0.5, 1.0], device=device), torch.tensor([1, 3, 2], device=device)
     triton_kernels.scale_rows(got, factors, rows)
     results["scale-rows"] = _err(got, x * torch.tensor([1.0, -2.0, 1.0, 0.5], device=device)[:, None], 0.0, 1e-7)
+    results.update(_autotune_checks(device))
+    return results
+
+
+# Enough columns for three of the autotuner's configs to survive its pruning (blocks of 1024, 2048 and 4096).
+_TUNE_COLS = 2100
+
+
+@contextlib.contextmanager
+def _autotuning(tk, runs: int = 3):
+    """Route every launch through the autotuners (CPU tensors too, interpreted) with a fresh tuning cache, each
+    config timed by ``runs`` calls on the caller's buffers (Triton's ``do_bench`` makes tens: the same hazard);
+    yields the list of timed configs. Restores the dispatch, the caches and the benchmarkers afterwards."""
+    timed: list[int] = []
+
+    def fake_bench(kernel_call, quantiles):
+        for _ in range(runs):
+            kernel_call()
+        timed.append(len(timed))
+        return [float(len(timed))] * len(quantiles)  # the first config timed wins
+
+    saved = tk._autotuned, {name: (t.cache, t.__dict__.get("do_bench")) for name, t in tk._TUNED.items()}
+    tk._autotuned = lambda x: True
+    for tuner in tk._TUNED.values():
+        tuner.cache = {}
+        tuner.do_bench = fake_bench
+    try:
+        yield timed
+    finally:
+        tk._autotuned = saved[0]
+        for name, tuner in tk._TUNED.items():
+            tuner.cache, bench = saved[1][name]
+            if bench is None:
+                del tuner.do_bench
+            else:
+                tuner.do_bench = bench
+
+
+def _autotune_checks(device: str) -> dict[str, tuple[float, float]]:
+    """Autotuned launches on the caller's buffers, every config run several times: each op's result equals the
+    fixed-block launch, its inputs are unchanged, and the gradient written over the student logits (the
+    fused-linear ops' call) is exact. The control: the same in-place call through an autotuner that does not
+    restore ``out_ptr`` is corrupted, so these checks can fail."""
+    import triton
+
+    from tests import _ops_reference as ref
+    from megatron_xopd.ops import fused_linear_divergence, kernels
+    from megatron_xopd.ops import triton_kernels as tk
+
+    results = {}
+    s, t = (x.contiguous() for x in _chunk(9, torch.float32, v=_TUNE_COLS, device=device))
+    s0, t0 = s.clone(), t.clone()
+    state = _state(s, t, 0.8)
+    gscale = torch.tensor([0.5, -1.0, 2.0], device=device)
+    want_stats = tk.divergence_stats(s, t, 0.8, "reverse_kl")
+    want_jsd = tk.jsd_terms(s, t, 0.8, state, 0.3)
+    want = torch.empty_like(s)
+    tk.divergence_grad(s, t, 0.8, state, gscale, "jsd", 0.3, want)
+    unchanged = lambda: bool(torch.equal(s, s0) and torch.equal(t, t0))  # noqa: E731
+
+    with _autotuning(tk) as timed:
+        got = tk.divergence_stats(s, t, 0.8, "reverse_kl")
+        results["autotune-stats"] = _err(got, want_stats, 1e-6, 1e-6) if unchanged() else (float("inf"), 0.0)
+        got = tk.jsd_terms(s, t, 0.8, state, 0.3)
+        results["autotune-jsd"] = _err(got, want_jsd, 1e-6, 1e-6) if unchanged() else (float("inf"), 0.0)
+        got = torch.full_like(s, torch.nan)
+        tk.divergence_grad(s, t, 0.8, state, gscale, "jsd", 0.3, got)
+        results["autotune-grad"] = _err(got, want, 1e-6, 1e-7) if unchanged() else (float("inf"), 0.0)
+        got = s.clone()  # the gradient written over the student logits it is computed from
+        tk.divergence_grad(got, t, 0.8, state, gscale, "jsd", 0.3, got)
+        results["autotune-grad-inplace"] = _err(got, want, 1e-6, 1e-7)
+        # bf16 logits, reverse KL, a per-row scale given as one number: another tuning key, also in place.
+        s16, t16 = s.to(torch.bfloat16), t.to(torch.bfloat16)
+        want16 = torch.empty_like(s16)
+        tk._KERNELS["grad"][(3,)](s16, t16, s16, state, state, want16, s16.stride(0), t16.stride(0), want16.stride(0),
+                                  _TUNE_COLS, _TUNE_COLS, 0.8, 1.5, 0.5, 0.0, 0.0, KIND=0, HAS_ROWS=False,
+                                  HAS_G=False, BLOCK=tk.INTERPRET_BLOCK)
+        got16 = s16.clone()
+        tk.divergence_grad(got16, t16, 0.8, state, 1.5, "reverse_kl", 0.5, got16)
+        results["autotune-grad-inplace-bf16"] = _err(got16, want16, 0.0, 0.0)
+        # The whole fused-linear op (its gradient is written over the logits chunk) against float64.
+        gen = torch.Generator().manual_seed(12)
+        h_s, h_t = (torch.randn(6, 16, generator=gen).to(device) for _ in range(2))
+        w_s, w_t = (torch.randn(_TUNE_COLS, 16, generator=gen).to(device) * 0.5 for _ in range(2))
+        x = h_s.clone().requires_grad_()
+        with _dispatch(kernels, True):
+            fused_linear_divergence(x, w_s, h_t, w_t, "reverse_kl").sum().backward()
+        want_h = ref.reference_grad(
+            lambda h: ref.divergence(h @ w_s.double().cpu().T, (h_t @ w_t.T).double().cpu(), "reverse_kl"),
+            h_s.double().cpu(),
+        )[1]
+        results["autotune-op-linear"] = _err(x.grad.cpu(), want_h, 1e-4, 1e-5)
+    # Three configs of every tuned key were timed (otherwise nothing above was tuned).
+    results["autotune-timed-configs"] = (0.0 if len(timed) >= 3 * 4 else float("inf"), 0.0)
+
+    unrestored = triton.autotune(tk._TUNED["grad"].configs, key=tk._GRAD_KEY,
+                                 prune_configs_by={"early_config_prune": tk._fitting})(tk._grad_kernel)
+    saved = tk._TUNED["grad_inplace"]
+    tk._TUNED["grad_inplace"] = unrestored
+    try:
+        with _autotuning(tk):
+            got = s.clone()
+            tk.divergence_grad(got, t, 0.8, state, gscale, "jsd", 0.3, got)
+    finally:
+        tk._TUNED["grad_inplace"] = saved
+    corruption = (got.double() - want.double()).abs().max().item()
+    results["autotune-unrestored-corrupts"] = (1e-3 * want.abs().max().item() - corruption, 0.0)
     return results
 
 
@@ -232,6 +342,20 @@ def interpreted() -> dict[str, list[float]]:
 def test_triton_kernel_matches_reference(interpreted, name):
     err, tol = interpreted[name]
     assert err <= tol, f"{name}: error {err:.3g} > {tol:.3g}"
+
+
+def test_every_autotuner_restores_the_buffer_its_kernel_writes():
+    """The autotuner times each config by running it on the caller's buffers: every buffer a tuned kernel stores
+    to is restored after each run, except by the gradient's out-of-place variant, which ``divergence_grad`` picks
+    only when ``out`` shares no memory with the inputs (the interpreted ``autotune-*`` checks run both)."""
+    pytest.importorskip("triton")
+    from megatron_xopd.ops import triton_kernels as tk
+
+    for name, tuner in tk._TUNED.items():
+        written = set(re.findall(r"tl\.store\((\w+)", inspect.getsource(tuner.base_fn)))
+        restored = set(tuner.restore_value) | set(tuner.reset_to_zero)
+        assert written == {"out_ptr"}, (name, written)
+        assert restored == (set() if name == "grad" else written), (name, restored)
 
 
 # Argument types by name for compiling the kernels ahead of time; "IN" is the logits' dtype.

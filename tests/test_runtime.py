@@ -95,3 +95,29 @@ def test_override_check_reports_a_changed_signature(monkeypatch):
     monkeypatch.setattr(mcore_overrides, "OVERRIDES", (changed,))
     [problem] = mcore_overrides.check_overrides()
     assert "GlobalMemoryBuffer.get_tensor" in problem and "mem_alloc_context" in problem
+
+
+def test_offloaded_module_is_copied_to_host_once_and_keeps_a_taken_head_in_place():
+    """``resident(offload=True)`` (the offloaded teacher): host buffers made once, reused by every phase, the
+    module pointed back at them on exit (no copy back: the weights are frozen), the values unchanged; a tensor
+    taken inside the block (the head shard the loss reads) keeps the storage it had there. On CPU the device copy
+    is the host buffer itself, so this checks the bookkeeping; the copies are the GPU check's."""
+    from megatron_xopd.runtime.device import resident
+
+    module = torch.nn.Linear(4, 3)
+    module.register_buffer("scale", torch.arange(3.0))
+    want = {k: v.clone() for k, v in module.state_dict().items()}
+    with resident(module, offload=False):
+        pass
+    assert "_xopd_host_copy" not in module.__dict__
+    storages = []
+    for _ in range(2):
+        with resident(module, offload=True):
+            head = module.weight.detach()
+            inside = head.untyped_storage().data_ptr()
+        storages.append(module.weight.untyped_storage().data_ptr())
+        assert head.untyped_storage().data_ptr() == inside
+        assert all(torch.equal(v, want[k]) for k, v in module.state_dict().items())
+    host = module.__dict__["_xopd_host_copy"].host
+    assert storages[0] == storages[1] == host["weight"].untyped_storage().data_ptr()
+    assert set(host) == {"weight", "bias", "scale"}

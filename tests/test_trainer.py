@@ -11,7 +11,8 @@ from megatron_xopd.testing import run_distributed
 from megatron_xopd.trainer.checkpoint import latest_checkpoint
 from tests._trainer_setup import PROMPTS, run_config, train, train_with_snapshots, write_feature_cuts
 
-REQUIRED = {"kl_cm", "kl_im", "loss", "L_im", "L_cm", "ratio_mean", "ratio_max", "response_len_cm", "response_len_im",
+REQUIRED = {"kl_cm", "kl_im", "loss", "L_im", "L_cm", "ratio_mean", "ratio_max", "logprob_gap_mean", "logprob_gap_max",
+            "response_len_cm", "response_len_im",
             "time_rollout_s", "time_teacher_s", "time_train_s", "time_step_s", "peak_mem_mb", "tokens_per_s", "lr",
             "grad_norm"}
 TIMING = {"time_rollout_s", "time_teacher_s", "time_train_s", "time_step_s", "peak_mem_mb", "tokens_per_s", "save_s",
@@ -33,6 +34,9 @@ def test_tp2_run_matches_tp1_and_logs_every_metric(tmp_path):
     assert REQUIRED <= tp1[0].keys()
     first = tp1[0]
     assert first["ratio_mean"] == pytest.approx(1.0, abs=1e-4)  # on-policy: r starts at 1
+    # the decode's log-probs and the training forward's, same weights, fp32 (SDPA in both)
+    for run in (tp1, tp2):
+        assert 0 <= run[0]["logprob_gap_mean"] <= run[0]["logprob_gap_max"] < 1e-4, run[0]
     assert first["response_len_cm"] > 0 and first["response_len_im"] > 0 and first["lr"] == pytest.approx(1e-3)
     for a, b in zip(tp1, tp2):
         for key in ("kl_cm", "kl_im", "loss", "L_im", "L_cm", "response_len_cm", "response_len_im", "grad_norm"):

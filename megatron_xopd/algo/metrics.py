@@ -25,6 +25,12 @@ class LossStats:
     ratio_sum: float = 0.0
     ratio_max: float = 0.0
     ratio_count: float = 0.0
+    # |log p_theta - log p_old| of the sampled tokens while the weights are the rollouts' (``measure_gap``, the
+    # first mini-batch): how far the training path's log-probs start from the decode's (r = 1 in exact math)
+    measure_gap: bool = True
+    gap_sum: float = 0.0
+    gap_max: float = 0.0
+    gap_count: float = 0.0
     loss: float = 0.0
 
     @torch.no_grad()
@@ -40,11 +46,17 @@ class LossStats:
                 self.ratio_sum += float(out.ratio[valid].sum())
                 self.ratio_max = max(self.ratio_max, float(out.ratio[valid].max()))
                 self.ratio_count += float(valid.sum())
+                if self.measure_gap:
+                    gap = out.ratio[valid].double().log().abs()  # r = exp(log p_theta - log p_old)
+                    self.gap_sum += float(gap.sum())
+                    self.gap_max = max(self.gap_max, float(gap.max()))
+                    self.gap_count += float(valid.sum())
         self.loss += float(out.loss.detach())
 
     def sums(self) -> dict[str, float]:
         return {"L_im": self.objective[IN_MODAL], "L_cm": self.objective[CROSS_MODAL], "loss": self.loss,
-                "ratio_sum": self.ratio_sum, "ratio_count": self.ratio_count}
+                "ratio_sum": self.ratio_sum, "ratio_count": self.ratio_count, "gap_sum": self.gap_sum,
+                "gap_count": self.gap_count}
 
 
 def rollout_sums(rollouts: Rollouts, on_policy: bool) -> dict[str, float]:
@@ -62,10 +74,14 @@ def rollout_sums(rollouts: Rollouts, on_policy: bool) -> dict[str, float]:
     return sums
 
 
-def step_metrics(g: dict[str, float], ratio_max: float, on_policy: bool) -> dict[str, float]:
-    """Logged values from the globally reduced sums of :class:`LossStats` and :func:`rollout_sums`.
+def step_metrics(g: dict[str, float], ratio_max: float, on_policy: bool, gap_max: float = float("nan")
+                 ) -> dict[str, float]:
+    """Logged values from the globally reduced sums of :class:`LossStats` and :func:`rollout_sums` (and the
+    reduced maxima of the ratio and of the log-prob gap).
 
     ``kl_x = -mean_t A_t`` is the Monte-Carlo estimate of KL(student || teacher) on modality x's samples.
+    ``logprob_gap_mean``/``_max``: |log p_theta - log p_old| over the first mini-batch's response tokens, where
+    both are the same weights' (the rollout's decode vs the training forward); NaN without a ratio (other losses).
     """
     nan = float("nan")
     out = {
@@ -74,6 +90,8 @@ def step_metrics(g: dict[str, float], ratio_max: float, on_policy: bool) -> dict
         "L_cm": g["L_cm"],
         "ratio_mean": g["ratio_sum"] / g["ratio_count"] if g["ratio_count"] else nan,
         "ratio_max": ratio_max,
+        "logprob_gap_mean": g["gap_sum"] / g["gap_count"] if g.get("gap_count") else nan,
+        "logprob_gap_max": gap_max if g.get("gap_count") else nan,
     }
     for name in _NAMES.values():
         out[f"kl_{name}"] = -g[f"adv_{name}"] / g[f"tok_{name}"] if g[f"tok_{name}"] and on_policy else nan

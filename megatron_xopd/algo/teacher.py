@@ -51,11 +51,12 @@ def teacher_scores(
 
 def clear_teacher_scores(rollouts: Rollouts, head: torch.Tensor | None = None) -> None:
     """Before a teacher pass: zero log-probs (what non-last pipeline stages keep) and nothing else yet; ``head`` is
-    the teacher's output-layer shard the linear form reads."""
+    the teacher's output-layer shard the linear form reads, kept as a tensor of its current storage: an offloaded
+    teacher (``runtime/device.py: resident``) leaves it on the device, where the loss reads it."""
     rollouts.teacher_logprobs = torch.zeros_like(rollouts.old_logprobs)
     rollouts.teacher_logits = rollouts.teacher_hidden = None
     rollouts.teacher_topk_ids = rollouts.teacher_topk_logprobs = None
-    rollouts.teacher_head = head
+    rollouts.teacher_head = None if head is None else head.detach()
 
 
 def store_teacher_scores(rollouts: Rollouts, rows: torch.Tensor, scores: TeacherScores) -> None:

@@ -1,12 +1,19 @@
-"""Attention of the local (non-Transformer-Engine) layer spec, made fit for CPU rollouts.
+"""Attention of the local (non-Transformer-Engine) layer spec: PyTorch's SDPA for training and rollouts.
 
-megatron-core's ``DotProductAttention`` materialises the full score matrix and, for grouped-query attention,
-first copies every key/value head ``num_heads / num_query_groups`` times (``repeat_interleave``): at decode time
-that is a copy of the whole KV cache per layer and step, which made CPU rollouts ~0.6x the speed of
-``transformers``. Outside training, on the two shapes inference produces (a causal prefill with as many queries
-as keys, or single-query decode steps over the cache), this class calls
-``torch.nn.functional.scaled_dot_product_attention`` with ``enable_gqa``; everything else (training, chunked
-prefills, attention biases) runs megatron's own code unchanged. The Transformer Engine spec (GPU) is not affected.
+megatron-core's ``DotProductAttention`` materialises the full [b, heads, s_q, s_k] score matrix (and its softmax,
+kept for the backward) and, for grouped-query attention, first copies every key/value head
+``num_heads / num_query_groups`` times (``repeat_interleave``): in training at 4096 tokens that is gigabytes per
+layer, at decode time a copy of the whole KV cache per layer and step (CPU rollouts ran at ~0.6x ``transformers``).
+:class:`SDPAttention` calls ``torch.nn.functional.scaled_dot_product_attention`` with ``enable_gqa`` instead
+(FlashAttention or the memory-efficient kernel on CUDA, which keep no score matrix; PyTorch's flash-style CPU kernel
+or its math kernel on CPU), in
+training and inference alike, wherever its semantics are megatron's: causal without a mask, or a boolean mask
+(``True`` = masked, megatron's convention, causality included); TP and SP need nothing (each rank holds its heads,
+the whole sequence). Megatron's own code still runs attention biases, packed sequences, sliding windows, softmax
+offsets, query-key layer scaling and attention dropout in training (SDPA would draw other dropout masks than
+megatron's RNG tracker). One difference: a query row whose mask hides every key gets zeros from SDPA, a uniform
+mix of all values from megatron; no mask megatron_xopd builds has such a row. The Transformer Engine spec (GPU) is
+not affected.
 
 Left-padded rollouts (:class:`PaddedStaticContext`): a batch of prompts of different lengths is prefilled in one
 forward with every prompt ending at the same cache slot, as ``transformers`` does with left padding, so the whole
@@ -25,6 +32,7 @@ from megatron.core.inference.contexts import StaticInferenceContext
 from megatron.core.models.common.embeddings.rope_utils import apply_rotary_pos_emb
 from megatron.core.transformer.attention import Attention, SelfAttention
 from megatron.core.transformer.dot_product_attention import DotProductAttention
+from megatron.core.transformer.enums import AttnMaskType
 
 
 class PaddedStaticContext(StaticInferenceContext):
@@ -73,13 +81,27 @@ def padded_rows_supported(model: torch.nn.Module) -> bool:
     """Whether every attention of ``model`` honours :class:`PaddedStaticContext` (the local spec's classes)."""
     attention = [m for m in model.modules() if isinstance(m, Attention)]
     return bool(attention) and all(
-        isinstance(m, RotateOnceSelfAttention) and isinstance(m.core_attention, InferenceSDPAttention)
+        isinstance(m, RotateOnceSelfAttention) and isinstance(m.core_attention, SDPAttention)
         and not m.config.flash_decode
         for m in attention
     )
 
 
-class InferenceSDPAttention(DotProductAttention):
+class SDPAttention(DotProductAttention):
+    """megatron's ``DotProductAttention`` through PyTorch's SDPA wherever the result is the same (module note)."""
+
+    def _sdpa_applies(self, sq: int, sk: int, attention_mask, attention_bias, packed_seq_params) -> bool:
+        if attention_bias is not None or packed_seq_params is not None or self.softmax_offset is not None:
+            return False
+        if self.scale_mask_softmax.window_size is not None or self.scale_mask_softmax.scale is not None:
+            return False  # a sliding window; query-key layer scaling (fp16)
+        if self.training and self.attention_dropout.p > 0:
+            return False
+        if attention_mask is not None:
+            return attention_mask.dtype == torch.bool
+        # megatron builds the causal mask only for as many queries as keys (a single query sees every key)
+        return sq == 1 or sq == sk or self.attn_mask_type != AttnMaskType.causal
+
     def forward(
         self,
         query: torch.Tensor,
@@ -92,21 +114,20 @@ class InferenceSDPAttention(DotProductAttention):
     ) -> torch.Tensor:
         sq, b, heads, head_dim = query.shape
         sk = key.shape[0]
-        fast = (
-            not self.training
-            and (attention_mask is None or attention_mask.dtype == torch.bool)
-            and attention_bias is None
-            and packed_seq_params is None
-            and (sq == 1 or sq == sk)
-        )
-        if not fast:
+        if not self._sdpa_applies(sq, sk, attention_mask, attention_bias, packed_seq_params):
             return super().forward(query, key, value, attention_mask, attn_mask_type, attention_bias, packed_seq_params)
         q, k, v = (x.permute(1, 2, 0, 3) for x in (query, key, value))  # [b, heads, s, d]
-        # A given mask holds the causality too; SDPA's boolean mask is True where attention is allowed.
+        # A given mask holds the causality too (megatron's convention); SDPA's boolean mask is True where allowed.
         allowed = None if attention_mask is None else ~attention_mask
+        causal = allowed is None and sq > 1 and self.attn_mask_type == AttnMaskType.causal
+        gqa = k.shape[1] != heads
+        if gqa and q.is_cuda and (allowed is not None or q.dtype == torch.float32):
+            # CUDA's grouped-query SDPA is FlashAttention's (bf16/fp16, no mask); the memory-efficient kernel, which
+            # takes masks and float32, gets the key/value heads expanded (small next to the scores it avoids)
+            k, v = (x.repeat_interleave(heads // x.shape[1], dim=1) for x in (k, v))
+            gqa = False
         out = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=allowed, is_causal=sq > 1 and allowed is None, scale=self.softmax_scale,
-            enable_gqa=k.shape[1] != heads,
+            q, k, v, attn_mask=allowed, is_causal=causal, scale=self.softmax_scale, enable_gqa=gqa,
         )
         return out.permute(2, 0, 1, 3).reshape(sq, b, heads * head_dim)
 

@@ -88,7 +88,7 @@ class GPTModelConfig:
     attention_dropout: float = 0.0
     init_method_std: float = 0.02
     transformer_impl: str = "auto"  # auto | local | transformer_engine
-    # FP8 and MoE: passed through to TransformerConfig as given.
+    # FP8 (Transformer Engine only: e4m3 | hybrid) and MoE: passed to TransformerConfig as given.
     fp8: str | None = None
     fp8_recipe: str = "delayed"
     num_moe_experts: int | None = None
@@ -128,6 +128,8 @@ class GPTModelConfig:
                 f"model.text_vocab_size ({self.text_vocab_size}) exceeds model.vocab_size ({self.vocab_size})"
             )
         self._validate_moe()
+        if self.fp8 not in (None, "e4m3", "hybrid"):
+            raise ModelConfigError(f"model.fp8: {self.fp8!r} is not null|e4m3|hybrid")
         if self.transformer_impl not in ("auto", "local", "transformer_engine"):
             raise ModelConfigError(f"model.transformer_impl: {self.transformer_impl!r} is not auto|local|transformer_engine")
 

@@ -20,7 +20,7 @@ from megatron.core.transformer.transformer_block import TransformerBlockSubmodul
 from megatron.core.transformer.transformer_config import TransformerConfig
 
 from ..ops.sharding import vocab_shard
-from .attention import InferenceSDPAttention, RotateOnceSelfAttention
+from .attention import RotateOnceSelfAttention, SDPAttention
 from .config import GPTModelConfig, ModelConfigError, RecomputeConfig
 from .norm import RMSNorm
 
@@ -44,6 +44,10 @@ def to_transformer_config(
     cfg: GPTModelConfig, *, sequence_parallel: bool = False, recompute: RecomputeConfig | None = None
 ) -> TransformerConfig:
     """The megatron ``TransformerConfig`` for ``cfg`` under the current ``parallel_state`` layout."""
+    if cfg.fp8 and not uses_transformer_engine(cfg):
+        # megatron-core would accept it and the local spec would silently train in params_dtype
+        raise ModelConfigError(f"model.fp8: {cfg.fp8!r} needs Transformer Engine (importable, with CUDA) and "
+                               f"model.transformer_impl auto|transformer_engine (got {cfg.transformer_impl!r})")
     tp = parallel_state.get_tensor_model_parallel_world_size()
     pp = parallel_state.get_pipeline_model_parallel_world_size()
     ep = parallel_state.get_expert_model_parallel_world_size()
@@ -121,7 +125,8 @@ def to_transformer_config(
 
 def _localize(spec: ModuleSpec) -> ModuleSpec:
     """A local-spec layer with our norms (:class:`~megatron_xopd.models.norm.RMSNorm`: megatron's torch norm
-    refuses sequence parallelism) and our attention (fast CPU rollouts)."""
+    refuses sequence parallelism) and our attention (PyTorch SDPA in training and rollouts, no [b, h, s, s] scores;
+    see :mod:`megatron_xopd.models.attention`)."""
     layer = spec.submodules
     layer.input_layernorm = RMSNorm
     if layer.pre_mlp_layernorm is not IdentityOp:
@@ -130,7 +135,7 @@ def _localize(spec: ModuleSpec) -> ModuleSpec:
     if attention.q_layernorm is not IdentityOp and attention.q_layernorm is not None:
         attention.q_layernorm = attention.k_layernorm = RMSNorm
     layer.self_attention.module = RotateOnceSelfAttention
-    attention.core_attention = InferenceSDPAttention
+    attention.core_attention = SDPAttention
     return spec
 
 

@@ -16,6 +16,12 @@ Every kernel takes an optional index of the rows to process (masked tokens), so 
 Inputs are read in their own dtype and the math is float32. On CUDA the block size and warp count are autotuned
 per vocabulary width (first call, once per process); on CPU tensors (``TRITON_INTERPRET=1``, the tests) a small
 fixed block makes tiny test vocabularies span several blocks, the last one partial.
+
+The autotuner runs every config several times on the caller's buffers, so no tuned launch may change what a later
+run reads: each autotuner restores the buffer its kernel writes (``restore_value``), except the gradient kernel's
+out-of-place variant, chosen only when its output shares no memory with an input (a write-only buffer that every
+run fills with the same values; restoring it would clone the whole [N, V] gradient). The fused-linear ops write the
+gradient over the student logits, which the gradient kernel reads: that call goes through ``grad_inplace``.
 """
 
 from __future__ import annotations
@@ -33,10 +39,12 @@ INTERPRET_BLOCK = 32  # the block on CPU tensors (the interpreter), where nothin
 _SCALE_BLOCK, _SCALE_WARPS = 4096, 8  # scale_rows is in place, so it cannot be autotuned (runs would compound)
 
 
-def _tuned(kernel: triton.JITFunction, key: list[str]) -> triton.runtime.Autotuner:
-    """``kernel`` autotuned over ``_TUNE`` per value of ``key`` (and per dtype of its tensors)."""
+def _tuned(kernel: triton.JITFunction, key: list[str], restore: list[str]) -> triton.runtime.Autotuner:
+    """``kernel`` autotuned over ``_TUNE`` per value of ``key`` (and per dtype of its tensors); the arguments
+    ``restore`` are copied before and written back after every timed run (see the module's note on tuning)."""
     configs = [triton.Config({"BLOCK": b}, num_warps=w) for b, w in _TUNE]
-    return triton.autotune(configs, key=key, prune_configs_by={"early_config_prune": _fitting})(kernel)
+    return triton.autotune(configs, key=key, prune_configs_by={"early_config_prune": _fitting},
+                           restore_value=restore or None)(kernel)
 
 
 def _fitting(configs: list[triton.Config], named_args: dict, **kwargs) -> list[triton.Config]:
@@ -187,22 +195,34 @@ def _scale_kernel(x_ptr, rows_ptr, g_ptr, stride, n_cols, HAS_ROWS: tl.constexpr
         tl.store(x_ptr + cols, (x * g).to(x_ptr.dtype.element_ty), mask=valid)
 
 
-_KERNELS = {"stats": _stats_kernel, "jsd": _jsd_kernel, "grad": _grad_kernel}
+_KERNELS = {"stats": _stats_kernel, "jsd": _jsd_kernel, "grad": _grad_kernel, "grad_inplace": _grad_kernel}
+_GRAD_KEY = ["n_cols", "KIND", "HAS_G"]
 _TUNED = {
-    "stats": _tuned(_stats_kernel, ["n_cols", "KIND"]),
-    "jsd": _tuned(_jsd_kernel, ["n_cols"]),
-    "grad": _tuned(_grad_kernel, ["n_cols", "KIND", "HAS_G"]),
+    "stats": _tuned(_stats_kernel, ["n_cols", "KIND"], ["out_ptr"]),
+    "jsd": _tuned(_jsd_kernel, ["n_cols"], ["out_ptr"]),
+    "grad": _tuned(_grad_kernel, _GRAD_KEY, []),  # out shares no memory with s, t (divergence_grad checks)
+    "grad_inplace": _tuned(_grad_kernel, _GRAD_KEY, ["out_ptr"]),  # out overlaps s or t: restored per run
 }
+
+
+def _autotuned(x: torch.Tensor) -> bool:
+    """Whether launches on ``x`` go through the autotuners: compiled kernels (CUDA), not the interpreter."""
+    return x.is_cuda
 
 
 def _launch(name: str, x: torch.Tensor, n: int, *args, **kwargs) -> None:
     """``n`` programs of kernel ``name``: autotuned on CUDA, a fixed small block on CPU (the interpreter)."""
     if n == 0:
         return
-    if x.is_cuda:
+    if _autotuned(x):
         _TUNED[name][(n,)](*args, **kwargs)
     else:
         _KERNELS[name][(n,)](*args, **kwargs, BLOCK=INTERPRET_BLOCK)
+
+
+def _shares_memory(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Whether ``a`` and ``b`` are views of one storage (conservative: any two views of it count)."""
+    return a.untyped_storage().data_ptr() == b.untyped_storage().data_ptr()
 
 
 def _log_betas(beta: float) -> tuple[float, float]:
@@ -262,16 +282,18 @@ def divergence_grad(
     rows: torch.Tensor | None = None,
 ) -> None:
     """Write the gradient into rows ``rows`` of ``out`` (same rows as ``s``; its columns past ``s``'s are padding
-    and get zeros). ``gscale`` is the per-row upstream gradient times ``inv_temp`` [n], or one number for all."""
+    and get zeros). ``gscale`` is the per-row upstream gradient times ``inv_temp`` [n], or one number for all.
+    ``out`` may be ``s`` itself (each block is read before it is written)."""
     s, t = _rows_view(s), _rows_view(t)
     n, rows_arg, has_rows = _selection(s, rows)
     if out.stride(-1) != 1:
         raise ValueError("divergence_grad writes rows of unit column stride")
     per_row = isinstance(gscale, torch.Tensor)
     g_arg = gscale.contiguous() if per_row else state
-    _launch("grad", s, n, s, t, rows_arg, state.contiguous(), g_arg, out, s.stride(0), t.stride(0),
-            out.stride(0), s.shape[1], out.shape[1], inv_temp, 1.0 if per_row else float(gscale), beta,
-            *_log_betas(beta), KIND=_KIND_IDS[kind], HAS_ROWS=has_rows, HAS_G=per_row)
+    name = "grad_inplace" if _shares_memory(out, s) or _shares_memory(out, t) else "grad"
+    _launch(name, s, n, s, t, rows_arg, state.contiguous(), g_arg, out, s.stride(0), t.stride(0), out.stride(0),
+            s.shape[1], out.shape[1], inv_temp, 1.0 if per_row else float(gscale), beta, *_log_betas(beta),
+            KIND=_KIND_IDS[kind], HAS_ROWS=has_rows, HAS_G=per_row)
 
 
 def scale_rows(x: torch.Tensor, g: torch.Tensor, rows: torch.Tensor | None = None) -> None:

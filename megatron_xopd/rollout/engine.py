@@ -283,6 +283,7 @@ class RolloutEngine:
             inference_max_requests=max_batch,
             inference_max_seq_length=max_seq,
             fp32_residual_connection=self.config.fp32_residual_connection,
+            fp8=self.config.fp8,  # megatron pads each TE linear's tokens to FP8's shape rules
         )
         return _VocabParallelWrapper(self.model, cfg, self.context)
 

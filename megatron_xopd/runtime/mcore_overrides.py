@@ -72,11 +72,16 @@ OVERRIDES: tuple[Override, ...] = (
     Override("megatron.core.tensor_parallel.mappings._reduce_scatter_along_first_dim", "replaced",
              "runtime/cpu_compat.py", "uneven input_split_sizes: all-reduce and keep this rank's block on gloo",
              ("input_", "group", "input_split_sizes", "use_global_buffer")),
-    # Attention of the local spec (models/attention.py): fast CPU rollouts.
+    # Attention of the local spec (models/attention.py): SDPA in training without TE, fast CPU rollouts.
     Override("megatron.core.transformer.dot_product_attention.DotProductAttention.forward", "subclassed",
-             "models/attention.py", "SDPA with GQA for causal or boolean-masked prefill and decode outside training",
+             "models/attention.py", "SDPA with GQA (causal or boolean mask) in training and inference; reads "
+             "softmax_scale, softmax_offset, attention_dropout, attn_mask_type, scale_mask_softmax.window_size/scale",
              ("self", "query", "key", "value", "attention_mask", "attn_mask_type", "attention_bias",
               "packed_seq_params")),
+    Override("megatron.core.transformer.dot_product_attention.DotProductAttention.__init__", "subclassed",
+             "models/attention.py", "SDPAttention relies on the attributes __init__ sets from these arguments",
+             ("self", "config", "layer_number", "attn_mask_type", "attention_type", "attention_dropout",
+              "softmax_scale", "cp_comm_type", "pg_collection")),
     Override("megatron.core.transformer.attention.Attention._adjust_key_value_for_inference", "subclassed",
              "models/attention.py", "caches keys already rotated by RoPE (static batching), at per-row positions "
              "for left-padded rows",

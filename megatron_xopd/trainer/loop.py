@@ -205,7 +205,8 @@ class XOPDTrainer:
         updated = True
         self.student.train()
         minibatches = minibatch_rows(len(rollouts), cfg.xopd.minibatches)
-        for rows in minibatches:
+        for i, rows in enumerate(minibatches):
+            stats.measure_gap = i == 0  # logprob_gap: the weights the rollouts were sampled with
             self.ddp.zero_grad_buffer()
             self.optimizer.zero_grad()
             loss_before = stats.loss
@@ -227,10 +228,10 @@ class XOPDTrainer:
         self.samples.write(self.step + 1, rollouts)  # logging.samples: readable rollouts, samples.jsonl
         on_policy = cfg.xopd.responses == "on_policy"  # the sampled-token KL estimate needs student samples
         g = reduce_over_replicas({**rollout_sums(rollouts, on_policy), **stats.sums()})
-        ratio_max = reduce_over_replicas({"ratio_max": stats.ratio_max}, op=dist.ReduceOp.MAX)["ratio_max"]
+        maxima = reduce_over_replicas({"ratio_max": stats.ratio_max, "gap_max": stats.gap_max}, op=dist.ReduceOp.MAX)
         step_time = t_rollout + t_teacher + t_train
         return {
-            **step_metrics(g, ratio_max, on_policy),
+            **step_metrics(g, maxima["ratio_max"], on_policy, maxima["gap_max"]),
             "time_rollout_s": t_rollout,
             "time_teacher_s": t_teacher,
             "time_train_s": t_train,

@@ -50,16 +50,23 @@ def minibatch_rows(num_rows: int, minibatches: int) -> list[torch.Tensor]:
     return list(torch.arange(num_rows).tensor_split(min(minibatches, most)))
 
 
-def micro_batches(rollouts: Rollouts, rows: torch.Tensor, size: int, *, teacher: bool) -> list[MicroBatch]:
+# Transformer Engine's FP8 GEMMs need token counts divisible by 16: with FP8 each TP rank's sequence shard is.
+FP8_SEQ_MULTIPLE = 16
+
+
+def micro_batches(
+    rollouts: Rollouts, rows: torch.Tensor, size: int, *, teacher: bool, fp8: bool = False
+) -> list[MicroBatch]:
     """Cut ``rows`` into micro-batches of exactly ``size`` rows (repeating a row with weight 0 to fill the
-    last) and one common sequence length (a multiple of the TP size), on this rank's device. No ``rows`` give
-    one micro-batch of padding (row 0 with weight 0): the rank still joins the pass's collectives."""
+    last) and one common sequence length (a multiple of the TP size, times 16 for a model in ``fp8``), on this
+    rank's device. No ``rows`` give one micro-batch of padding (row 0 with weight 0): the rank still joins the
+    pass's collectives."""
     device = current_device()
     prompts = rollouts.teacher_prompts if teacher else rollouts.student_prompts
     real = rows.tolist()
     seq_len = max(len(prompts[r]) for r in real or [0]) + rollouts.responses.shape[1]
-    tp = parallel_state.get_tensor_model_parallel_world_size()
-    seq_len = -(-seq_len // tp) * tp  # sequence parallelism splits the sequence over TP; causal: padding is inert
+    multiple = parallel_state.get_tensor_model_parallel_world_size() * (FP8_SEQ_MULTIPLE if fp8 else 1)
+    seq_len = -(-seq_len // multiple) * multiple  # SP splits the sequence over TP; causal: padding is inert
     out = []
     for start in range(0, max(len(real), 1), size):
         chunk = real[start : start + size]
@@ -127,7 +134,8 @@ def score_with_teacher(
     """Teacher log-probs of every sampled token given T, and what the loss reads (:func:`teacher_keeps`)."""
     keep = teacher_keeps(cfg)
     batches = pad_for_expert_parallelism(
-        teacher, micro_batches(rollouts, torch.arange(len(rollouts)), micro_batch_size, teacher=True))
+        teacher, micro_batches(rollouts, torch.arange(len(rollouts)), micro_batch_size, teacher=True,
+                               fp8=bool(get_model_config(teacher).fp8)))
     with hidden_states_output(teacher) if reads_hidden(cfg) else contextlib.nullcontext() as head:
         clear_teacher_scores(rollouts, head if keep == "hidden" else None)  # the head the loss reads
 
@@ -157,7 +165,8 @@ def train_pass(
     that of the whole step's loss. With ``minibatches`` > 1 optimizer steps per rollout batch, each mini-batch's
     loss is scaled up to a full-batch mean.
     """
-    batches = pad_for_expert_parallelism(model, micro_batches(rollouts, rows, micro_batch_size, teacher=False))
+    batches = pad_for_expert_parallelism(
+        model, micro_batches(rollouts, rows, micro_batch_size, teacher=False, fp8=bool(get_model_config(model).fp8)))
     scale = len(batches) * parallel_state.get_data_parallel_world_size() * minibatches
     loss_kind = LOSS_FUNCTIONS[cfg.loss]
     hidden = reads_hidden(cfg)
