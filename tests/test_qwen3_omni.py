@@ -432,3 +432,58 @@ def test_paper_recipe_layout_fits_the_paper_models():
     assert {"tools/convert_hf_to_mcore.py", "tools/convert_qwen3_omni_to_mcore.py",
             "tools/export_student_to_qwen3_omni.py"} <= commands
     assert all((ROOT / c).is_file() for c in commands), [c for c in commands if not (ROOT / c).is_file()]
+
+
+# --------------------------------------------------------------------------------------------- the tower-output cache
+
+
+def _wav_cuts(root: Path, waves: torch.Tensor, lens: torch.Tensor) -> Path:
+    """A manifest of the two waveforms as wav cuts, and a third cut whose audio file is gone (a bad cut)."""
+    import soundfile as sf
+    from lhotse import CutSet, Recording
+
+    cuts = []
+    for i, (wave, n) in enumerate(zip(waves, lens.tolist())):
+        sf.write(root / f"a{i}.wav", wave[:n].numpy(), 16000, subtype="FLOAT")
+        cuts.append(Recording.from_file(root / f"a{i}.wav", recording_id=f"a{i}").to_cut())
+    sf.write(root / "gone.wav", waves[0].numpy(), 16000, subtype="FLOAT")
+    cuts.insert(1, Recording.from_file(root / "gone.wav", recording_id="gone").to_cut())
+    (root / "gone.wav").unlink()
+    CutSet.from_cuts(cuts).to_file(root / "cuts.jsonl.gz")
+    return root / "cuts.jsonl.gz"
+
+
+@pytest.mark.parity
+@pytest.mark.slow
+def test_cache_audio_features_equals_get_audio_features(omni, spoken, tmp_path):
+    """tools/cache_audio_features.py under torchrun (2 ranks): the tower's outputs of each cut equal transformers'
+    get_audio_features within 1e-5; the bad cut is skipped and named; a rerun encodes nothing; without
+    --skip-bad-cuts the bad cut is an error naming it."""
+    from lhotse import CutSet
+
+    cuts = _wav_cuts(tmp_path, spoken["waves"], spoken["lens"])
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    port = str(20000 + os.getpid() % 20000)
+    cmd = ["torchrun", "--nproc-per-node", "2", "--master-port", port, str(ROOT / "tools/cache_audio_features.py"),
+           "--student", str(omni["root"] / "features"), "--cuts", str(cuts), "--out", str(tmp_path / "out.jsonl.gz"),
+           "--skip-bad-cuts", "--no-progress", "--batch-size", "1"]
+    out = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "gone" in out.stderr and "audio file missing" in out.stderr
+    written = CutSet.from_file(tmp_path / "out.jsonl.gz")
+    assert list(written.ids) == ["a0", "a1"]
+    for i, cut in enumerate(written):
+        got = torch.from_numpy(cut.load_custom("encoder_features"))
+        ref = spoken["cached"][i, : int(spoken["tokens"][i])]
+        assert got.shape == ref.shape and (got - ref).abs().max().item() < 1e-5
+    progress = sorted(tmp_path.glob("out.jsonl.gz.progress*"))
+    assert len(progress) == 2  # one file per rank
+    lines = [p.read_text() for p in progress]
+    again = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert [p.read_text() for p in progress] == lines  # resumed: nothing encoded again
+    assert list(CutSet.from_file(tmp_path / "out.jsonl.gz").ids) == ["a0", "a1"]
+    strict = subprocess.run([sys.executable, str(ROOT / "tools/cache_audio_features.py"), "--student",
+                             str(omni["root"] / "features"), "--cuts", str(cuts), "--out", str(tmp_path / "strict.jsonl.gz"),
+                             "--no-progress"], capture_output=True, text=True, env=env)
+    assert strict.returncode != 0 and "gone" in strict.stderr and "audio file missing" in strict.stderr
