@@ -420,8 +420,8 @@ def test_paper_recipe_layout_fits_the_paper_models():
     assert layout.problems(64, *models) == []
     for _, cfg in models:
         cfg.validate_parallel(4, 2, 8, layout.expert_tensor_parallel_size or 4)
-    student = dict(models)["model.student.llm"]
-    assert run.model.student.perception["feature_dim"] == student.hidden_size  # cached tower outputs, no projection
+    assert run.model.student.perception == {"source": "features"}  # the tower's cached outputs, spliced as they are
+    assert run.model.audio_locator == "<|audio_pad|>" and run.data.speech_input == "features"
     # the same recipe without sequence parallelism, or with an EP that does not divide 128 experts, is refused
     layout.sequence_parallel = False
     assert any("sequence_parallel" in p for p in layout.problems(64, *models))
@@ -429,8 +429,9 @@ def test_paper_recipe_layout_fits_the_paper_models():
     assert any("num_moe_experts (128)" in p for p in layout.problems(64, *models))
     text = (ROOT / "examples/conf/paper_qwen3_omni.yaml").read_text()
     commands = set(re.findall(r"(?:tools|examples)/[\w/]+\.(?:py|sbatch)", text))
-    assert {"tools/convert_hf_to_mcore.py", "tools/convert_qwen3_omni_to_mcore.py",
-            "tools/export_student_to_qwen3_omni.py"} <= commands
+    assert {"tools/convert_hf_to_mcore.py", "tools/convert_qwen3_omni_to_mcore.py", "tools/cache_audio_features.py",
+            "tools/synthesize_speech_prompts.py", "tools/export_student_to_qwen3_omni.py",
+            "tools/compare_logits.py"} <= commands
     assert all((ROOT / c).is_file() for c in commands), [c for c in commands if not (ROOT / c).is_file()]
 
 
