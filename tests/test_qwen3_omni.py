@@ -488,3 +488,24 @@ def test_cache_audio_features_equals_get_audio_features(omni, spoken, tmp_path):
                              str(omni["root"] / "features"), "--cuts", str(cuts), "--out", str(tmp_path / "strict.jsonl.gz"),
                              "--no-progress"], capture_output=True, text=True, env=env)
     assert strict.returncode != 0 and "gone" in strict.stderr and "audio file missing" in strict.stderr
+
+
+@pytest.mark.parity
+@pytest.mark.slow
+def test_compare_logits_audio_on_the_thinker(omni, spoken, tmp_path):
+    """tools/compare_logits.py --audio WAV at EP=2 on the converted thinker: one JSON line, logits within 1e-4 of
+    transformers' thinker on the processor's layout of that audio, 16 greedy tokens equal."""
+    import soundfile as sf
+
+    wav = tmp_path / "prompt.wav"
+    sf.write(wav, spoken["waves"][0, : int(spoken["lens"][0])].numpy(), 16000, subtype="FLOAT")
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+    out = subprocess.run(["torchrun", "--nproc-per-node", "2", "--master-port", str(20000 + os.getpid() % 20000 + 1),
+                          str(ROOT / "tools/compare_logits.py"), "--hf", str(omni["hf"]), "--mcore",
+                          str(omni["root"] / "features"), "--audio", str(wav), "--ep", "2", "--json"],
+                         capture_output=True, text=True, env=env)
+    assert out.returncode == 0, out.stderr[-3000:]
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    assert result["max_abs_diff"] < ATOL and result["greedy_equal"] and len(result["hf_tokens"]) == 16
+    # <|audio_start|> + 17 audio tokens (130 mel frames) + <|audio_end|> + 12 text ids
+    assert result["prompt_tokens"] == 1 + int(spoken["tokens"][0]) + 1 + 12
