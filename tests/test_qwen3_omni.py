@@ -3,7 +3,9 @@
 A tiny random thinker (2-layer MoE LLM with 6 experts, 2-layer audio tower, tiny vision tower) is built offline
 from a config dict in float32. The student's logits on an audio+text prompt (random 128-bin mel features through
 the frozen tower, or the tower's cached outputs) must match transformers within 1e-4; the export back into the
-original directory must give transformers the same logits; the conversion CLI runs end to end.
+original directory must give transformers the same logits; the conversion CLI runs end to end. The trainer's build
+path (build_models on the converted directory) from waveforms and from cached tower outputs, at TP=1 and EP=2, the
+tower-output cache tool (vs get_audio_features within 1e-5) and compare_logits.py --audio are checked the same way.
 """
 
 from __future__ import annotations

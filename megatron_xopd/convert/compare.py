@@ -41,6 +41,11 @@ def mcore_logits(model: torch.nn.Module, ids: torch.Tensor, vocab_size: int, **f
     """Logits ``[b, s, vocab_size]`` of ``ids`` on every rank (collective over TP, PP and EP); ``forward_kwargs``
     go to the model's forward (a speech student's ``audio``, ``audio_lens``)."""
     collected: list[torch.Tensor] = []
+    length = ids.shape[1]
+    tp = parallel_state.get_tensor_model_parallel_world_size()
+    if getattr(model.config, "sequence_parallel", False) and length % tp:
+        # sequence parallelism splits the sequence over TP: pad on the right (causal: no earlier logit changes)
+        ids = torch.cat([ids, ids.new_zeros(ids.shape[0], tp - length % tp)], dim=1)
     positions = torch.arange(ids.shape[1]).expand(ids.shape[0], -1)
 
     def forward_step(data_iterator, model):
@@ -48,7 +53,7 @@ def mcore_logits(model: torch.nn.Module, ids: torch.Tensor, vocab_size: int, **f
         output = model(ids, positions, None, **forward_kwargs)
 
         def keep(out: torch.Tensor, non_loss_data: bool = False):
-            collected.append(gather_from_tensor_model_parallel_region(out)[..., :vocab_size].float().clone())
+            collected.append(gather_from_tensor_model_parallel_region(out)[:, :length, :vocab_size].float().clone())
             return out.new_zeros(()), {}
 
         return output, keep
