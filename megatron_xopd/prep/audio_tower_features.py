@@ -21,9 +21,6 @@ from ..data.cuts import BadCutError, load_audio
 from ..models.qwen3_omni import Qwen3OmniAudioPerception, omni_log_mel
 from .encoder_features import SAMPLING_RATE, cache_cut_features
 
-TOWER_FRAME_SHIFT = 0.08  # seconds per tower output row: 13 rows per 100 mel frames (1 s), nominally 12.5 Hz
-
-
 class OmniAudioTower:
     """The frozen audio tower of a converted Qwen3-Omni student, on 16 kHz mono waveforms."""
 
@@ -54,6 +51,12 @@ def tower_cut_audio(cut: Cut) -> np.ndarray:
     return audio
 
 
+def tower_frame_shift(cut: Cut, rows: np.ndarray) -> float:
+    """The cut's duration over its rows: the tower emits 13 rows per 100 mel frames and fewer for a last partial
+    chunk, so no fixed shift makes lhotse's ``load_custom`` (``round(duration / frame_shift)`` rows) return all."""
+    return cut.duration / rows.shape[0]
+
+
 def cache_audio_tower_features(
     student_dir: str | Path, cuts_path: str | Path, out_manifest: str | Path, storage_dir: str | Path, *,
     batch_size: int = 8, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
@@ -72,6 +75,6 @@ def cache_audio_tower_features(
     settings = {"encoder": "qwen3_omni_audio_tower", "student": str(Path(student_dir).resolve()),
                 "dtype": str(dtype).removeprefix("torch."), "storage_dir": str(Path(storage_dir).resolve())}
     return cache_cut_features(cuts_path, out_manifest, storage_dir, encode, settings=settings,
-                              frame_shift=TOWER_FRAME_SHIFT, cut_audio=tower_cut_audio, batch_size=batch_size,
+                              frame_shift=tower_frame_shift, cut_audio=tower_cut_audio, batch_size=batch_size,
                               on_bad_cut=on_bad_cut, progress=progress, rank=rank, world_size=world_size,
                               barrier=barrier)

@@ -188,7 +188,7 @@ def cache_cut_features(
     encode: Callable[[list[np.ndarray]], list[np.ndarray]],
     *,
     settings: dict[str, Any],
-    frame_shift: float,
+    frame_shift: float | Callable[[Cut, np.ndarray], float],
     cut_audio: Callable[[Cut], np.ndarray],
     batch_size: int = 8,
     on_bad_cut: Literal["raise", "skip"] = "raise",
@@ -201,7 +201,8 @@ def cache_cut_features(
     ``[frames, dim]`` array each) on the audio ``cut_audio`` reads, stored as the cut's ``encoder_features``.
 
     Rank ``rank`` of ``world_size`` encodes every ``world_size``-th cut of the input (``barrier`` waits for all
-    ranks), appends each finished cut to its progress file (``<out_manifest>.progress``, ``.progress.<rank>`` for
+    ranks), stores each array with ``frame_shift`` (seconds, or a function of the cut and its array: lhotse's
+    ``load_custom`` returns ``round(duration / frame_shift)`` rows at most), appends each finished cut to its progress file (``<out_manifest>.progress``, ``.progress.<rank>`` for
     the other ranks) and reads every rank's on a rerun, so a rerun, under any world size, encodes only what is
     missing. Rank 0 then writes the output manifest whole, atomically, in input order. A bad cut raises with
     ``on_bad_cut="raise"``; with ``"skip"`` it is logged, counted and left out of the output.
@@ -234,7 +235,8 @@ def cache_cut_features(
         def flush() -> None:
             if pending:
                 for (cut, _), array in zip(pending, encode([audio for _, audio in pending])):
-                    stored = array_writer.store_array(cut.id, array, frame_shift=frame_shift, temporal_dim=0,
+                    shift = frame_shift(cut, array) if callable(frame_shift) else frame_shift
+                    stored = array_writer.store_array(cut.id, array, frame_shift=shift, temporal_dim=0,
                                                       start=cut.start)
                     done[cut.id] = stored.to_dict()
                     log.write(json.dumps({"id": cut.id, ENCODER_FEATURES_FIELD: done[cut.id]}) + "\n")
