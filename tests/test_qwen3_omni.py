@@ -3,7 +3,9 @@
 A tiny random thinker (2-layer MoE LLM with 6 experts, 2-layer audio tower, tiny vision tower) is built offline
 from a config dict in float32. The student's logits on an audio+text prompt (random 128-bin mel features through
 the frozen tower, or the tower's cached outputs) must match transformers within 1e-4; the export back into the
-original directory must give transformers the same logits; the conversion CLI runs end to end.
+original directory must give transformers the same logits; the conversion CLI runs end to end. The trainer's build
+path (build_models on the converted directory) from waveforms and from cached tower outputs, at TP=1 and EP=2, the
+tower-output cache tool (vs get_audio_features within 1e-5) and compare_logits.py --audio are checked the same way.
 """
 
 from __future__ import annotations
@@ -59,12 +61,55 @@ def thinker_config() -> dict:
 
 
 def make_thinker(path: Path, seed: int = 0) -> Path:
-    from transformers import Qwen3OmniMoeThinkerConfig, Qwen3OmniMoeThinkerForConditionalGeneration
+    """The thinker with what a Qwen3-Omni directory ships beside it: a tokenizer (ids 0-149 text, the audio tokens at
+    their config ids) and the processor's feature extractor (WhisperFeatureExtractor, 128 mel bins)."""
+    from transformers import Qwen3OmniMoeThinkerConfig, Qwen3OmniMoeThinkerForConditionalGeneration, WhisperFeatureExtractor
 
     model = Qwen3OmniMoeThinkerForConditionalGeneration(Qwen3OmniMoeThinkerConfig(**thinker_config())).float()
     _randomize(model, seed)
     model.save_pretrained(str(path))
+    omni_tokenizer(path)
+    WhisperFeatureExtractor(feature_size=128).save_pretrained(str(path))
     return path
+
+
+def omni_tokenizer(path: Path) -> None:
+    """A word-level tokenizer with the thinker's special-token layout: text ids below 150, <|audio_pad|> = 150,
+    <|audio_start|> = 151, <|audio_end|> = 152."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    specials = {AUDIO: "<|audio_pad|>", AUDIO_START: "<|audio_start|>", AUDIO_END: "<|audio_end|>"}
+    vocab = {"<|endoftext|>": 0, "<|im_start|>": 1, "<|im_end|>": 2, **{f"w{i}": i for i in range(3, AUDIO)},
+             **{tok: i for i, tok in specials.items()}}
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<|endoftext|>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>",
+                                   additional_special_tokens=["<|im_start|>", *specials.values()])
+    fast.save_pretrained(str(path))
+
+
+def waveforms() -> tuple[torch.Tensor, torch.Tensor]:
+    """Two 16 kHz 'spoken prompts' ([2, samples] zero-padded, lengths) of MEL_FRAMES log-mel frames."""
+    g = torch.Generator().manual_seed(11)
+    lens = torch.tensor(MEL_FRAMES) * 160
+    waves = 0.1 * torch.randn(2, int(lens.max()), generator=g)
+    for i, n in enumerate(lens.tolist()):
+        waves[i, n:] = 0
+    return waves, lens
+
+
+def processor_mel(path: Path, waves: torch.Tensor, lens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Log-mel of each audio as Qwen3OmniMoeProcessor makes it for a one-audio prompt (its audio kwargs), padded."""
+    from transformers import WhisperFeatureExtractor
+
+    fe = WhisperFeatureExtractor.from_pretrained(str(path))
+    mels = []
+    for wave, n in zip(waves, lens.tolist()):
+        out = fe(wave[:n].numpy(), sampling_rate=16000, padding=True, truncation=False, return_attention_mask=True,
+                 return_tensors="pt")
+        mels.append(out["input_features"][0].transpose(0, 1)[: int(out["attention_mask"].sum())])
+    return torch.nn.utils.rnn.pad_sequence(mels, batch_first=True), torch.tensor([m.shape[0] for m in mels])
 
 
 def prompts() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -129,7 +174,7 @@ def _convert_and_run(hf: str, work: str, ids: torch.Tensor, mel: torch.Tensor, l
            "frozen": not any(p.requires_grad for p in student.perception.parameters()),
            "trainable_llm": all(p.requires_grad for p in student.language_model.parameters())}
     with torch.no_grad():
-        cached = student.perception(mel, lens)  # what tools/cache_encoder_features.py would store
+        cached = student.perception(mel, lens)  # the tower's outputs: what tools/cache_audio_features.py stores
     set_seed(0)
     features, _ = build_omni_student_from_mcore(f"{work}/features")
     out["features_params"] = sum(p.numel() for p in features.perception.parameters())
@@ -158,6 +203,50 @@ def _parallel(hf: str, work: str, ids: torch.Tensor, mel: torch.Tensor, lens: to
             "sequence_parallel": student.config.sequence_parallel}
 
 
+def _trainer_student(work: str, layout: dict, source: str, ids: torch.Tensor, audio: torch.Tensor,
+                     audio_lens: torch.Tensor) -> dict:
+    """The student as the trainer builds it (build_models from model.student.mcore_path), on the same audio."""
+    from megatron_xopd.data.tokenizer import load_tokenizer
+    from megatron_xopd.runtime import initialize_model_parallel, set_seed
+    from megatron_xopd.trainer import to_run_config
+    from megatron_xopd.trainer.build import build_models
+    from tests._trainer_setup import tiny_llm
+
+    run = to_run_config({
+        "trainer": {"parallel": layout},
+        "model": {"tokenizer": f"{work}/features", "audio_locator": "<|audio_pad|>",
+                  "student": {"mcore_path": f"{work}/features", "perception": {"source": source}},
+                  "teacher": {"llm": tiny_llm(vocab_size=AUDIO, max_position_embeddings=64)}},
+        "data": {"train": f"{work}/none.jsonl", "speech_input": source},
+    })
+    initialize_model_parallel(run.trainer.parallel)
+    set_seed(0)
+    models = build_models(run, load_tokenizer(f"{work}/features", audio_locator="<|audio_pad|>"))
+    student = models.student
+    return {"logits": _student_logits(student, ids, audio=audio, audio_lens=audio_lens),
+            "tower_params": sum(p.numel() for p in student.perception.parameters()),
+            "frozen": not any(p.requires_grad for p in student.perception.parameters()),
+            "text_vocab": models.text_vocab_size, "locator": models.audio_locator_id}
+
+
+@torch.no_grad()
+def hf_audio_reference(hf: Path) -> dict:
+    """transformers on the two waveforms: logits of the spoken prompts and the tower's outputs (padded, lengths)."""
+    from megatron_xopd.models.qwen3_omni import audio_output_lengths
+
+    waves, lens = waveforms()
+    mel, frames = processor_mel(hf, waves, lens)
+    ids = prompts()[0]
+    model = hf_thinker(hf)
+    mask = (torch.arange(mel.shape[1]) < frames[:, None]).long()
+    logits = model(input_ids=ids, input_features=mel.transpose(1, 2), feature_attention_mask=mask,
+                   attention_mask=torch.ones_like(ids)).logits
+    tower = model.get_audio_features(mel.transpose(1, 2), mask).last_hidden_state
+    tokens = audio_output_lengths(frames)
+    cached = torch.nn.utils.rnn.pad_sequence(list(tower.split(tokens.tolist())), batch_first=True)
+    return {"ids": ids, "waves": waves, "lens": lens, "logits": logits, "cached": cached, "tokens": tokens}
+
+
 # --------------------------------------------------------------------------------------------- fixtures
 
 
@@ -184,6 +273,48 @@ def test_student_logits_match_transformers(omni):
 def test_cached_tower_outputs_give_the_same_logits(omni):
     assert omni["features_params"] == 0  # source=features holds no tower
     assert (omni["features"] - omni["ref"]).abs().max().item() < ATOL
+
+
+@pytest.fixture(scope="module")
+def spoken(omni) -> dict:
+    return hf_audio_reference(omni["hf"])
+
+
+@pytest.mark.parametrize("source", ["audio", "features"])
+def test_trainer_builds_the_omni_student(omni, spoken, source):
+    """build_models on model.student.mcore_path = the converted thinker: from waveforms (the frozen tower runs on
+    the processor's log-mel in the step) or from the tower's cached outputs, transformers' logits within 1e-4."""
+    audio, lens = (spoken["waves"], spoken["lens"]) if source == "audio" else (spoken["cached"], spoken["tokens"])
+    got = run_distributed(_trainer_student, 1, str(omni["root"]), {}, source, spoken["ids"], audio, lens)[0]
+    assert (got["logits"] - spoken["logits"]).abs().max().item() < ATOL
+    assert got["locator"] == AUDIO and got["text_vocab"] == AUDIO  # the thinker's text ids: below its audio tokens
+    assert got["frozen"] and (got["tower_params"] > 0) == (source == "audio")
+
+
+@pytest.mark.parity
+@pytest.mark.slow
+def test_trainer_builds_the_omni_student_at_ep2(omni, spoken):
+    for source in ("audio", "features"):
+        audio, lens = (spoken["waves"], spoken["lens"]) if source == "audio" else (spoken["cached"], spoken["tokens"])
+        got = run_distributed(_trainer_student, 2, str(omni["root"]), {"expert_model_parallel_size": 2}, source,
+                              spoken["ids"], audio, lens)
+        for rank in got:
+            assert (rank["logits"] - spoken["logits"]).abs().max().item() < ATOL, source
+
+
+def test_trainer_refuses_a_wrong_locator_or_source(omni):
+    from megatron_xopd.models import ModelConfigError
+    from megatron_xopd.trainer import to_run_config
+    from megatron_xopd.trainer.build import omni_student_dir
+
+    work = omni["root"]
+    base = {"model": {"student": {"mcore_path": f"{work}/features", "perception": {"source": "features"}}},
+            "data": {"train": "x", "speech_input": "features"}}
+    with pytest.raises(ModelConfigError, match="audio_token_id 150"):
+        omni_student_dir(to_run_config(base), AUDIO_START)
+    base["data"]["speech_input"] = "audio"
+    with pytest.raises(ModelConfigError, match="data.speech_input=audio but model.student.perception.source=features"):
+        omni_student_dir(to_run_config(base), AUDIO)
 
 
 def test_rope_index_is_transformers(omni):
@@ -291,8 +422,8 @@ def test_paper_recipe_layout_fits_the_paper_models():
     assert layout.problems(64, *models) == []
     for _, cfg in models:
         cfg.validate_parallel(4, 2, 8, layout.expert_tensor_parallel_size or 4)
-    student = dict(models)["model.student.llm"]
-    assert run.model.student.perception["feature_dim"] == student.hidden_size  # cached tower outputs, no projection
+    assert run.model.student.perception == {"source": "features"}  # the tower's cached outputs, spliced as they are
+    assert run.model.audio_locator == "<|audio_pad|>" and run.data.speech_input == "features"
     # the same recipe without sequence parallelism, or with an EP that does not divide 128 experts, is refused
     layout.sequence_parallel = False
     assert any("sequence_parallel" in p for p in layout.problems(64, *models))
@@ -300,6 +431,83 @@ def test_paper_recipe_layout_fits_the_paper_models():
     assert any("num_moe_experts (128)" in p for p in layout.problems(64, *models))
     text = (ROOT / "examples/conf/paper_qwen3_omni.yaml").read_text()
     commands = set(re.findall(r"(?:tools|examples)/[\w/]+\.(?:py|sbatch)", text))
-    assert {"tools/convert_hf_to_mcore.py", "tools/convert_qwen3_omni_to_mcore.py",
-            "tools/export_student_to_qwen3_omni.py"} <= commands
+    assert {"tools/convert_hf_to_mcore.py", "tools/convert_qwen3_omni_to_mcore.py", "tools/cache_audio_features.py",
+            "tools/synthesize_speech_prompts.py", "tools/export_student_to_qwen3_omni.py",
+            "tools/compare_logits.py"} <= commands
     assert all((ROOT / c).is_file() for c in commands), [c for c in commands if not (ROOT / c).is_file()]
+
+
+# --------------------------------------------------------------------------------------------- the tower-output cache
+
+
+def _wav_cuts(root: Path, waves: torch.Tensor, lens: torch.Tensor) -> Path:
+    """A manifest of the two waveforms as wav cuts, and a third cut whose audio file is gone (a bad cut)."""
+    import soundfile as sf
+    from lhotse import CutSet, Recording
+
+    cuts = []
+    for i, (wave, n) in enumerate(zip(waves, lens.tolist())):
+        sf.write(root / f"a{i}.wav", wave[:n].numpy(), 16000, subtype="FLOAT")
+        cuts.append(Recording.from_file(root / f"a{i}.wav", recording_id=f"a{i}").to_cut())
+    sf.write(root / "gone.wav", waves[0].numpy(), 16000, subtype="FLOAT")
+    cuts.insert(1, Recording.from_file(root / "gone.wav", recording_id="gone").to_cut())
+    (root / "gone.wav").unlink()
+    CutSet.from_cuts(cuts).to_file(root / "cuts.jsonl.gz")
+    return root / "cuts.jsonl.gz"
+
+
+@pytest.mark.parity
+@pytest.mark.slow
+def test_cache_audio_features_equals_get_audio_features(omni, spoken, tmp_path):
+    """tools/cache_audio_features.py under torchrun (2 ranks): the tower's outputs of each cut equal transformers'
+    get_audio_features within 1e-5; the bad cut is skipped and named; a rerun encodes nothing; without
+    --skip-bad-cuts the bad cut is an error naming it."""
+    from lhotse import CutSet
+
+    cuts = _wav_cuts(tmp_path, spoken["waves"], spoken["lens"])
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    port = str(20000 + os.getpid() % 20000)
+    cmd = ["torchrun", "--nproc-per-node", "2", "--master-port", port, str(ROOT / "tools/cache_audio_features.py"),
+           "--student", str(omni["root"] / "features"), "--cuts", str(cuts), "--out", str(tmp_path / "out.jsonl.gz"),
+           "--skip-bad-cuts", "--no-progress", "--batch-size", "1"]
+    out = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "gone" in out.stderr and "audio file missing" in out.stderr
+    written = CutSet.from_file(tmp_path / "out.jsonl.gz")
+    assert list(written.ids) == ["a0", "a1"]
+    for i, cut in enumerate(written):
+        got = torch.from_numpy(cut.load_custom("encoder_features"))
+        ref = spoken["cached"][i, : int(spoken["tokens"][i])]
+        assert got.shape == ref.shape and (got - ref).abs().max().item() < 1e-5
+    progress = sorted(tmp_path.glob("out.jsonl.gz.progress*"))
+    assert len(progress) == 2  # one file per rank
+    lines = [p.read_text() for p in progress]
+    again = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert [p.read_text() for p in progress] == lines  # resumed: nothing encoded again
+    assert list(CutSet.from_file(tmp_path / "out.jsonl.gz").ids) == ["a0", "a1"]
+    strict = subprocess.run([sys.executable, str(ROOT / "tools/cache_audio_features.py"), "--student",
+                             str(omni["root"] / "features"), "--cuts", str(cuts), "--out", str(tmp_path / "strict.jsonl.gz"),
+                             "--no-progress"], capture_output=True, text=True, env=env)
+    assert strict.returncode != 0 and "gone" in strict.stderr and "audio file missing" in strict.stderr
+
+
+@pytest.mark.parity
+@pytest.mark.slow
+def test_compare_logits_audio_on_the_thinker(omni, spoken, tmp_path):
+    """tools/compare_logits.py --audio WAV at EP=2 on the converted thinker: one JSON line, logits within 1e-4 of
+    transformers' thinker on the processor's layout of that audio, 16 greedy tokens equal."""
+    import soundfile as sf
+
+    wav = tmp_path / "prompt.wav"
+    sf.write(wav, spoken["waves"][0, : int(spoken["lens"][0])].numpy(), 16000, subtype="FLOAT")
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+    out = subprocess.run(["torchrun", "--nproc-per-node", "2", "--master-port", str(20000 + os.getpid() % 20000 + 1),
+                          str(ROOT / "tools/compare_logits.py"), "--hf", str(omni["hf"]), "--mcore",
+                          str(omni["root"] / "features"), "--audio", str(wav), "--ep", "2", "--json"],
+                         capture_output=True, text=True, env=env)
+    assert out.returncode == 0, out.stderr[-3000:]
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    assert result["max_abs_diff"] < ATOL and result["greedy_equal"] and len(result["hf_tokens"]) == 16
+    # <|audio_start|> + 17 audio tokens (130 mel frames) + <|audio_end|> + 12 text ids
+    assert result["prompt_tokens"] == 1 + int(spoken["tokens"][0]) + 1 + 12

@@ -37,17 +37,23 @@ class Comparison:
 
 
 @torch.no_grad()
-def mcore_logits(model: torch.nn.Module, ids: torch.Tensor, vocab_size: int) -> torch.Tensor:
-    """Logits ``[b, s, vocab_size]`` of ``ids`` on every rank (collective over TP, PP and EP)."""
+def mcore_logits(model: torch.nn.Module, ids: torch.Tensor, vocab_size: int, **forward_kwargs) -> torch.Tensor:
+    """Logits ``[b, s, vocab_size]`` of ``ids`` on every rank (collective over TP, PP and EP); ``forward_kwargs``
+    go to the model's forward (a speech student's ``audio``, ``audio_lens``)."""
     collected: list[torch.Tensor] = []
+    length = ids.shape[1]
+    tp = parallel_state.get_tensor_model_parallel_world_size()
+    if getattr(model.config, "sequence_parallel", False) and length % tp:
+        # sequence parallelism splits the sequence over TP: pad on the right (causal: no earlier logit changes)
+        ids = torch.cat([ids, ids.new_zeros(ids.shape[0], tp - length % tp)], dim=1)
     positions = torch.arange(ids.shape[1]).expand(ids.shape[0], -1)
 
     def forward_step(data_iterator, model):
         next(data_iterator)
-        output = model(ids, positions, None)
+        output = model(ids, positions, None, **forward_kwargs)
 
         def keep(out: torch.Tensor, non_loss_data: bool = False):
-            collected.append(gather_from_tensor_model_parallel_region(out)[..., :vocab_size].float().clone())
+            collected.append(gather_from_tensor_model_parallel_region(out)[:, :length, :vocab_size].float().clone())
             return out.new_zeros(()), {}
 
         return output, keep
@@ -118,3 +124,60 @@ def prompt_ids(tokenizer_dir: str | Path | None, text: str | None, vocab_size: i
             return torch.tensor([AutoTokenizer.from_pretrained(str(directory))(text)["input_ids"]])
         raise FileNotFoundError(f"--prompt needs a tokenizer, and {directory} has none (tokenizer.json)")
     return torch.randint(0, vocab_size, (1, 12), generator=torch.Generator().manual_seed(0))
+
+
+def read_wav(path: str | Path, sampling_rate: int = 16000) -> torch.Tensor:
+    """A mono float32 waveform ``[samples]`` at ``sampling_rate`` (lhotse reads and resamples)."""
+    from lhotse import Recording
+
+    audio = Recording.from_file(str(path)).resample(sampling_rate).load_audio()
+    return torch.from_numpy(audio.mean(axis=0)).float()
+
+
+def omni_thinker(hf_dir: str | Path) -> torch.nn.Module:
+    """transformers' thinker of a Qwen3-Omni directory (the full model's ``.thinker``, or a thinker saved alone)."""
+    from transformers import Qwen3OmniMoeForConditionalGeneration, Qwen3OmniMoeThinkerForConditionalGeneration
+
+    from .qwen3_omni import read_omni
+
+    if read_omni(hf_dir).prefix:
+        return Qwen3OmniMoeForConditionalGeneration.from_pretrained(str(hf_dir), dtype=torch.float32).thinker.eval()
+    return Qwen3OmniMoeThinkerForConditionalGeneration.from_pretrained(str(hf_dir), dtype=torch.float32).eval()
+
+
+def compare_omni(hf_dir: str | Path, student: torch.nn.Module, meta: dict, wav: str | Path | None,
+                 text_ids: torch.Tensor) -> Comparison:
+    """The Qwen3-Omni student against transformers' thinker on one spoken prompt (collective, every rank calls it).
+
+    The prompt is ``<|audio_start|>`` + one ``<|audio_pad|>`` per tower output of ``wav`` + ``<|audio_end|>`` +
+    ``text_ids`` (the processor's audio layout); without ``wav``, ``text_ids`` alone. transformers gets the log-mel
+    of the HF directory's feature extractor, the student the waveform (its tower makes its own log-mel).
+    """
+    from transformers import WhisperFeatureExtractor
+
+    from ..models.qwen3_omni import audio_output_lengths, omni_log_mel
+    from .qwen3_omni import read_omni
+
+    thinker_cfg = read_omni(hf_dir).thinker_config
+    hf = omni_thinker(hf_dir)
+    vocab = student.llm_cfg.vocab_size
+    if wav is None:
+        return compare(lambda ids: hf(input_ids=ids).logits[..., :vocab],
+                       lambda ids: mcore_logits(student, ids, vocab), text_ids)
+    wave = read_wav(wav)
+    if (Path(hf_dir) / "preprocessor_config.json").is_file():
+        extractor = WhisperFeatureExtractor.from_pretrained(str(hf_dir))
+    else:
+        extractor = WhisperFeatureExtractor(feature_size=int(thinker_cfg["audio_config"].get("num_mel_bins", 128)))
+    mel, frames = omni_log_mel(extractor, [wave.numpy()])
+    tokens = int(audio_output_lengths(frames, int(meta.get("n_window", 50)))[0])
+    audio_ids = [int(thinker_cfg["audio_start_token_id"])] + [int(meta["audio_token_id"])] * tokens + \
+        [int(thinker_cfg["audio_end_token_id"])]
+    prompt = torch.cat([torch.tensor([audio_ids]), text_ids], dim=1)
+    features, mask = mel.transpose(1, 2), torch.ones(1, mel.shape[1], dtype=torch.long)
+
+    def hf_logits(ids: torch.Tensor) -> torch.Tensor:
+        return hf(input_ids=ids, input_features=features, feature_attention_mask=mask).logits[..., :vocab]
+
+    audio, audio_lens = wave[None], torch.tensor([wave.shape[0]])
+    return compare(hf_logits, lambda ids: mcore_logits(student, ids, vocab, audio=audio, audio_lens=audio_lens), prompt)

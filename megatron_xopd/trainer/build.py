@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -113,6 +114,9 @@ def build_models(cfg: RunConfig, tokenizer: Any, prompts: Prompts | None = None)
     # The ids below the student's own audio tokens are the text vocabulary of both models; embedding rows
     # beyond it (HF padding rows, the audio tokens) are excluded from every loss and sampler.
     text_vocab = prompts.text_vocab_size
+    omni = omni_student_dir(cfg, locator)
+    if omni is not None:  # the thinker's own text vocabulary: the ids below its audio tokens
+        text_vocab = min(text_vocab, student_cfg.text_vocab_size)
     for name, llm in (("student", student_cfg), ("teacher", teacher_cfg)):
         if llm.vocab_size < text_vocab:
             raise ModelConfigError(
@@ -130,15 +134,18 @@ def build_models(cfg: RunConfig, tokenizer: Any, prompts: Prompts | None = None)
     padded = padded_vocab(cfg, student_cfg, teacher_cfg, tp)
     student_cfg.padded_vocab_size = teacher_cfg.padded_vocab_size = padded
 
-    perception = None  # a text-only run (data.speech_input=none) needs no perception
-    if cfg.data.speech_input != "none" or cfg.model.student.perception:
-        perception = PerceptionConfig(**cfg.model.student.perception)
     recompute = RecomputeConfig(cfg.trainer.recompute_granularity, cfg.trainer.recompute_method,
                                 cfg.trainer.recompute_num_layers)
-    student = SpeechStudent(student_cfg, perception, locator, sequence_parallel=layout.sequence_parallel,
-                            recompute=recompute)
+    if omni is not None:
+        student = build_omni_student(cfg, omni, student_cfg, locator, layout.sequence_parallel, recompute)
+    else:
+        perception = None  # a text-only run (data.speech_input=none) needs no perception
+        if cfg.data.speech_input != "none" or cfg.model.student.perception:
+            perception = PerceptionConfig(**cfg.model.student.perception)
+        student = SpeechStudent(student_cfg, perception, locator, sequence_parallel=layout.sequence_parallel,
+                                recompute=recompute)
     load_llm_weights(student.language_model, cfg.model.student, student_cfg)
-    if cfg.model.student.perception_weights and student.perception is not None:
+    if cfg.model.student.perception_weights and student.perception is not None and omni is None:
         student.perception.load_state_dict(load_file(str(resolve_path(cfg.model.student.perception_weights))))
     if cfg.model.student.freeze_llm:
         student.language_model.requires_grad_(False)
@@ -147,6 +154,52 @@ def build_models(cfg: RunConfig, tokenizer: Any, prompts: Prompts | None = None)
     teacher = build_teacher(teacher_cfg, student_cfg, sequence_parallel=layout.sequence_parallel)
     load_llm_weights(teacher, cfg.model.teacher, teacher_cfg)
     return Models(student, teacher, student_cfg, teacher_cfg, text_vocab, locator)
+
+
+def omni_student_dir(cfg: RunConfig, locator: int) -> Path | None:
+    """The converted Qwen3-Omni directory when ``model.student.mcore_path`` is one (tools/convert_qwen3_omni_to_mcore.py
+    wrote it), checked against the run's locator and speech input; ``None`` for any other student."""
+    from ..convert.qwen3_omni import is_omni_student_dir, load_omni_student_configs
+
+    section = cfg.model.student
+    if not section.mcore_path or not is_omni_student_dir(resolve_path(section.mcore_path)):
+        return None
+    path = Path(resolve_path(section.mcore_path))
+    meta = load_omni_student_configs(path)[2]
+    if locator != meta["audio_token_id"]:
+        raise ModelConfigError(
+            f"model.audio_locator={cfg.model.audio_locator!r} is id {locator} in the tokenizer, but the Qwen3-Omni "
+            f"student at model.student.mcore_path={section.mcore_path} splices audio at its audio_token_id "
+            f"{meta['audio_token_id']} (<|audio_pad|>): set model.audio_locator to that token"
+        )
+    unknown = sorted(set(section.perception) - {"source"})
+    if unknown:
+        raise ModelConfigError(f"model.student.perception: {unknown} do not apply to a Qwen3-Omni student (its frozen "
+                               f"audio tower comes from model.student.mcore_path); only 'source' (audio | features)")
+    source = section.perception.get("source", "features")
+    if cfg.data.speech_input != "none" and cfg.data.speech_input != source:
+        raise ModelConfigError(
+            f"data.speech_input={cfg.data.speech_input} but model.student.perception.source={source}: a Qwen3-Omni "
+            f"student takes waveforms with source=audio (the frozen tower runs in the step) and the tower's cached "
+            f"outputs (tools/cache_audio_features.py) with source=features"
+        )
+    return path
+
+
+def build_omni_student(cfg: RunConfig, path: Path, llm_cfg: GPTModelConfig, locator: int, sequence_parallel: bool,
+                       recompute: RecomputeConfig) -> SpeechStudent:
+    """The Qwen3-Omni thinker as the student (its LLM is loaded by the caller): the frozen tower from the converted
+    directory (``perception.source=audio``) or none (``features``: the tower's cached outputs are spliced)."""
+    from ..convert.qwen3_omni import PERCEPTION_WEIGHTS, load_omni_perception, load_omni_student_configs
+    from ..models.qwen3_omni import Qwen3OmniStudent
+
+    source = None if cfg.data.speech_input == "none" else cfg.model.student.perception.get("source", "features")
+    _, pcfg, _ = load_omni_student_configs(path, source or "features")
+    student = Qwen3OmniStudent(llm_cfg, pcfg if source else None, locator, sequence_parallel=sequence_parallel,
+                               recompute=recompute)
+    weights = cfg.model.student.perception_weights
+    load_omni_perception(student.perception, resolve_path(weights) if weights else path / PERCEPTION_WEIGHTS)
+    return student
 
 
 def freeze_embedding(llm: torch.nn.Module) -> None:

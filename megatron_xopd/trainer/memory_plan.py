@@ -49,7 +49,9 @@ class PerceptionCount:
 def count_perception(perception: dict, hidden_size: int) -> PerceptionCount:
     """Parameters of the student's perception as built (on the meta device: no memory), and the trainable ones
     under its freeze flags (encoder/preprocessor, adapter/projection), as :class:`SpeechStudent` freezes them."""
-    if not perception:
+    if not perception or set(perception) == {"source"}:
+        # none, or a Qwen3-Omni student's (only `source`): cached tower outputs hold no module; its frozen tower
+        # (source=audio) is not counted here
         return PerceptionCount(0, 0)
     cfg = PerceptionConfig(**perception)
     with torch.device("meta"):
