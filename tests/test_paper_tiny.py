@@ -1,7 +1,7 @@
 """examples/paper_tiny/run.sh: the paper's run, command for command, on tiny random models (EP=2, 2 gloo processes).
 
 From two HF checkpoints (a tiny Qwen3-MoE teacher, a tiny Qwen3-Omni thinker) to a trained Qwen3-Omni directory:
-the losses are finite, the export loads in transformers, its LLM tensors changed and every other tensor (audio
+the losses are finite, samples.jsonl shows each model's own prompt layout, the export loads in transformers, its LLM tensors changed and every other tensor (audio
 tower, vision tower) is bit-identical to the original, and compare_logits agrees with the trained checkpoint.
 """
 
@@ -38,6 +38,21 @@ def test_paper_tiny_run(tmp_path):
     rows = [json.loads(line) for line in (out / "logs" / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [1, 2]
     assert all(math.isfinite(r["loss"]) and math.isfinite(r["kl_cm"]) and math.isfinite(r["kl_im"]) for r in rows)
+
+    # the rollouts as the models saw them: the student's speech prompt in Qwen3-Omni's audio layout (start, the
+    # tower's rows as pads, end), the teacher's prompt in its own template (SmolLM2's, with its system turn)
+    samples = [json.loads(line) for line in (out / "logs" / "samples.jsonl").read_text().splitlines()]
+    assert {s["step"] for s in samples} == {1, 2} and {s["modality"] for s in samples} == {"speech", "text"}
+    start, end, pad = 49152, 49153, 49154  # make_models.py's audio token ids
+    for s in samples:
+        assert s["response_ids"] and isinstance(s["response_text"], str)
+        assert not {start, end, pad} & set(s["teacher_prompt_ids"])
+        if s["modality"] == "speech":
+            ids = s["prompt_ids"]
+            i, j = ids.index(start), ids.index(end)
+            assert j - i > 2 and set(ids[i + 1 : j]) == {pad} and ids.count(pad) == j - i - 1
+        else:
+            assert s["prompt_ids"] != s["teacher_prompt_ids"]  # two templates: SmolLM2's adds its system prompt
 
     Qwen3OmniMoeThinkerForConditionalGeneration.from_pretrained(str(out / "student_hf"))  # loads in transformers
     old, new = load_file(str(out / "hf/student/model.safetensors")), load_file(str(out / "student_hf/model.safetensors"))

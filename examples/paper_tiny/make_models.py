@@ -38,6 +38,20 @@ def _randomize(model: torch.nn.Module, seed: int) -> None:
                 p.copy_(0.1 * torch.randn(p.shape, generator=g))
 
 
+# Qwen3-Omni's chat template, reduced to what a spoken or written one-turn prompt uses: ChatML, an audio item as
+# <|audio_start|><|audio_pad|><|audio_end|> (the processor expands the pad to the tower's output length). The
+# teacher keeps SmolLM2's own template (its default system prompt included): each model is prompted its own way.
+OMNI_CHAT_TEMPLATE = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n"
+    "{% if m['content'] is string %}{{ m['content'] }}"
+    "{% else %}{% for c in m['content'] %}"
+    "{% if c['type'] == 'audio' or 'audio' in c %}<|audio_start|><|audio_pad|><|audio_end|>"
+    "{% elif c['type'] == 'text' %}{{ c['text'] }}{% endif %}"
+    "{% endfor %}{% endif %}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
 def tokenizer(with_audio: bool):
     from transformers import AutoTokenizer
 
@@ -49,6 +63,7 @@ def tokenizer(with_audio: bool):
                                replace_extra_special_tokens=False)
         got = tok.convert_tokens_to_ids(["<|audio_start|>", "<|audio_end|>", "<|audio_pad|>"])
         assert got == [AUDIO_START, AUDIO_END, AUDIO_PAD], got
+        tok.chat_template = OMNI_CHAT_TEMPLATE
     return tok
 
 
