@@ -171,6 +171,29 @@ def test_quickstart_weights_grads_and_optimizer_equal_the_built_models():
     _check(run_distributed(_built_vs_planned, 2, run.trainer.parallel, dataclasses.asdict(run), ()), ())
 
 
+@pytest.mark.slow
+def test_paper_layout_counts_equal_megatron_shards_built_at_full_size_on_meta():
+    """The paper recipe at TP4 PP2 EP8 on 64 GPUs, ETP 1 and 4, first (rank 0) and last (rank 63) pipeline stage:
+    megatron-core's GPTModel shards of the Qwen3-Omni thinker LLM, Qwen3-30B-A3B and Qwen3-235B-A22B, built at full
+    size on the meta device for that rank (tests/_meta_shards.py says what is faked), hold exactly the planned dense
+    and expert parameters; megatron DDP's gradient buffers hold the planned gradient elements, and the distributed
+    optimizer's ranges give this DP rank the planned ceil(dense / DP) + ceil(expert / expert DP) main parameters."""
+    cases = ["0:1:optimizer", "63:1:qwen3_235b_a22b:optimizer", "0:4:qwen3_235b_a22b", "63:4:optimizer"]
+    result = subprocess.run([sys.executable, "-m", "tests._meta_shards", *cases], capture_output=True, text=True,
+                            cwd=REPO, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    outs = [json.loads(line) for line in result.stdout.splitlines() if line.startswith("{")]
+    assert [(o["rank"], o["stage"], o["etp"]) for o in outs] == [(0, 0, 1), (63, 1, 1), (0, 0, 4), (63, 1, 4)]
+    for out in outs:
+        for role in ("student", "teacher"):
+            assert out[role]["built"] == out[role]["planned"], (out["rank"], out["etp"], role)
+        if "optimizer" in out:
+            opt = out["optimizer"]
+            assert opt["grad_elements"] == sum(out["student"]["planned"]) and opt["owned"] == opt["planned_owned"]
+    assert outs[1]["teacher"]["planned"] == [1_018_568_448, 14_193_524_736]  # 235B, ETP 1: 16 whole experts a layer
+    assert outs[3]["student"]["planned"] == [197_500_928, 452_984_832]  # ETP 4: each expert split four ways
+
+
 def _teacher_kept(forms: tuple[str, ...]) -> dict[str, tuple[int, dict]]:
     """Bytes the teacher pass keeps for a full-vocabulary loss (reverse_kl) in each ``divergence_form`` (or, for
     "sampled_token", with that loss), scoring tests/test_trainer_passes.py's 4 rollouts in micro-batches of 2, and
