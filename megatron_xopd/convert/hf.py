@@ -611,6 +611,44 @@ class StreamingSafetensorsWriter:
         return self.out
 
 
+def read_safetensors_header(path: str | Path) -> tuple[int, dict[str, Any]]:
+    """(where the data starts, the header's tensor entries) of a safetensors file, reading only its header."""
+    with open(path, "rb") as handle:
+        size = int.from_bytes(handle.read(8), "little")
+        header = json.loads(handle.read(size))
+    header.pop("__metadata__", None)
+    return 8 + size, header
+
+
+class SafetensorsPatcher:
+    """A byte copy of a safetensors file in which named tensors are then overwritten one at a time, in place.
+
+    Why: an export that keeps an original checkpoint's files (names, order, every other tensor) replaces the
+    trained tensors without loading a whole file; each must have the original's shape, and is cast to its dtype.
+    """
+
+    _DTYPES = {v: k for k, v in _ST_DTYPES.items()}
+
+    def __init__(self, src: str | Path, dst: str | Path) -> None:
+        shutil.copyfile(src, dst)
+        self.path = Path(dst)
+        self.start, self.entries = read_safetensors_header(dst)
+        self.handle = open(dst, "r+b")
+
+    def write(self, name: str, tensor: torch.Tensor) -> None:
+        entry = self.entries[name]
+        if list(tensor.shape) != entry["shape"]:
+            raise ConversionError(f"{name}: the student's shape {tuple(tensor.shape)} differs from the original "
+                                  f"{tuple(entry['shape'])}")
+        data = tensor.detach().to("cpu", self._DTYPES[entry["dtype"]]).contiguous().reshape(-1)
+        self.handle.seek(self.start + entry["data_offsets"][0])
+        if data.numel():
+            self.handle.write(memoryview(data.view(torch.uint8).numpy()))
+
+    def close(self) -> None:
+        self.handle.close()
+
+
 def save_hf_checkpoint(
     out_dir: str | Path,
     state_dict: Mapping[str, torch.Tensor],
