@@ -532,6 +532,7 @@ def copy_tokenizer_files(src: str | Path, dst: str | Path, *, generation_config:
 _ST_DTYPES = {torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
               torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
               torch.bool: "BOOL"}
+SAFETENSORS_DTYPES = {v: k for k, v in _ST_DTYPES.items()}  # safetensors' dtype codes -> torch dtypes
 
 
 class StreamingSafetensorsWriter:
@@ -627,8 +628,6 @@ class SafetensorsPatcher:
     trained tensors without loading a whole file; each must have the original's shape, and is cast to its dtype.
     """
 
-    _DTYPES = {v: k for k, v in _ST_DTYPES.items()}
-
     def __init__(self, src: str | Path, dst: str | Path) -> None:
         shutil.copyfile(src, dst)
         self.path = Path(dst)
@@ -640,7 +639,7 @@ class SafetensorsPatcher:
         if list(tensor.shape) != entry["shape"]:
             raise ConversionError(f"{name}: the student's shape {tuple(tensor.shape)} differs from the original "
                                   f"{tuple(entry['shape'])}")
-        data = tensor.detach().to("cpu", self._DTYPES[entry["dtype"]]).contiguous().reshape(-1)
+        data = tensor.detach().to("cpu", SAFETENSORS_DTYPES[entry["dtype"]]).contiguous().reshape(-1)
         self.handle.seek(self.start + entry["data_offsets"][0])
         if data.numel():
             self.handle.write(memoryview(data.view(torch.uint8).numpy()))
