@@ -314,6 +314,16 @@ def test_tool_prints_the_paper_recipes_table_and_a_layout():
     assert bad.returncode == 2 and "expert_model_parallel_size" in bad.stderr
 
 
+@pytest.mark.slow
+def test_scaling_doc_plans_are_the_tools_output(tmp_path):
+    """docs/scaling.md's plans are what ``--write-doc`` writes now: rerunning it changes nothing."""
+    doc = tmp_path / "scaling.md"
+    doc.write_text((REPO / "docs" / "scaling.md").read_text())
+    result = _tool("--write-doc", str(doc))
+    assert result.returncode == 0 and "5 plan(s) written" in result.stdout, result.stderr[-2000:]
+    assert doc.read_text() == (REPO / "docs" / "scaling.md").read_text()
+
+
 def test_a_preset_and_an_inline_field_that_disagree_is_an_error_naming_both():
     """The recipe's preset is read when its checkpoint is not here; an inline ``llm`` field that contradicts a field
     the preset names (a 30B expert width on the 235B preset) fails, naming the key, both values and the preset."""
