@@ -320,7 +320,7 @@ def test_scaling_doc_plans_are_the_tools_output(tmp_path):
     doc = tmp_path / "scaling.md"
     doc.write_text((REPO / "docs" / "scaling.md").read_text())
     result = _tool("--write-doc", str(doc))
-    assert result.returncode == 0 and "5 plan(s) written" in result.stdout, result.stderr[-2000:]
+    assert result.returncode == 0 and "6 plan(s) written" in result.stdout, result.stderr[-2000:]
     assert doc.read_text() == (REPO / "docs" / "scaling.md").read_text()
 
 
