@@ -1,10 +1,12 @@
 """GPU check of the memory plan's activation, logits and KV-cache model (``megatron_xopd.models.memory``) against
-``torch.cuda.max_memory_allocated``, on one GPU (TP = PP = 1).
+``torch.cuda.max_memory_reserved`` (what the GPU holds, the caching allocator's reserve included; the allocated peak
+is printed beside it), on one GPU (TP = PP = 1).
 
     python3 benchmarks/memory_plan_check.py [--out "$OUT/memory_plan_check.json"]
 
 A dense bf16 model (sizes from the options) is built with megatron-core and wrapped in megatron's DDP as the
-trainer does. Two measurements, each the peak allocation above what was allocated before it:
+trainer does. Two measurements, each the reserved peak above what was reserved before it (after emptying the
+allocator's cache), ``measured_allocated`` the allocated peak above what was allocated:
 
 * ``training``: forward and backward of one micro-batch (b x s tokens, the sampled-token log-probs of the last
   ``--new`` positions, gathered as the loss does) vs ``activations`` + ``loss logits`` of the plan;
@@ -34,19 +36,24 @@ def check(args: argparse.Namespace, device: str = "cuda") -> dict:
 
     cuda = device == "cuda"
 
-    def start() -> int:
+    def start() -> tuple[int, int]:
+        """(reserved, allocated) bytes before a measurement; the allocator's cache is emptied first, so the reserve
+        then holds only live tensors and the reserved peak above it is what the measured code made the GPU hold."""
         if not cuda:
-            return 0
+            return 0, 0
         torch.cuda.synchronize()
+        torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
-        return torch.cuda.memory_allocated()
+        return torch.cuda.memory_reserved(), torch.cuda.memory_allocated()
 
-    def record(base: int, planned: int) -> dict:
-        measured = None
+    def record(base: tuple[int, int], planned: int) -> dict:
+        measured = allocated = None
         if cuda:
             torch.cuda.synchronize()
-            measured = torch.cuda.max_memory_allocated() - base
-        return {"measured": measured, "planned": planned, "ratio": measured / planned if cuda else None}
+            measured = torch.cuda.max_memory_reserved() - base[0]
+            allocated = torch.cuda.max_memory_allocated() - base[1]
+        return {"measured": measured, "measured_allocated": allocated, "planned": planned,
+                "ratio": measured / planned if cuda else None}
 
     from megatron_xopd.algo import pack_sequences, response_logprobs
     from megatron_xopd.models import GPTModelConfig, build_gpt_model

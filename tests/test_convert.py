@@ -546,3 +546,27 @@ def test_smollm2_heads_padded_for_tp2_matches_transformers_at_tp2_and_tp1(tmp_pa
         diff = (results[tp] - ref).abs().max().item()
         assert diff < 1e-4, (tp, diff)
         assert results[tp][0, len(prompt) - 1:-1].argmax(-1).tolist() == generated, tp
+
+
+@pytest.mark.parametrize("max_shard_bytes", [1 << 30, 100])
+def test_streaming_writer_writes_what_save_hf_checkpoint_writes(tmp_path, max_shard_bytes):
+    """The export's tensor-by-tensor safetensors writer: the same files, names and index as save_hf_checkpoint (one
+    file, or shards past max_shard_bytes), bitwise the same tensors; out of order is refused."""
+    from megatron_xopd.convert.hf import ConversionError, StreamingSafetensorsWriter, save_hf_checkpoint
+
+    tensors = {"a": torch.randn(3, 5), "b": torch.randn(7).to(torch.bfloat16), "c": torch.arange(4),
+               "d": torch.randn(2, 2, 2).half()}
+    writer = StreamingSafetensorsWriter(tmp_path / "new", [(k, tuple(v.shape), v.dtype) for k, v in tensors.items()],
+                                        max_shard_bytes=max_shard_bytes)
+    for key, tensor in tensors.items():
+        writer.write(key, tensor)
+    writer.close()
+    (tmp_path / "new" / "config.json").write_text("{}")
+    save_hf_checkpoint(tmp_path / "ref", tensors, {}, max_shard_bytes=max_shard_bytes)
+    ref, new = HFCheckpoint(tmp_path / "ref"), HFCheckpoint(tmp_path / "new")
+    assert ref.weight_map == new.weight_map and (len(set(new.weight_map.values())) > 1) == (max_shard_bytes == 100)
+    for key, tensor in tensors.items():
+        assert new[key].dtype == tensor.dtype and torch.equal(new[key], tensor), key
+    wrong = StreamingSafetensorsWriter(tmp_path / "wrong", [("a", (3, 5), torch.float32)])
+    with pytest.raises(ConversionError, match="planned a"):
+        wrong.write("b", tensors["b"])

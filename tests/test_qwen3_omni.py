@@ -374,8 +374,12 @@ def test_conversion_cli_end_to_end(omni, tmp_path):
                           str(tmp_path / "ckpt"), "--perception", "features"], capture_output=True, text=True, env=env)
     assert out.returncode == 0, out.stderr[-2000:]
     assert (tmp_path / "ckpt" / "metadata.json").is_file() and (tmp_path / "ckpt" / "student.yaml").is_file()
-    exported = subprocess.run([sys.executable, str(ROOT / "tools/export_student_to_qwen3_omni.py"), str(tmp_path / "ckpt"),
-                               str(omni["hf"]), str(tmp_path / "hf_out")], capture_output=True, text=True, env=env)
+    # exported at EP=2 on 2 ranks: each expert streams to rank 0 from the rank that holds it (convert/qwen3_omni.py)
+    port = str(20000 + int.from_bytes(os.urandom(2), "little") % 20000)
+    exported = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port",
+                               port, str(ROOT / "tools/export_student_to_qwen3_omni.py"), str(tmp_path / "ckpt"),
+                               str(omni["hf"]), str(tmp_path / "hf_out"), "--ep", "2"],
+                              capture_output=True, text=True, env=env)
     assert exported.returncode == 0, exported.stderr[-2000:]
     got = hf_logits(tmp_path / "hf_out", omni["ids"], omni["mel"], omni["lens"])
     assert torch.equal(got, omni["ref"])

@@ -1,22 +1,27 @@
 """Memory plan of an X-OPD recipe: bytes per GPU and phase, whether it fits, and the smallest layout that does.
 
     python tools/plan_memory.py --config-name quickstart
-    python tools/plan_memory.py --config-name paper_qwen3_omni --gpus 64 --gpu-mem-gb 80 \
-        --student-model qwen3_omni_30b_a3b_thinker --teacher-model qwen3_30b_a3b
-    python tools/plan_memory.py --config-name paper_qwen3_omni --gpus 8 ... trainer.parallel.expert_model_parallel_size=8
+    python tools/plan_memory.py --config-name paper_qwen3_omni --gpus 64 --gpu-mem-gb 80
+    python tools/plan_memory.py --config-name paper_qwen3_omni --gpus 8 trainer.parallel.expert_model_parallel_size=4
+    python tools/plan_memory.py --config-name paper_qwen3_omni --gpus 64 model.teacher.preset=qwen3_235b_a22b
     python tools/plan_memory.py --count qwen3_235b_a22b        # total / active parameters of a preset
     python tools/plan_memory.py --audio-tower                  # Qwen3-Omni's audio tower, built on the meta device
 
 The recipe is composed as ``examples/train_xopd.py`` composes it (Hydra overrides after the options). Model shapes
-come from the checkpoints when they are on this machine, else from presets (``examples/conf/models/``). Every
-line's formula: ``docs/scaling.md``.
+come from the checkpoints when they are on this machine, else from the recipe's ``model.<role>.preset``
+(``examples/conf/models/``); ``--student-model``/``--teacher-model`` name a preset that wins over both. Every
+line's formula: ``docs/scaling.md`` (whose plans ``--write-doc docs/scaling.md`` regenerates).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import io
 import json
 import math
+import re
+import shlex
 import sys
 import warnings
 from dataclasses import replace
@@ -50,6 +55,29 @@ def audio_tower_params() -> int:
     return sum(p.numel() for p in encoder.parameters())
 
 
+DOC_BLOCK = re.compile(r"(<!-- plan_memory: (?P<args>[^>]*?) -->\n)(?P<body>.*?)(<!-- /plan_memory -->)", re.S)
+
+
+def write_doc(path: Path) -> int:
+    """Rerun every ``<!-- plan_memory: ARGS -->`` block of a markdown file and put the tool's output in it, so the
+    plans a doc shows are this code's output, not typed."""
+    text = path.read_text()
+
+    def run(match: re.Match) -> str:
+        out = io.StringIO()
+        with contextlib.redirect_stdout(out):
+            code = main(shlex.split(match["args"]))
+        if code:
+            raise SystemExit(f"{path}: plan_memory {match['args']} exited with {code}")
+        command = f"python tools/plan_memory.py {match['args']}"
+        return f"{match.group(1)}```text\n$ {command}\n{out.getvalue().rstrip()}\n```\n{match.group(4)}"
+
+    new, count = DOC_BLOCK.subn(run, text)
+    path.write_text(new)
+    print(f"{path}: {count} plan(s) written")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config-name", help="recipe in examples/conf (without .yaml)")
@@ -58,18 +86,24 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--gpu-mem-gb", type=float, default=80.0, help="memory per GPU, GiB")
     parser.add_argument("--headroom", type=float, default=0.1,
                         help="fraction of the GPU left out of the plan: CUDA context, NCCL buffers, fragmentation")
-    parser.add_argument("--student-model", help="preset (examples/conf/models) for model.student.llm")
-    parser.add_argument("--teacher-model", help="preset (examples/conf/models) for model.teacher.llm")
+    parser.add_argument("--student-model", help="preset (examples/conf/models) for model.student.llm, used even "
+                                                 "when the checkpoint is here (default: model.student.preset)")
+    parser.add_argument("--teacher-model", help="preset (examples/conf/models) for model.teacher.llm (default: "
+                                                 "model.teacher.preset)")
     parser.add_argument("--recompute", choices=("selective", "full"), default=None,
                         help="plan with activation recompute (default: the recipe's)")
     parser.add_argument("--json", action="store_true", help="one JSON object instead of the table")
     parser.add_argument("--no-suggest", action="store_true", help="skip the search for the smallest fitting layout")
     parser.add_argument("--count", metavar="PRESET", help="print a preset's total and active parameters and exit")
     parser.add_argument("--audio-tower", action="store_true", help="print Qwen3-Omni's audio-tower parameters and exit")
+    parser.add_argument("--write-doc", metavar="MARKDOWN", type=Path,
+                        help="rerun the plans a markdown file marks with <!-- plan_memory: ARGS --> and write them in")
     parser.add_argument("overrides", nargs="*", help="Hydra overrides, key=value")
     args = parser.parse_args(argv)
+    if args.write_doc:
+        return write_doc(args.write_doc)
 
-    from megatron_xopd.models import GPTModelConfig
+    from megatron_xopd.models import GPTModelConfig, ModelConfigError
     from megatron_xopd.models.memory import GiB, LayoutError, model_params, suggest_layout
     from megatron_xopd.trainer.memory_plan import format_plan, load_preset, plan_run
 
@@ -91,7 +125,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         plan, student, teacher, work = plan_run(run, world, usable_gb, student_preset=args.student_model,
                                                 teacher_preset=args.teacher_model, recompute=args.recompute)
-    except LayoutError as err:
+    except (LayoutError, ModelConfigError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     suggestions = {}

@@ -27,13 +27,14 @@ from megatron.core import dist_checkpointing, parallel_state
 
 from ..models.config import GPTModelConfig
 from ..models.gpt import build_gpt_model, uses_transformer_engine
-from ..models.sharding import gather_canonical_state_dict, load_canonical_state_dict, local_to_global_name
+from ..models.sharding import canonical_layout, iter_canonical_tensors, load_canonical_state_dict, local_to_global_name
 from ..runtime import set_seed
 
 from .hf import (
+    CanonicalToHF,
     ConversionError,
+    StreamingSafetensorsWriter,
     HFCheckpoint,
-    canonical_to_hf,
     check_hf_expert_count,
     check_hf_keys,
     copy_tokenizer_files,
@@ -41,7 +42,6 @@ from .hf import (
     hf_to_canonical,
     model_config_to_hf_config,
     read_json,
-    save_hf_checkpoint,
 )
 
 log = logging.getLogger(__name__)
@@ -238,17 +238,32 @@ def export_model_to_hf(
 ) -> Path:
     """Write this (sharded) model as an HF directory that ``AutoModelForCausalLM.from_pretrained`` loads.
 
-    Every rank calls it (the weights are gathered over TP and PP); rank 0 writes. ``side_files_dir`` (a converted
-    checkpoint) provides ``hf_config.json`` and the tokenizer files.
+    Every rank calls it; rank 0 writes. The weights stream tensor by tensor: each is gathered over TP/EP/PP to rank 0
+    only (:func:`iter_canonical_tensors`), converted to its HF names and written into its safetensors file, so no
+    rank holds more than its own shard and one full tensor. ``side_files_dir`` (a converted checkpoint) provides
+    ``hf_config.json`` and the tokenizer files.
     """
     out = Path(out_dir)
     side = Path(side_files_dir) if side_files_dir is not None else None
     if hf_config is None and side is not None and (side / HF_CONFIG).is_file():
         hf_config = read_json(side / HF_CONFIG)
-    canonical = gather_canonical_state_dict(model, cfg.vocab_size)
+    layout = canonical_layout(model, cfg.vocab_size)
+    to_hf = CanonicalToHF(cfg)
+    to_hf.check(entry.name for entry in layout)
+    writer = None
     if _rank() == 0:
         config = model_config_to_hf_config(cfg, base=hf_config)
-        save_hf_checkpoint(out, canonical_to_hf(canonical, cfg), config)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "config.json").write_text(json.dumps(dict(config), indent=2, sort_keys=True) + "\n")
+        writer = StreamingSafetensorsWriter(
+            out, [p for entry in layout for p in to_hf.plan(entry.name, entry.shape, entry.dtype)])
+    for entry, tensor in iter_canonical_tensors(model, layout):
+        if writer is not None:
+            for name, part in to_hf(entry.name, tensor):
+                writer.write(name, part)
+        del tensor
+    if writer is not None:
+        writer.close()
         if side is not None:
             copy_tokenizer_files(side, out)
     _barrier()

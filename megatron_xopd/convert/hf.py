@@ -30,6 +30,7 @@ reads only the tensors of the parameters it holds.
 from __future__ import annotations
 
 import json
+import math
 import re
 import shutil
 from collections.abc import Callable, Iterable, Iterator, Mapping
@@ -377,21 +378,50 @@ def hf_to_canonical(
     return out
 
 
+def _hf_parts(tensor: torch.Tensor, sources: tuple[str, ...], kind: str, cfg: GPTModelConfig
+              ) -> list[tuple[str, torch.Tensor]]:
+    if kind == "qkv":
+        parts = _split_qkv(tensor, cfg)
+    elif kind == "fc1":
+        parts = tuple(t.contiguous() for t in tensor.chunk(2, dim=0))
+    else:
+        parts = (tensor.contiguous(),)
+    return list(zip(sources, parts))
+
+
 def canonical_to_hf(canonical: Mapping[str, torch.Tensor], cfg: GPTModelConfig) -> dict[str, torch.Tensor]:
     """Canonical tensors -> HF-named ones (tied models have no ``lm_head.weight``, as transformers saves them)."""
     out: dict[str, torch.Tensor] = {}
     for name, sources, kind in _entries(cfg):
         if name not in canonical:
             raise ConversionError(f"canonical state dict lacks {name}")
-        tensor = canonical[name]
-        if kind == "qkv":
-            parts = _split_qkv(tensor, cfg)
-        elif kind == "fc1":
-            parts = tuple(t.contiguous() for t in tensor.chunk(2, dim=0))
-        else:
-            parts = (tensor.contiguous(),)
-        out.update(zip(sources, parts))
+        out.update(_hf_parts(canonical[name], sources, kind, cfg))
     return out
+
+
+class CanonicalToHF:
+    """One canonical tensor at a time -> its HF-named tensors (what :func:`canonical_to_hf` does for a whole dict),
+    for exports that stream."""
+
+    def __init__(self, cfg: GPTModelConfig) -> None:
+        self.cfg = cfg
+        self.table = {name: (sources, kind) for name, sources, kind in _entries(cfg)}
+
+    def check(self, names: Iterable[str]) -> None:
+        """Raise naming the difference when ``names`` are not exactly the model's canonical tensors."""
+        names = set(names)
+        missing, unknown = sorted(self.table.keys() - names), sorted(names - self.table.keys())
+        if missing or unknown:
+            raise ConversionError(f"the model's tensors do not match the {self.cfg.family} mapping: missing "
+                                  f"{missing[:5]}, unknown {unknown[:5]}")
+
+    def __call__(self, name: str, tensor: torch.Tensor) -> list[tuple[str, torch.Tensor]]:
+        sources, kind = self.table[name]
+        return _hf_parts(tensor, sources, kind, self.cfg)
+
+    def plan(self, name: str, shape: tuple[int, ...], dtype: torch.dtype) -> list[tuple[str, tuple[int, ...], torch.dtype]]:
+        """The HF names, shapes and dtypes ``name`` becomes (computed on the meta device: no memory)."""
+        return [(n, tuple(t.shape), t.dtype) for n, t in self(name, torch.empty(shape, dtype=dtype, device="meta"))]
 
 
 def check_hf_keys(names: Iterable[str], cfg: GPTModelConfig) -> None:
@@ -497,6 +527,125 @@ def copy_tokenizer_files(src: str | Path, dst: str | Path, *, generation_config:
             shutil.copyfile(src / name, dst / name)
             copied.append(name)
     return copied
+
+
+_ST_DTYPES = {torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
+              torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
+              torch.bool: "BOOL"}
+SAFETENSORS_DTYPES = {v: k for k, v in _ST_DTYPES.items()}  # safetensors' dtype codes -> torch dtypes
+
+
+class StreamingSafetensorsWriter:
+    """Write HF weights tensor by tensor: safetensors shard files (and an index beyond one file) whose headers are
+    computed from the planned names, shapes and dtypes, so no more than the tensor being written is in memory.
+
+    Why: ``safetensors.torch.save_file`` needs a whole shard file's tensors at once (5 GiB a file by default).
+    The files are those :func:`save_hf_checkpoint` writes (same names, same sharding rule, same ``format: pt``
+    metadata); tensors must come in the planned order.
+    """
+
+    def __init__(self, out_dir: str | Path, planned: list[tuple[str, tuple[int, ...], torch.dtype]], *,
+                 max_shard_bytes: int = 5 * 2**30) -> None:
+        self.out = Path(out_dir)
+        self.out.mkdir(parents=True, exist_ok=True)
+        shards: list[list[tuple[str, tuple[int, ...], torch.dtype, int]]] = [[]]
+        size = 0
+        for name, shape, dtype in planned:
+            nbytes = math.prod(shape) * dtype.itemsize
+            if shards[-1] and size + nbytes > max_shard_bytes:
+                shards.append([])
+                size = 0
+            shards[-1].append((name, tuple(shape), dtype, nbytes))
+            size += nbytes
+        count = len(shards)
+        self.files = [SAFETENSORS_SINGLE] if count == 1 else [f"model-{i:05d}-of-{count:05d}.safetensors"
+                                                              for i in range(1, count + 1)]
+        self.shards = shards
+        self.total = sum(t[3] for shard in shards for t in shard)
+        self.order = [(name, shape, dtype, i) for i, shard in enumerate(shards) for name, shape, dtype, _ in shard]
+        self.position = 0
+        self.handle = None
+        self.open_index = -1
+
+    def _open(self, index: int) -> None:
+        if self.handle is not None:
+            self.handle.close()
+        header: dict[str, Any] = {"__metadata__": {"format": "pt"}}
+        offset = 0
+        for name, shape, dtype, nbytes in self.shards[index]:
+            header[name] = {"dtype": _ST_DTYPES[dtype], "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
+            offset += nbytes
+        text = json.dumps(header, separators=(",", ":")).encode()
+        text += b" " * (-len(text) % 8)
+        self.handle = open(self.out / self.files[index], "wb")
+        self.handle.write(len(text).to_bytes(8, "little") + text)
+        self.open_index = index
+
+    def write(self, name: str, tensor: torch.Tensor) -> None:
+        if self.position >= len(self.order):
+            raise ConversionError(f"{self.out}: {name} is beyond the planned tensors")
+        expected, shape, dtype, index = self.order[self.position]
+        if (name, tuple(tensor.shape), tensor.dtype) != (expected, shape, dtype):
+            raise ConversionError(f"{self.out}: got {name} {tuple(tensor.shape)} {tensor.dtype}, planned {expected} "
+                                  f"{shape} {dtype}")
+        if index != self.open_index:
+            self._open(index)
+        data = tensor.detach().to("cpu").contiguous().reshape(-1)
+        if data.numel():
+            self.handle.write(memoryview(data.view(torch.uint8).numpy()))
+        self.position += 1
+
+    def close(self) -> Path:
+        """Finish the last file and write the index (several files); every planned tensor must have come."""
+        if self.position != len(self.order):
+            raise ConversionError(f"{self.out}: {len(self.order) - self.position} planned tensor(s) never written, "
+                                  f"e.g. {self.order[self.position][0]}")
+        if self.open_index < 0 and self.order == []:
+            self._open(0)
+        if self.handle is not None:
+            self.handle.close()
+            self.handle = None
+        if len(self.files) > 1:
+            weight_map = {name: self.files[i] for name, _, _, i in self.order}
+            (self.out / SAFETENSORS_INDEX).write_text(
+                json.dumps({"metadata": {"total_size": self.total}, "weight_map": weight_map}, indent=2))
+        return self.out
+
+
+def read_safetensors_header(path: str | Path) -> tuple[int, dict[str, Any]]:
+    """(where the data starts, the header's tensor entries) of a safetensors file, reading only its header."""
+    with open(path, "rb") as handle:
+        size = int.from_bytes(handle.read(8), "little")
+        header = json.loads(handle.read(size))
+    header.pop("__metadata__", None)
+    return 8 + size, header
+
+
+class SafetensorsPatcher:
+    """A byte copy of a safetensors file in which named tensors are then overwritten one at a time, in place.
+
+    Why: an export that keeps an original checkpoint's files (names, order, every other tensor) replaces the
+    trained tensors without loading a whole file; each must have the original's shape, and is cast to its dtype.
+    """
+
+    def __init__(self, src: str | Path, dst: str | Path) -> None:
+        shutil.copyfile(src, dst)
+        self.path = Path(dst)
+        self.start, self.entries = read_safetensors_header(dst)
+        self.handle = open(dst, "r+b")
+
+    def write(self, name: str, tensor: torch.Tensor) -> None:
+        entry = self.entries[name]
+        if list(tensor.shape) != entry["shape"]:
+            raise ConversionError(f"{name}: the student's shape {tuple(tensor.shape)} differs from the original "
+                                  f"{tuple(entry['shape'])}")
+        data = tensor.detach().to("cpu", SAFETENSORS_DTYPES[entry["dtype"]]).contiguous().reshape(-1)
+        self.handle.seek(self.start + entry["data_offsets"][0])
+        if data.numel():
+            self.handle.write(memoryview(data.view(torch.uint8).numpy()))
+
+    def close(self) -> None:
+        self.handle.close()
 
 
 def save_hf_checkpoint(

@@ -27,22 +27,24 @@ from safetensors.torch import load_file, save_file
 
 from ..models.config import GPTModelConfig
 from ..models.qwen3_omni import OmniPerceptionConfig, Qwen3OmniAudioPerception, Qwen3OmniStudent
-from ..models.sharding import gather_canonical_state_dict, load_canonical_state_dict
+from ..models.sharding import canonical_layout, iter_canonical_tensors, load_canonical_state_dict
 from ..runtime import set_seed
 
 from .checkpoint import MODEL_CONFIG, _barrier, _rank, _tokenizer_size, load_mcore_checkpoint, needed_canonical_keys, save_mcore_checkpoint
 from .hf import (
     SAFETENSORS_INDEX,
+    CanonicalToHF,
     ConversionError,
     HFCheckpoint,
     LazyTensors,
-    canonical_to_hf,
+    SafetensorsPatcher,
     check_hf_expert_count,
     check_hf_keys,
     copy_tokenizer_files,
     hf_config_to_model_config,
     hf_to_canonical,
     read_json,
+    read_safetensors_header,
 )
 
 log = logging.getLogger(__name__)
@@ -265,36 +267,51 @@ def build_omni_student_from_mcore(ckpt_dir: str | Path, meta_dir: str | Path | N
 def export_student_to_qwen3_omni(student: Qwen3OmniStudent, hf_dir: str | Path, out_dir: str | Path, prefix: str) -> Path:
     """Write ``hf_dir`` again into ``out_dir`` with the thinker's LLM (and audio tower, when the student holds
     it) replaced by ``student``'s weights; every other tensor and file is copied, in the same shard files.
-    Every rank calls it (the LLM is gathered over TP/PP/EP); rank 0 writes."""
+
+    Every rank calls it; rank 0 writes. The shard files are byte copies in which the student's tensors are then
+    overwritten in place, each gathered to rank 0 alone as it comes (:func:`iter_canonical_tensors`): no rank holds
+    more than its own shard and one full tensor. Names and shapes are checked against the original's headers on
+    every rank before anything is sent."""
     src, out = Path(hf_dir), Path(out_dir)
-    canonical = gather_canonical_state_dict(student.language_model, student.llm_cfg.vocab_size)
+    reader = HFCheckpoint(src)
+    files = sorted(set(reader.weight_map.values()))
+    shapes = {name: tuple(entry["shape"]) for f in files for name, entry in read_safetensors_header(src / f)[1].items()}
+    layout = canonical_layout(student.language_model, student.llm_cfg.vocab_size)
+    to_hf = CanonicalToHF(student.llm_cfg)
+    to_hf.check(entry.name for entry in layout)
+    planned = {prefix + n: shape for entry in layout for n, shape, _ in to_hf.plan(entry.name, entry.shape, entry.dtype)}
+    unknown = sorted(set(planned) - set(reader.weight_map))
+    if unknown:
+        raise ConversionError(f"{src}: the student's tensors {unknown[:5]} are not in the original checkpoint")
+    wrong = [f"{n} {planned[n]} vs {shapes[n]}" for n in planned if planned[n] != shapes[n]]
+    if wrong:
+        raise ConversionError(f"the student's shapes differ from the original's: {wrong[:5]}")
+    if out.resolve() == src.resolve():
+        raise FileExistsError(f"export into the source directory {src} would overwrite it; choose another OUT_DIR")
+    patchers: dict[str, SafetensorsPatcher] = {}
     if _rank() == 0:
-        reader = HFCheckpoint(src)
-        new = {prefix + n: t for n, t in canonical_to_hf(canonical, student.llm_cfg).items()}
-        if student.perception is not None and student.perception.audio_tower is not None:
-            new.update({f"{prefix}audio_tower.{n}": t for n, t in student.perception.audio_tower.state_dict().items()})
-        unknown = sorted(set(new) - set(reader.weight_map))
-        if unknown:
-            raise ConversionError(f"{src}: the student's tensors {unknown[:5]} are not in the original checkpoint")
-        if out.resolve() == src.resolve():
-            raise FileExistsError(f"export into the source directory {src} would overwrite it; choose another OUT_DIR")
         out.mkdir(parents=True, exist_ok=True)
-        weight_files = set(reader.weight_map.values()) | {SAFETENSORS_INDEX}
+        weight_files = set(files) | {SAFETENSORS_INDEX}
         for path in src.iterdir():
             if path.name not in weight_files:
                 (shutil.copytree if path.is_dir() else shutil.copyfile)(path, out / path.name)
         if (src / SAFETENSORS_INDEX).is_file():
             shutil.copyfile(src / SAFETENSORS_INDEX, out / SAFETENSORS_INDEX)
-        for filename in sorted(set(reader.weight_map.values())):
-            keys = [k for k, f in reader.weight_map.items() if f == filename]
-            tensors = {}
-            for k in keys:
-                old = reader[k]
-                tensors[k] = new[k].to(old.dtype).contiguous() if k in new else old
-                if tensors[k].shape != old.shape:
-                    raise ConversionError(f"{k}: the student's shape {tuple(tensors[k].shape)} differs from the "
-                                          f"original {tuple(old.shape)}")
-            save_file(tensors, str(out / filename), metadata={"format": "pt"})
+        patchers = {f: SafetensorsPatcher(src / f, out / f) for f in files}
+    for entry, tensor in iter_canonical_tensors(student.language_model, layout):
+        if patchers:
+            for name, part in to_hf(entry.name, tensor):
+                patchers[reader.weight_map[prefix + name]].write(prefix + name, part)
+        del tensor
+    if patchers:
+        if student.perception is not None and student.perception.audio_tower is not None:
+            for n, t in student.perception.audio_tower.state_dict().items():
+                name = f"{prefix}audio_tower.{n}"
+                if name not in reader.weight_map:
+                    raise ConversionError(f"{src}: the student's tensor {name} is not in the original checkpoint")
+                patchers[reader.weight_map[name]].write(name, t)
+        for patcher in patchers.values():
+            patcher.close()
     _barrier()
     return out
 

@@ -38,10 +38,11 @@ from typing import Any
 import torch
 import yaml
 from megatron.core import parallel_state
-from safetensors.torch import load_file, save_file
+from safetensors import safe_open
+from safetensors.torch import save_file
 
 from ..models.config import GPTModelConfig
-from ..models.sharding import gather_canonical_state_dict, load_canonical_state_dict
+from ..models.sharding import canonical_layout, iter_canonical_tensors, load_canonical_state_dict
 from ..models.speech import PerceptionConfig, SpeechStudent
 from ..runtime import set_seed
 
@@ -55,10 +56,12 @@ from .checkpoint import (
     save_mcore_checkpoint,
 )
 from .hf import (
+    SAFETENSORS_DTYPES,
+    CanonicalToHF,
     ConversionError,
     LazyTensors,
     SafetensorsFiles,
-    canonical_to_hf,
+    StreamingSafetensorsWriter,
     check_hf_keys,
     copy_tokenizer_files,
     hf_config_to_model_config,
@@ -298,19 +301,32 @@ def export_student_to_salm(student: SpeechStudent, student_dir: str | Path, out_
     src, out = Path(student_dir), Path(out_dir)
     llm_cfg = student.llm_cfg
     meta = yaml.safe_load((src / STUDENT_CONFIG).read_text())
-    canonical = gather_canonical_state_dict(student.language_model, llm_cfg.vocab_size)
+    rows = meta["salm_vocab_rows"]
+    layout = canonical_layout(student.language_model, llm_cfg.vocab_size)
+    to_hf = CanonicalToHF(llm_cfg)
+    to_hf.check(entry.name for entry in layout)
+
+    def salm_name(name: str, tensor: torch.Tensor) -> tuple[str, torch.Tensor]:
+        if name == "model.embed_tokens.weight":
+            return "embed_tokens.weight", tensor[:rows]
+        return f"llm.{name}", tensor[:rows] if name == "lm_head.weight" else tensor
+
+    writer = None
+    frozen = src / FROZEN_PERCEPTION
     if _rank() == 0:
         if student.perception is None:
             raise RuntimeError("export_student_to_salm: global rank 0 must hold the first pipeline stage")
-        rows = meta["salm_vocab_rows"]
-        hf = canonical_to_hf(canonical, llm_cfg)
-        weights = {"embed_tokens.weight": hf.pop("model.embed_tokens.weight")[:rows]}
-        if "lm_head.weight" in hf:
-            hf["lm_head.weight"] = hf["lm_head.weight"][:rows]
-        weights.update({f"llm.{name}": tensor for name, tensor in hf.items()})
-        if (src / FROZEN_PERCEPTION).is_file():
-            weights.update(load_file(str(src / FROZEN_PERCEPTION)))
-        weights.update({f"perception.{n}": t for n, t in student.perception.state_dict().items()})
+        planned = []
+        for entry in layout:
+            for name, shape, dtype in to_hf.plan(entry.name, entry.shape, entry.dtype):
+                meta_name, meta_tensor = salm_name(name, torch.empty(shape, dtype=dtype, device="meta"))
+                planned.append((meta_name, tuple(meta_tensor.shape), dtype))
+        if frozen.is_file():
+            with safe_open(str(frozen), framework="pt") as handle:
+                slices = {k: handle.get_slice(k) for k in handle.keys()}
+                planned += [(k, tuple(v.get_shape()), SAFETENSORS_DTYPES[v.get_dtype()]) for k, v in slices.items()]
+        perception = {f"perception.{n}": t for n, t in student.perception.state_dict().items()}
+        planned += [(k, tuple(t.shape), t.dtype) for k, t in perception.items()]
         config = read_json(src / SALM_CONFIG)
         config.pop("lora", None)
         if "prevent_freeze_params" in config:
@@ -319,7 +335,21 @@ def export_student_to_salm(student: SpeechStudent, student_dir: str | Path, out_
         config.setdefault("architectures", ["NeMoSpeechLMForConditionalGeneration"])
         out.mkdir(parents=True, exist_ok=True)
         (out / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
-        save_file({k: v.detach().contiguous() for k, v in weights.items()}, str(out / SALM_WEIGHTS), metadata={"format": "pt"})
+        writer = StreamingSafetensorsWriter(out, planned, max_shard_bytes=1 << 62)  # one file, as SALM reads it
+    # streamed: each LLM tensor reaches rank 0 alone, one at a time (no rank holds the whole model)
+    for entry, tensor in iter_canonical_tensors(student.language_model, layout):
+        if writer is not None:
+            for name, part in to_hf(entry.name, tensor):
+                writer.write(*salm_name(name, part))
+        del tensor
+    if writer is not None:
+        if frozen.is_file():
+            with safe_open(str(frozen), framework="pt") as handle:
+                for key in handle.keys():
+                    writer.write(key, handle.get_tensor(key))
+        for key, tensor in perception.items():
+            writer.write(key, tensor)
+        writer.close()
         (out / LLM_BACKBONE_DIR).mkdir(exist_ok=True)
         (out / LLM_BACKBONE_DIR / "config.json").write_text((src / LLM_BACKBONE_DIR / "config.json").read_text())
         copy_tokenizer_files(src, out, generation_config=False)

@@ -85,9 +85,7 @@ class Layout:
         if self.cp > 1:
             parts.append(f"CP={self.cp}")
         if self.ep > 1 or self.etp != self.tp:
-            parts.append(f"EP={self.ep}")
-        if self.etp != self.tp:
-            parts.append(f"ETP={self.etp}")
+            parts += [f"EP={self.ep}", f"ETP={self.etp}"]
         parts.append(f"DP={self.dp}")
         if self.sp:
             parts.append("SP")
@@ -411,13 +409,16 @@ def _plan_stage(student, teacher, layout: Layout, work: Workload, gpu_bytes: int
 
     # rollout: KV cache, one layer of the prefill, and the sampler's last-position logits.
     kv = kv_cache_bytes(student, layout, work, stage)
-    prefill = forward_working_bytes(student, layout, work.prompts * work.modalities * work.prompt_tokens, work.prompt_tokens)
+    # the rollout engine turns sequence parallelism off (rollout/engine.py): every TP rank holds all prompt tokens
+    no_sp = replace(layout, parallel=replace(layout.parallel, sequence_parallel=False))
+    prefill = forward_working_bytes(student, no_sp, work.prompts * work.modalities * work.prompt_tokens, work.prompt_tokens)
     sample_logits = work.rollouts * v_local * (wb + 2 * FP32) if last else 0
     rollout = PhasePlan("rollout", persistent + [
         offloaded if work.offload_teacher else teacher_line,
         Line("KV cache", kv, f"2 x {len(stage_layers(student, layout, stage))} layers x s={work.seq_len} x R={work.rollouts}"
              f" x g/t={student.num_query_groups // t} x d={student.head_dim} x {wb} B"),
-        Line("prefill working set", prefill, "one layer of a no-grad forward over prompts x modalities x prompt tokens"),
+        Line("prefill working set", prefill, "one layer of a no-grad forward over prompts x modalities x prompt tokens"
+             + (", no SP (the rollout engine turns it off)" if layout.sp else "")),
         Line("sampling logits", sample_logits, f"R x V/t x ({wb} + 8) B (last-position logits, fp32 sampler temporaries)"),
     ])
 
@@ -490,8 +491,9 @@ def suggest_layout(
     *, max_tp: int = 8,
 ) -> MemoryPlan | None:
     """The smallest model-parallel layout that fits: fewest TP x PP ranks (most data parallelism), then the
-    smallest EP; SP on whenever TP > 1; the vocabulary re-padded for each TP size (the student's embedding rows
-    as given). ``None`` when nothing fits on ``world_size`` GPUs."""
+    smallest EP, then ETP = 1 before ETP = TP (experts whole on each EP rank, as the public Qwen3-MoE recipes of
+    Megatron-Bridge and slime run them); SP on whenever TP > 1; the vocabulary re-padded for each TP size (the
+    student's embedding rows as given). ``None`` when nothing fits on ``world_size`` GPUs."""
     layers = math.gcd(student.num_layers, teacher.num_layers)
     experts = math.gcd(student.num_moe_experts or 0, teacher.num_moe_experts or 0) or 1
     candidates = []
@@ -504,7 +506,7 @@ def suggest_layout(
                     parallel = ParallelConfig(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp,
                                               expert_model_parallel_size=ep, expert_tensor_parallel_size=etp,
                                               sequence_parallel=tp > 1)
-                    candidates.append(((tp * pp, ep, etp != tp), Layout(parallel, world_size), configs))
+                    candidates.append(((tp * pp, ep, etp != 1), Layout(parallel, world_size), configs))
     for _, layout, (s_cfg, t_cfg) in sorted(candidates, key=lambda c: c[0]):
         try:
             plan = plan_memory(s_cfg, t_cfg, layout, work, gpu_bytes)

@@ -15,7 +15,10 @@ hold it, in either spec).
 
 from __future__ import annotations
 
+import math
 import re
+from collections.abc import Iterator
+from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
@@ -122,8 +125,8 @@ def gather_canonical_state_dict(
 ) -> dict[str, torch.Tensor]:
     """The full canonical state dict (or gradients, with ``grads=True``), assembled over TP and PP.
 
-    Every rank receives it (an all-gather over TP, then the experts over EP, then over PP). This materialises the whole model on
-    each rank: for tests, exports and small models; large models export through ``dist_checkpointing``.
+    Every rank receives it (an all-gather over TP, then the experts over EP, then over PP). This materialises the
+    whole model on each rank: for tests and small models. Exports stream instead (:func:`iter_canonical_tensors`).
     """
     inner = _unwrap(model)
     local: dict[str, torch.Tensor] = {}
@@ -159,3 +162,104 @@ def gather_canonical_state_dict(
                 merged.setdefault(key, value)  # tied embeddings appear on first and last stage
         local = merged
     return local
+
+
+# ------------------------------------------------------------------------------------------- streaming gather
+@dataclass(frozen=True)
+class CanonicalTensor:
+    """One canonical tensor as the ranks hold it: its full shape (vocabulary rows unpadded) and dtype, the shape of
+    each TP piece, which global rank sends each piece, and how the pieces join (``dim``, ``stride``; one piece when
+    the tensor is not TP-split)."""
+
+    name: str
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+    piece: tuple[int, ...]
+    senders: tuple[int, ...]
+    dim: int = 0
+    stride: int = 1
+
+    @property
+    def nbytes(self) -> int:
+        return math.prod(self.shape) * self.dtype.itemsize
+
+
+def _natural(name: str) -> list:
+    return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", name)]
+
+
+def _canonical_params(inner: torch.nn.Module) -> Iterator[tuple[str, str, torch.nn.Parameter]]:
+    for name, param in inner.named_parameters():
+        if name == "output_layer.weight" and inner.share_embeddings_and_output_weights:
+            continue  # tied: the canonical form holds the embedding only
+        yield name, local_to_global_name(inner, name), param
+
+
+def canonical_layout(model: torch.nn.Module, vocab_size: int) -> list[CanonicalTensor]:
+    """Every canonical tensor of the whole (sharded) model, in one order all ranks agree on (collective).
+
+    Only names and shapes travel (``all_gather_object`` of metadata); each piece is sent by the lowest global rank
+    that holds it, so data-parallel replicas send nothing.
+    """
+    inner = _unwrap(model)
+    local = []
+    for name, key, param in _canonical_params(inner):
+        tp_rank, tp_size, _ = _tp_group_of(name)
+        split = bool(getattr(param, "tensor_model_parallel", False)) and tp_size > 1
+        shape = list(param.shape)
+        if split:
+            shape[param.partition_dim] *= tp_size
+        if name.endswith(_VOCAB_PARAMS):
+            shape[0] = vocab_size
+        local.append((key, tuple(shape), str(param.dtype).removeprefix("torch."), tuple(param.shape),
+                      tp_rank if split else 0, tp_size if split else 1, param.partition_dim if split else 0,
+                      getattr(param, "partition_stride", 1) if split else 1))
+    everyone: list = [local]
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        everyone = [None] * dist.get_world_size()
+        dist.all_gather_object(everyone, local)
+    merged: dict[str, dict] = {}
+    for src, entries in enumerate(everyone):
+        for key, shape, dtype, piece_shape, piece, pieces, dim, stride in entries:
+            entry = merged.setdefault(key, dict(shape=shape, dtype=getattr(torch, dtype), piece=piece_shape,
+                                                senders=[None] * pieces, dim=dim, stride=stride))
+            if entry["senders"][piece] is None:
+                entry["senders"][piece] = src
+    return [CanonicalTensor(key, **{**e, "senders": tuple(e["senders"])})
+            for key, e in sorted(merged.items(), key=lambda kv: _natural(kv[0]))]
+
+
+@torch.no_grad()
+def iter_canonical_tensors(
+    model: torch.nn.Module, layout: list[CanonicalTensor], *, dst: int = 0
+) -> Iterator[tuple[CanonicalTensor, torch.Tensor | None]]:
+    """Each tensor of ``layout`` (:func:`canonical_layout`) in turn, assembled on global rank ``dst`` only, from
+    point-to-point sends of its TP pieces; the other ranks get ``None`` and must iterate to the end too (they send).
+
+    Why: an export must not hold the whole model on any rank (``gather_canonical_state_dict`` gives every rank all
+    of it). ``dst`` holds one full tensor and its pieces at a time beyond its own shard; no other rank receives.
+    """
+    inner = _unwrap(model)
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    mine = {key: param for _, key, param in _canonical_params(inner)}
+    device = next(inner.parameters()).device
+    for entry in layout:
+        if rank != dst:
+            if rank in entry.senders:
+                dist.send(mine[entry.name].detach().contiguous(), dst=dst)
+            yield entry, None
+            continue
+        parts = []
+        for src in entry.senders:
+            if src == rank:
+                parts.append(mine[entry.name].detach())
+            else:
+                parts.append(torch.empty(entry.piece, dtype=entry.dtype, device=device))
+                dist.recv(parts[-1], src=src)
+        if len(parts) == 1:
+            tensor = parts[0]
+        else:
+            per_rank = [p.chunk(entry.stride, dim=entry.dim) for p in parts]
+            tensor = torch.cat([per_rank[r][k] for k in range(entry.stride) for r in range(len(parts))], dim=entry.dim)
+        del parts
+        yield entry, tensor[: entry.shape[0]] if tensor.shape[0] != entry.shape[0] else tensor

@@ -48,6 +48,8 @@ class LLMSection:
     With ``hf_path`` or ``mcore_path``, ``llm`` may be left empty: it is read from the checkpoint.
     ``system_prompt`` and ``chat_template_kwargs`` are this model's chat-template options: its prompts are rendered
     by its own tokenizer and template (``data/prompt_format.py``).
+    ``preset``: a model preset (``examples/conf/models/<name>``) that ``tools/plan_memory.py`` reads when the
+    checkpoint is not on this machine; the trainer ignores it.
     """
 
     llm: dict[str, Any] = field(default_factory=dict)
@@ -55,6 +57,7 @@ class LLMSection:
     mcore_path: str | None = None
     system_prompt: str | None = None  # a system turn before each prompt; None: none (or the template's default)
     chat_template_kwargs: dict[str, Any] = field(default_factory=dict)  # e.g. {enable_thinking: false}
+    preset: str | None = None
 
 
 @dataclass

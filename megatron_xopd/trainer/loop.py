@@ -28,7 +28,7 @@ from ..ops.sampling import SamplingParams
 from ..rollout import RolloutCollector
 from ..runtime import init_distributed, initialize_model_parallel, set_seed
 from ..runtime.device import current_device, resident
-from ..runtime.memory import peak_memory_mb, reset_peak_memory
+from ..runtime.memory import peak_memory, reset_peak_memory
 from ..runtime.reduce import all_ranks_agree, reduce_over_replicas
 from .build import build_models, build_optimizer, load_prompts, wrap_ddp
 from .checkpoint import CheckpointError, CheckpointSaver, find_resumable, load_checkpoint, load_model_weights
@@ -236,7 +236,7 @@ class XOPDTrainer:
             "time_teacher_s": t_teacher,
             "time_train_s": t_train,
             "time_step_s": step_time,
-            "peak_mem_mb": peak_memory_mb(),  # runtime/memory.py: CUDA max allocated this step, CPU peak RSS
+            **peak_memory(),  # runtime/memory.py: peak_mem_mb (CUDA max reserved this step, CPU peak RSS), peak_mem_allocated_mb
             "tokens_per_s": (g["tok_cm"] + g["tok_im"]) / step_time,
             "lr": self.optimizer.param_groups[0]["lr"],
             "grad_norm": grad_norm,

@@ -7,6 +7,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
+import yaml
 
 from ..convert.sources import resolve_path
 from ..data.prompt_format import student_format
@@ -22,22 +23,46 @@ PRESETS = Path(__file__).resolve().parents[2] / "examples" / "conf" / "models"
 
 def load_preset(spec: str) -> dict:
     """A preset name (``examples/conf/models/<name>.yaml``) or a YAML path of GPTModelConfig fields."""
+    return GPTModelConfig.load(_preset_path(spec)).to_dict()
+
+
+def _preset_path(spec: str) -> Path:
     path = Path(spec) if spec.endswith((".yaml", ".yml")) else PRESETS / f"{spec}.yaml"
     if not path.exists():
         known = sorted(p.stem for p in PRESETS.glob("*.yaml"))
         raise ModelConfigError(f"model preset {spec!r}: no file {path}; known presets: {known}")
-    return GPTModelConfig.load(path).to_dict()
+    return path
+
+
+def _on_this_machine(section: LLMSection) -> bool:
+    source = section.hf_path or section.mcore_path
+    return not source or source.startswith("builtin:") or Path(source).expanduser().exists()
 
 
 def section_config(section: LLMSection, where: str, preset: str | None) -> GPTModelConfig:
-    """The preset's fields (or the checkpoint's config, when it exists here) updated by the recipe's ``llm``."""
-    if preset:
-        return GPTModelConfig.from_dict({**load_preset(preset), **section.llm}, where=where)
-    source = section.hf_path or section.mcore_path
-    if source and not source.startswith("builtin:") and not Path(source).expanduser().exists():
-        raise ModelConfigError(f"{where}: checkpoint {source!r} is not on this machine; give the architecture with "
-                               f"a preset (--{where.split('.')[1]}-model NAME, one of examples/conf/models/)")
-    return llm_config(section, where)
+    """The architecture of one LLM: the checkpoint's config when it is on this machine, else its preset (``preset``
+    from the command line first, then the recipe's ``model.<role>.preset``), updated by the recipe's ``llm``.
+
+    A field the preset file names and the recipe's ``llm`` sets to another value is an error naming both: a plan of
+    a model that is neither would be silently wrong (e.g. a 235B preset's expert width replaced by a 30B's).
+    """
+    role = where.split(".")[1]
+    chosen = preset or (None if _on_this_machine(section) else section.preset)
+    if not chosen:
+        if not _on_this_machine(section):
+            source = section.hf_path or section.mcore_path
+            raise ModelConfigError(f"{where}: checkpoint {source!r} is not on this machine; give the architecture "
+                                   f"with a preset (model.{role}.preset=NAME or --{role}-model NAME, one of "
+                                   f"examples/conf/models/)")
+        return llm_config(section, where)
+    path = _preset_path(chosen)
+    named = yaml.safe_load(path.read_text()) or {}
+    clashes = [f"{where}.{key}={value!r} vs preset {chosen!r} ({path.name}) {key}={named[key]!r}"
+               for key, value in section.llm.items() if key in named and named[key] != value]
+    if clashes:
+        raise ModelConfigError("the recipe's inline model fields disagree with the preset (drop the inline field or "
+                               "pick the preset that has it): " + "; ".join(clashes))
+    return GPTModelConfig.from_dict({**load_preset(chosen), **section.llm}, where=where)
 
 
 @dataclass
