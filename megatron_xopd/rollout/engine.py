@@ -62,6 +62,7 @@ from megatron.core import parallel_state
 from megatron.core.inference.model_inference_wrappers.gpt.gpt_inference_wrapper import GPTInferenceWrapper
 from megatron.core.inference.model_inference_wrappers.inference_wrapper_config import InferenceWrapperConfig
 from megatron.core.inference.utils import get_attention_mask
+from megatron.core.tensor_parallel.layers import ColumnParallelLinear, RowParallelLinear
 from megatron.core.transformer.enums import AttnBackend
 from megatron.core.utils import get_attr_wrapped_model, get_model_config
 
@@ -191,9 +192,27 @@ def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
 _SP_ATTRS = ("sequence_parallel", "scatter_to_sequence_parallel", "reduce_scatter_embeddings")
 
 
+def _linear_without_autograd(input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, *,
+                             sequence_parallel: bool = False, **_backward_only: Any) -> torch.Tensor:
+    """The forward of megatron's parallel-linear autograd Functions (``LinearWithGradAccumulationAndAsync-
+    Communication``, ``LinearWithFrozenWeight``), the same ops, called without ``Function.apply``: under
+    ``no_grad`` nothing is saved for a backward, and the Function's bookkeeping is per-layer overhead of every
+    decode step. The other arguments only configure the backward."""
+    if sequence_parallel:
+        raise RuntimeError("rollouts run with sequence parallelism off (rollout_mode)")
+    output = torch.matmul(input, weight.t())
+    if bias is not None:
+        output = output + bias
+    return output
+
+
 @contextlib.contextmanager
 def rollout_mode(model: torch.nn.Module) -> Iterator[None]:
     """Eval mode (dropout off), sequence parallelism off, no autograd; everything restored on exit.
+
+    megatron's own parallel linears (the local spec's ``ColumnParallelLinear``/``RowParallelLinear``; Transformer
+    Engine's are not touched) get an instance ``_forward_impl`` that is :func:`_linear_without_autograd`, removed
+    on exit (their tensor-parallel communication stays megatron's).
 
     Sequence parallelism is switched off as megatron's static inference does (the attributes of
     ``megatron.core.transformer.utils.set_model_to_sequence_parallel``), but by hand: megatron's helper
@@ -204,14 +223,20 @@ def rollout_mode(model: torch.nn.Module) -> Iterator[None]:
     config = get_model_config(model)
     flipped = [(m, a) for m in model.modules() for a in _SP_ATTRS if getattr(m, a, None) is True]
     sp_config = bool(config.sequence_parallel)
+    linears = [m for m in model.modules() if isinstance(m, (ColumnParallelLinear, RowParallelLinear))
+               and "_forward_impl" not in vars(m)]
     model.eval()
     for module, attr in flipped:
         setattr(module, attr, False)
     config.sequence_parallel = False
+    for module in linears:
+        module._forward_impl = _linear_without_autograd
     try:
         with torch.no_grad():
             yield
     finally:
+        for module in linears:
+            del module._forward_impl
         for module, training in modes:
             module.training = training
         for module, attr in flipped:
