@@ -89,19 +89,22 @@ def _ratio_with_trainer_op(model, batch):
 
 def _mixed_lengths_and_stops(engine, model) -> dict:
     """Prompts of lengths 1, 24 and 3 whose rows stop at different steps: the batch's rows, each row generated
-    alone, the recomputed references, and the (rows, width) of every forward of the batch."""
+    alone, the recomputed references, and the (rows, width) of every forward of the batch when finished rows
+    leave it at once (``sync_every=1``)."""
+    from megatron_xopd.rollout import RolloutEngine
+
     full = engine.generate(MIXED, GREEDY).tokens
     stops = (int(full[0, 2]), int(full[1, 5]))
     params = SamplingParams(max_new_tokens=MAX_NEW, greedy=True, stop_ids=stops)
-    calls = []
-    forward = engine._forward
-    engine._forward = lambda wrapper, ids, start, audio: calls.append(tuple(ids.shape)) or forward(wrapper, ids, start, audio)
-    try:
-        batch = engine.generate(MIXED, params)
-    finally:
-        del engine._forward
+    batch = engine.generate(MIXED, params)
     alone = [engine.generate([prompt], params) for prompt in MIXED]
-    return {"stops": stops, "batch": _summary(batch), "calls": calls, "full_reference": _greedy_reference(model, MIXED),
+    every_step = RolloutEngine(model, VOCAB, sync_every=1)  # finished rows leave the batch at once
+    calls = []
+    forward = every_step._forward
+    every_step._forward = lambda wrapper, ids, start, audio: calls.append(tuple(ids.shape)) or forward(wrapper, ids, start, audio)
+    at_once = every_step.generate(MIXED, params)
+    return {"stops": stops, "batch": _summary(batch), "at_once": _summary(at_once), "calls": calls,
+            "full_reference": _greedy_reference(model, MIXED),
             "alone_tokens": [a.tokens[0] for a in alone], "alone_logprobs": [a.logprobs[0] for a in alone]}
 
 
@@ -113,7 +116,7 @@ def _summary(batch):
 def _text_suite(model, with_references: bool) -> dict:
     from megatron_xopd.rollout import RolloutEngine
 
-    engine = RolloutEngine(model, VOCAB)
+    engine = RolloutEngine(model, VOCAB, sync_every=3)  # rows are checked for being done every 3 steps
     model.train()
     res = {}
     greedy = engine.generate(PROMPTS, GREEDY)
@@ -378,6 +381,7 @@ def test_mixed_prompt_lengths_decode_together_and_stopped_rows_leave_the_batch(r
         for layout in ("tp2", "pp2"):
             assert torch.equal(rank[layout]["mixed"]["tokens"], batch["tokens"]), layout
             assert torch.equal(rank[layout]["mixed"]["lengths"], batch["lengths"]), layout
+    _assert_same_rollouts(mixed["at_once"], batch, "mixed: done rows checked every step and every 3 steps")
     calls = mixed["calls"]
     assert calls[0] == (len(MIXED), max(len(p) for p in MIXED))
     assert calls[1:] == [(sum(n > step for n in lengths), 1) for step in range(1, max(lengths))], (calls, lengths)

@@ -155,16 +155,26 @@ class _Layout:
         sel = sel[sel >= 0]
         return self.embeds[sel] if sel.numel() else None
 
-    def record(self, idx: torch.Tensor, tok: torch.Tensor, lp: torch.Tensor | None, slp: torch.Tensor | None) -> None:
-        """Append sampled tokens (and their log-probs where given) to rows ``idx``; update done/finished."""
+    def record(self, idx: torch.Tensor, tok: torch.Tensor, lp: torch.Tensor | None, slp: torch.Tensor | None,
+               where: torch.Tensor | None = None) -> None:
+        """Append sampled tokens (and their log-probs where given) to rows ``idx``, only where ``where`` holds
+        (a mask, applied without a host synchronisation); update done/finished."""
         at = self.count[idx]
+        col = self.row_end[idx] + at
+        if where is not None:  # rows left out keep their values (their indices are clamped into range)
+            at, col = at.clamp(max=self.max_new - 1), col.clamp(max=self.seq.shape[1] - 1)
+            tok = torch.where(where, tok, self.out_tok[idx, at])
+            if lp is not None:
+                lp, slp = torch.where(where, lp, self.out_lp[idx, at]), torch.where(where, slp, self.out_slp[idx, at])
         self.out_tok[idx, at] = tok
         if lp is not None:
             self.out_lp[idx, at] = lp
             self.out_slp[idx, at] = slp
-        self.seq[idx, self.row_end[idx] + at] = tok
-        self.count[idx] += 1
+        self.seq[idx, col] = tok if where is None else torch.where(where, tok, self.seq[idx, col])
+        self.count[idx] += 1 if where is None else where.to(torch.int64)
         hit = torch.isin(tok, self.stop)
+        if where is not None:
+            hit &= where
         self.finished[idx] |= hit
         self.done[idx] |= hit | (self.count[idx] >= self.max_new)
 
@@ -288,10 +298,14 @@ class RolloutEngine:
     ``text_vocab_size``: ids the sampler may emit (defaults to the student's ``llm_cfg.text_vocab_size``).
     Call :meth:`generate` on every rank of the model-parallel group with the same prompts and params.
     ``pipelined=False`` decodes at PP > 1 with every stage in turn (megatron's small-batch pipeline forward),
-    the reference the pipelined decode is checked and timed against.
+    the reference the pipelined decode is checked and timed against. ``sync_every`` (k): the decode loop
+    (outside the pipelined decode) reads back which rows are done, and drops them from the batch, every k steps
+    only; between checks it makes no host synchronisation. Default 4 on CUDA, 1 on CPU (where a read-back is free
+    and a finished row's extra steps are not). The tokens do not depend on it.
     """
 
-    def __init__(self, model: torch.nn.Module, text_vocab_size: int | None = None, *, pipelined: bool = True) -> None:
+    def __init__(self, model: torch.nn.Module, text_vocab_size: int | None = None, *, pipelined: bool = True,
+                 sync_every: int | None = None) -> None:
         self.model = model
         self.inner = _unwrap(model)
         self.is_speech = isinstance(self.inner, SpeechStudent)
@@ -304,6 +318,10 @@ class RolloutEngine:
         self.context: PaddedStaticContext | None = None
         self.contexts: list[PaddedStaticContext] = []  # the groups' KV caches of a pipelined decode
         self.pipelined = pipelined  # at PP > 1: the pipelined decode (else every stage in turn, for comparison)
+        device = next(self.inner.parameters()).device
+        self.sync_every = int(sync_every if sync_every is not None else (4 if device.type == "cuda" else 1))
+        if self.sync_every < 1:
+            raise ValueError(f"RolloutEngine: sync_every must be >= 1, got {sync_every}")
         self.left_padded = padded_rows_supported(self.inner)  # the batch layout (module docstring)
         self.pp_group = parallel_state.get_pipeline_model_parallel_group()
         self.pp_size = parallel_state.get_pipeline_model_parallel_world_size()
@@ -567,24 +585,29 @@ class RolloutEngine:
                 logits = logits.repeat_interleave(n, dim=0)
         self.context.set_row_pad(row_pad)
 
-        p = prefill
+        # The loop makes no host synchronisation but every ``sync_every`` steps (the check of which rows are done,
+        # after which they leave the batch); meanwhile a finished row is forwarded and sampled, never recorded.
+        p, steps = prefill, 0
         while True:
-            act = (row_end[live] <= p).nonzero().squeeze(1)  # rows of the batch that generate the token at p
-            idx = live[act]
-            if idx.numel():
-                pack = torch.empty(idx.numel(), 3, dtype=torch.float64, device=device)
+            if live.numel():
+                gen = (row_end[live] <= p) & ~done[live]  # rows of the batch that generate the token at p
+                pack = torch.empty(live.numel(), 3, dtype=torch.float64, device=device)
                 if self.last_stage:
-                    keys = idx if params.greedy else row_keys(params.seed, idx, count[idx])
-                    out = sample_vocab_parallel(logits[act], params, keys, text_vocab_size=self.text_vocab_size)
+                    keys = live if params.greedy else row_keys(params.seed, live, count[live])
+                    out = sample_vocab_parallel(logits, params, keys, text_vocab_size=self.text_vocab_size)
                     pack[:, 0], pack[:, 1], pack[:, 2] = out.tokens, out.logprobs, out.sampling_logprobs
                 pack = self._pp_broadcast(pack, src_first=False)
-                lay.record(idx, pack[:, 0].to(torch.int64), pack[:, 1].to(torch.float32), pack[:, 2].to(torch.float32))
+                lay.record(live, pack[:, 0].to(torch.int64), pack[:, 1].to(torch.float32), pack[:, 2].to(torch.float32),
+                           where=gen)
+            steps += 1
+            check = steps % self.sync_every == 0  # on the same steps on every rank of an expert-parallel group
+            if (check or p + 1 >= s_max) and live.numel():  # p + 1 == s_max: every row is done
                 going = ~done[live]
                 if not bool(going.all()):  # stopped samples leave the batch (the cache keeps >= 1 row)
                     if use_cache and bool(going.any()):
                         self.context.keep_rows(going.nonzero().squeeze(1))
                     live = live[going]
-            if not self._any_in_group(live.numel() > 0, device):
+            if (check or (self.ep_group is None and not live.numel())) and not self._any_in_group(live.numel() > 0, device):
                 break
             if live.numel() == 0:
                 # Expert parallelism: another rank of the group still generates, and each of its forwards runs an
