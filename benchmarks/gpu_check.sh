@@ -18,6 +18,7 @@ echo "gpu_check.py: rc=$? in $(( $(date +%s) - start )) s"
 start=$(date +%s)
 timeout 150 python3 benchmarks/gpu_trainer.py --out "$OUT/gpu_trainer.json" > "$OUT/gpu_trainer.log" 2>&1
 echo "gpu_trainer.py: rc=$? in $(( $(date +%s) - start )) s"
+start=$(date +%s); timeout 200 python3 benchmarks/gpu_decode.py --out "$OUT/gpu_decode.json" > "$OUT/gpu_decode.log" 2>&1; echo "gpu_decode.py: rc=$? in $(( $(date +%s) - start )) s"
 python3 - "$OUT" <<'PY'
 import json, sys
 from pathlib import Path
