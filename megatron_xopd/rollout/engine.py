@@ -680,10 +680,11 @@ class RolloutEngine:
                     continue
                 keep = None
                 if group.prefilled:
-                    if group.pending.numel():  # the tokens sampled from this group's last forward
-                        tok = torch.empty(group.pending.numel(), dtype=torch.int64, device=device)
-                        dist.recv(tok, src=last, group=self.pp_group)
+                    if group.receiving is not None:  # the tokens sampled from this group's last forward
+                        work, tok = group.receiving
+                        work.wait()
                         lay.record(group.pending, tok, None, None)
+                        group.receiving = None
                     going = ~lay.done[group.live]
                     if not bool(going.all()):
                         keep = going.nonzero().squeeze(1)
@@ -719,6 +720,11 @@ class RolloutEngine:
                     group.prefilled = True
                     self._after_prefill(lay, group)
                 group.pending = _sampled_rows(lay, group, ctx.sequence_len_offset) if kind != _DUMMY else group.pending[:0]
+                if group.pending.numel():
+                    # Posted after this slot's sends: each pair of stages then meets its messages in one order
+                    # (header, activations, tokens, next header, ...), which NCCL's in-order streams need.
+                    tok = torch.empty(group.pending.numel(), dtype=torch.int64, device=device)
+                    group.receiving = (dist.irecv(tok, src=last, group=self.pp_group), tok)
         for work in sends:
             work.wait()
         stop = torch.zeros(header_size, dtype=torch.int64, device=device)  # kind _STOP
@@ -793,6 +799,7 @@ class _Group:
     live: torch.Tensor  # its samples still generating, in cache-row order
     pending: torch.Tensor  # first stage: rows whose next token the last stage is sampling
     prefilled: bool = False
+    receiving: tuple[Any, torch.Tensor] | None = None  # first stage: (irecv work, buffer) of those tokens
 
 
 def _sampled_rows(lay: _Layout, group: _Group, p: int) -> torch.Tensor:
