@@ -35,12 +35,17 @@ n samples per prompt: the ``B`` prompts are prefilled once; the cache rows are t
 sample rows (``StaticInferenceContext.swap_key_value_dict``), which then decode independently.
 
 Parallelism: the last pipeline stage samples with :func:`sample_vocab_parallel` (small per-shard summaries
-exchanged over the TP group, never the logits) and broadcasts the tokens and log-probs to the other stages,
-so every rank of the model-parallel group ends with identical outputs. megatron's
+exchanged over the TP group, never the logits). At PP > 1 the decode is pipelined
+(:meth:`RolloutEngine._generate_pipelined`): the prompts are split into as many groups as there are stages, each
+with its own KV cache, and the groups flow through the stages like micro-batches, so that stage k forwards group g
+while stage k + 1 forwards group g - 1 (the prefill is micro-batched the same way); only the sampled token ids
+travel back from the last stage to the first, and one broadcast at the end gives every rank of the
+model-parallel group identical outputs. ``pipelined=False`` keeps the sequential decode (every stage in turn,
+megatron's small-batch pipeline forward, the tokens and log-probs broadcast at every step). megatron's
 ``broadcast_from_last_pipeline_stage`` asserts CUDA tensors, so the broadcast is a plain
 ``torch.distributed.broadcast`` over megatron's pipeline group. Under expert parallelism (an MoE model at EP > 1)
 the ranks of the expert-parallel group hold different prompts but each MoE forward is an all-to-all over them:
-they agree on every decode step (see :meth:`RolloutEngine._any_in_group`), and a rank without prompts joins
+they agree at every check of which rows are done (see :meth:`RolloutEngine._any_in_group`), and a rank without prompts joins
 the others' generation (:meth:`RolloutEngine.generate_or_join`).
 
 Life cycle: :meth:`RolloutEngine.generate` puts the model in eval mode (dropout off), turns sequence
