@@ -41,7 +41,9 @@ any implementation of the same fp32 step pays.
 stage in turn, megatron's small-batch pipeline forward) on the same model in the same run, interleaved:
 ``pipelined_over_sequential`` is the ratio of their decode rates (generated tokens per second of the decode
 steps: the time of a ``--new-tokens`` run less that of a one-token run, which holds the prefill), and
-``tokens_equal`` whether both decode the same tokens (and log-probs within 1e-5). Defaults there: 32 prompts of
+``tokens_equal`` whether both decode the same tokens (and log-probs within 1e-5). ``decode_cpu_s`` holds each
+stage's CPU time of those decode steps, and ``pipelined_over_sequential_cpu_bound`` the ratio they imply with a
+free core per stage (sum of the stages' for the sequential decode over the busiest stage's for the pipelined). Defaults there: 32 prompts of
 32 tokens, 64 new tokens (a micro-batch per stage is half the rows: with few rows each stage reads its
 weights twice per step for little arithmetic, which is what the pipeline cannot hide).
 
@@ -232,15 +234,25 @@ def _pp_rank(args: argparse.Namespace) -> dict:
         "pipelined_over_sequential": round(decode["sequential"] / decode["pipelined"], 3),
         "tokens_equal": bool(torch.equal(a.tokens, b.tokens))
         and float((a.logprobs - b.logprobs).abs().max()) <= 1e-5,
+        "decode_cpu_s": {k: clock.cpu[f"{k}{args.new_tokens}"] - clock.cpu[f"{k}1"] for k in engines},
     }
     return result
 
 
 def _pp_main(args: argparse.Namespace) -> dict:
+    """Rank 0's result, with every stage's CPU time of the decode steps: on a loaded machine the wall-time ratio
+    says little (the stages do not get a core each), so ``pipelined_over_sequential_cpu_bound`` adds what the
+    ratio is with a free core per stage: the sequential decode costs the sum of the stages' CPU times, the
+    pipelined one at least the busiest stage's."""
     from megatron_xopd.testing import run_distributed
 
     os.environ["OMP_NUM_THREADS"] = str(args.threads or 1)
-    return run_distributed(_pp_rank, args.pp, args, tp=1, pp=args.pp, timeout_s=3000)[0]
+    ranks = run_distributed(_pp_rank, args.pp, args, tp=1, pp=args.pp, timeout_s=3000)
+    result = ranks[0]
+    cpu = {k: [r["decode_cpu_s"][k] for r in ranks] for k in ("pipelined", "sequential")}
+    result["decode_cpu_s"] = {k: [round(v, 2) for v in vs] for k, vs in cpu.items()}
+    result["pipelined_over_sequential_cpu_bound"] = round(sum(cpu["sequential"]) / max(cpu["pipelined"]), 3)
+    return result
 
 
 def main(argv: list[str] | None = None) -> dict:
