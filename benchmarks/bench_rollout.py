@@ -36,6 +36,17 @@ of ``--new-tokens`` and one-token runs), and ``plain_tokens_match_hf`` checks it
 our step costs above it is module and framework overhead; what it costs is the arithmetic and memory traffic
 any implementation of the same fp32 step pays.
 
+``--pp N`` (N gloo processes, ``--threads`` each, default 1) times the pipelined decode of
+:class:`~megatron_xopd.rollout.RolloutEngine` at PP = N against the sequential one (``pipelined=False``: every
+stage in turn, megatron's small-batch pipeline forward) on the same model in the same run, interleaved:
+``pipelined_over_sequential`` is the ratio of their decode rates (generated tokens per second of the decode
+steps: the time of a ``--new-tokens`` run less that of a one-token run, which holds the prefill), and
+``tokens_equal`` whether both decode the same tokens (and log-probs within 1e-5). ``decode_cpu_s`` holds each
+stage's CPU time of those decode steps, and ``pipelined_over_sequential_cpu_bound`` the ratio they imply with a
+free core per stage (sum of the stages' for the sequential decode over the busiest stage's for the pipelined). Defaults there: 32 prompts of
+32 tokens, 64 new tokens (a micro-batch per stage is half the rows: with few rows each stage reads its
+weights twice per step for little arithmetic, which is what the pipeline cannot hide).
+
 Rates are from wall time; ``*_cpu`` entries are from this process's CPU time, which moves less when the machine
 is shared (use ``--threads 1`` on a busy machine: idle OpenMP threads spin and count as CPU time). Every time is
 the best of ``--repeats`` interleaved runs after a warm-up.
@@ -179,6 +190,71 @@ def _interpolated_total(points: list[int], times: list[float], steps: range) -> 
     return total
 
 
+def _pp_rank(args: argparse.Namespace) -> dict:
+    """One pipeline stage of ``--pp``: the same random SmolLM2-shaped weights on every rank (seed 0)."""
+    import torch.distributed as dist
+
+    from megatron_xopd.convert.hf import hf_config_to_model_config, hf_to_canonical
+    from megatron_xopd.models import build_gpt_model, load_canonical_state_dict
+    from megatron_xopd.rollout import RolloutEngine, SamplingParams
+    from megatron_xopd.runtime import set_seed
+
+    hf = _hf_model("random")
+    set_seed(0)
+    cfg = hf_config_to_model_config(hf.config.to_dict(), params_dtype="float32")
+    model = build_gpt_model(cfg)
+    load_canonical_state_dict(model, hf_to_canonical(hf.state_dict(), cfg))
+    gen = torch.Generator().manual_seed(1)
+    plist = [torch.randint(3, cfg.text_vocab_size, (args.prompt_len,), generator=gen).tolist() for _ in range(args.prompts)]
+    engines = {"pipelined": RolloutEngine(model, cfg.text_vocab_size),
+               "sequential": RolloutEngine(model, cfg.text_vocab_size, pipelined=False)}
+    clock, outs = _Clock(), {}
+    for name, engine in engines.items():  # warm-up
+        engine.generate(plist, SamplingParams(max_new_tokens=2, greedy=True))
+    for _ in range(args.repeats):
+        for name, engine in engines.items():
+            for n in (1, args.new_tokens):
+                dist.barrier()
+                outs[name, n] = clock.run(f"{name}{n}", lambda: engine.generate(plist, SamplingParams(max_new_tokens=n, greedy=True)))
+    decode = {k: clock.wall[f"{k}{args.new_tokens}"] - clock.wall[f"{k}1"] for k in engines}
+    rows_steps = args.prompts * (args.new_tokens - 1)
+    a, b = outs["pipelined", args.new_tokens], outs["sequential", args.new_tokens]
+    result = {
+        "bench": "rollout_pp",
+        "device": "cpu",
+        "pp": dist.get_world_size(),
+        "threads_per_rank": torch.get_num_threads(),
+        "prompts": args.prompts,
+        "prompt_len": args.prompt_len,
+        "new_tokens": args.new_tokens,
+        "pipelined_decode_tok_s": round(rows_steps / decode["pipelined"], 2),
+        "sequential_decode_tok_s": round(rows_steps / decode["sequential"], 2),
+        "pipelined_tok_s": round(args.prompts * args.new_tokens / clock.wall[f"pipelined{args.new_tokens}"], 2),
+        "sequential_tok_s": round(args.prompts * args.new_tokens / clock.wall[f"sequential{args.new_tokens}"], 2),
+        "pipelined_over_sequential": round(decode["sequential"] / decode["pipelined"], 3),
+        "tokens_equal": bool(torch.equal(a.tokens, b.tokens))
+        and float((a.logprobs - b.logprobs).abs().max()) <= 1e-5,
+        "decode_cpu_s": {k: clock.cpu[f"{k}{args.new_tokens}"] - clock.cpu[f"{k}1"] for k in engines},
+    }
+    return result
+
+
+def _pp_main(args: argparse.Namespace) -> dict:
+    """Rank 0's result, with every stage's CPU time of the decode steps: on a loaded machine the wall-time ratio
+    says little (the stages do not get a core each), so ``pipelined_over_sequential_cpu_bound`` adds what the
+    ratio is with a free core per stage: the sequential decode costs the sum of the stages' CPU times, the
+    pipelined one at least the busiest stage's."""
+    from megatron_xopd.testing import run_distributed
+
+    os.environ["OMP_NUM_THREADS"] = str(args.threads or 1)
+    ranks = run_distributed(_pp_rank, args.pp, args, tp=1, pp=args.pp, timeout_s=3000)
+    result = ranks[0]
+    cpu = {k: [r["decode_cpu_s"][k] for r in ranks] for k in ("pipelined", "sequential")}
+    result["decode_cpu_s"] = {k: [round(v, 2) for v in vs] for k, vs in cpu.items()}
+    result["pipelined_over_sequential_cpu_bound"] = round(sum(cpu["sequential"]) / max(cpu["pipelined"]), 3)
+    return result
+
+
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--weights", choices=("random", "smollm2"), default="random")
@@ -193,7 +269,15 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--plain-step", action="store_true", help="also time the plain-PyTorch decode step floor")
     parser.add_argument("--json", action="store_true", help="print one JSON line")
+    parser.add_argument("--pp", type=int, default=1, help="pipelined over sequential decode at this PP (processes)")
     args = parser.parse_args(argv)
+    if args.pp > 1:
+        for key, value in (("prompts", 32), ("new_tokens", 64)):
+            if f"--{key.replace('_', '-')}" not in (argv if argv is not None else sys.argv[1:]):
+                setattr(args, key, value)
+        result = _pp_main(args)
+        print(json.dumps(result) if args.json else "\n".join(f"{k:>26}: {v}" for k, v in result.items()))
+        return result
     if args.plain_step and args.prompt_len_min is not None:
         parser.error("--plain-step needs equal prompt lengths (no --prompt-len-min)")
     if args.threads:

@@ -7,7 +7,7 @@ the CPU suite. This script runs, in one process (world size 1, NCCL), each secti
 
 1. ``trainer_dense``: ``--steps`` X-OPD steps of the real trainer with tiny random Llama student and teacher and
    cached speech features (the test suite's setup, ``tests/_trainer_setup.py``): losses finite, ``kl_cm`` and
-   ``kl_im`` logged; step time and ``torch.cuda.max_memory_allocated``.
+   ``kl_im`` logged; step time, the share of it that rollouts take, and ``torch.cuda.max_memory_allocated``.
 2. ``trainer_moe``: the same with tiny random Qwen3-MoE student and teacher (``family: qwen3_moe``), recorded as an
    error where the MoE family is not available.
 3. ``rollout``: our KV-cached engine vs ``transformers``' ``generate`` on SmolLM2-135M's shape (random weights,
@@ -88,6 +88,9 @@ def _trainer(tmp: Path, steps: int, llm: dict | None, save: bool = True) -> dict
         "loss": [round(r["loss"], 5) for r in rows],
         "kl_cm": [round(r["kl_cm"], 5) for r in rows],
         "wall_s_per_step": round(wall / steps, 3),
+        # the share of a step that rollouts take (metrics.jsonl's time_rollout_s / time_step_s, steps after the first)
+        "rollout_share": round(sum(r.get("time_rollout_s", 0.0) for r in rows[1:] or rows)
+                               / max(sum(r.get("time_step_s", 0.0) for r in rows[1:] or rows), 1e-9), 3),
         "peak_mem_mb": round(torch.cuda.max_memory_allocated() / 2**20, 1) if torch.cuda.is_available() else None,
         **_gap(rows[0]),
     }

@@ -89,19 +89,22 @@ def _ratio_with_trainer_op(model, batch):
 
 def _mixed_lengths_and_stops(engine, model) -> dict:
     """Prompts of lengths 1, 24 and 3 whose rows stop at different steps: the batch's rows, each row generated
-    alone, the recomputed references, and the (rows, width) of every forward of the batch."""
+    alone, the recomputed references, and the (rows, width) of every forward of the batch when finished rows
+    leave it at once (``sync_every=1``)."""
+    from megatron_xopd.rollout import RolloutEngine
+
     full = engine.generate(MIXED, GREEDY).tokens
     stops = (int(full[0, 2]), int(full[1, 5]))
     params = SamplingParams(max_new_tokens=MAX_NEW, greedy=True, stop_ids=stops)
-    calls = []
-    forward = engine._forward
-    engine._forward = lambda wrapper, ids, start, audio: calls.append(tuple(ids.shape)) or forward(wrapper, ids, start, audio)
-    try:
-        batch = engine.generate(MIXED, params)
-    finally:
-        del engine._forward
+    batch = engine.generate(MIXED, params)
     alone = [engine.generate([prompt], params) for prompt in MIXED]
-    return {"stops": stops, "batch": _summary(batch), "calls": calls, "full_reference": _greedy_reference(model, MIXED),
+    every_step = RolloutEngine(model, VOCAB, sync_every=1)  # finished rows leave the batch at once
+    calls = []
+    forward = every_step._forward
+    every_step._forward = lambda wrapper, ids, start, audio: calls.append(tuple(ids.shape)) or forward(wrapper, ids, start, audio)
+    at_once = every_step.generate(MIXED, params)
+    return {"stops": stops, "batch": _summary(batch), "at_once": _summary(at_once), "calls": calls,
+            "full_reference": _greedy_reference(model, MIXED),
             "alone_tokens": [a.tokens[0] for a in alone], "alone_logprobs": [a.logprobs[0] for a in alone]}
 
 
@@ -113,7 +116,7 @@ def _summary(batch):
 def _text_suite(model, with_references: bool) -> dict:
     from megatron_xopd.rollout import RolloutEngine
 
-    engine = RolloutEngine(model, VOCAB)
+    engine = RolloutEngine(model, VOCAB, sync_every=3)  # rows are checked for being done every 3 steps
     model.train()
     res = {}
     greedy = engine.generate(PROMPTS, GREEDY)
@@ -224,8 +227,56 @@ def _rollout_checks() -> dict:
     load_canonical_state_dict(model, weights)
     out["pp2"] = _text_suite(model, with_references=False)
     out["pp2"]["mixed"] = _summary(RolloutEngine(model, VOCAB).generate(MIXED, mixed_params))
+    sequential = RolloutEngine(model, VOCAB, pipelined=False)  # every stage in turn, megatron's pipeline forward
+    out["pp2_sequential"] = {name: _summary(sequential.generate(PROMPTS, params))
+                             for name, params in (("greedy", GREEDY), ("filtered", FILTERED), ("plain", PLAIN))}
+    out["pp2_sequential"]["mixed"] = _summary(sequential.generate(MIXED, mixed_params))
     out["speech_pp2"] = _speech_suite(_speech_student(student_llm, student_perception), with_references=False)
     out["pp_rank"] = parallel_state.get_pipeline_model_parallel_rank()
+    return out
+
+
+def _pipelined_checks() -> dict:
+    """4 ranks: the pipelined decode at TP=2 x PP=2 against each rank's own single-process rollouts (DP=4), and
+    the MoE model of tests/test_ep.py at PP=2 x EP=2 against EP=1 (the two pipelines hold different prompts; the
+    one at data-parallel rank 0 stops after its first token while the other generates all its tokens)."""
+    from megatron.core import parallel_state
+
+    from megatron_xopd.models import build_gpt_model, gather_canonical_state_dict, load_canonical_state_dict
+    from megatron_xopd.rollout import RolloutEngine
+    from megatron_xopd.runtime import ParallelConfig, initialize_model_parallel, set_seed
+    from tests.test_ep import MAX_NEW as EP_NEW, PROMPTS as EP_PROMPTS, _moe_config, _randomize
+
+    cases = {"greedy": GREEDY, "filtered": FILTERED, "plain": PLAIN}
+    out: dict = {}
+    initialize_model_parallel(ParallelConfig())
+    set_seed(0)
+    model = build_gpt_model(tiny_gpt_config())
+    weights = {k: v.clone() for k, v in gather_canonical_state_dict(model, VOCAB).items()}
+    out["reference"] = {name: _summary(RolloutEngine(model, VOCAB).generate(PROMPTS, p)) for name, p in cases.items()}
+    set_seed(0)
+    moe = build_gpt_model(_moe_config())
+    _randomize(moe, VOCAB, seed=2)
+    first = RolloutEngine(moe, VOCAB).generate(EP_PROMPTS[0], SamplingParams(max_new_tokens=1, greedy=True))
+    moe_cases = [SamplingParams(max_new_tokens=EP_NEW, greedy=True, stop_ids=tuple(first.tokens[:, 0].tolist())),
+                 SamplingParams(max_new_tokens=EP_NEW, temperature=1.0, n=2, seed=7)]
+    out["moe_reference"] = [[_summary(RolloutEngine(moe, VOCAB).generate(prompts, p)) for p in moe_cases]
+                            for prompts in EP_PROMPTS]
+
+    initialize_model_parallel(ParallelConfig(tensor_model_parallel_size=2, pipeline_model_parallel_size=2))
+    set_seed(0)
+    model = build_gpt_model(tiny_gpt_config())
+    load_canonical_state_dict(model, weights)
+    out["tp2pp2"] = {name: _summary(RolloutEngine(model, VOCAB).generate(PROMPTS, p)) for name, p in cases.items()}
+
+    initialize_model_parallel(ParallelConfig(pipeline_model_parallel_size=2, expert_model_parallel_size=2))
+    dp = parallel_state.get_data_parallel_rank()
+    set_seed(0)
+    moe = build_gpt_model(_moe_config())
+    _randomize(moe, VOCAB, seed=2)
+    engine = RolloutEngine(moe, VOCAB)
+    out["moe_dp"] = dp
+    out["pp2ep2"] = [_summary(engine.generate(EP_PROMPTS[dp], p)) for p in moe_cases]
     return out
 
 
@@ -252,6 +303,13 @@ def test_greedy_cache_equals_recompute_and_tp2_and_pp2(results):
             torch.testing.assert_close(rank[layout]["greedy"]["logprobs"], results[0]["tp1"]["greedy"]["logprobs"],
                                        atol=1e-5, rtol=0)
     assert [r["pp_rank"] for r in results] == [0, 1]
+
+
+@pytest.mark.parity
+def test_pipelined_decode_at_pp2_equals_the_sequential_one(results):
+    for rank in results:  # the pipelined decode (the default) against every stage in turn, on both stages
+        for name in ("greedy", "filtered", "plain", "mixed"):
+            _assert_same_rollouts(rank["pp2"][name], rank["pp2_sequential"][name], ("pp2", name))
 
 
 @pytest.mark.parity
@@ -323,6 +381,7 @@ def test_mixed_prompt_lengths_decode_together_and_stopped_rows_leave_the_batch(r
         for layout in ("tp2", "pp2"):
             assert torch.equal(rank[layout]["mixed"]["tokens"], batch["tokens"]), layout
             assert torch.equal(rank[layout]["mixed"]["lengths"], batch["lengths"]), layout
+    _assert_same_rollouts(mixed["at_once"], batch, "mixed: done rows checked every step and every 3 steps")
     calls = mixed["calls"]
     assert calls[0] == (len(MIXED), max(len(p) for p in MIXED))
     assert calls[1:] == [(sum(n > step for n in lengths), 1) for step in range(1, max(lengths))], (calls, lengths)
@@ -409,3 +468,30 @@ def test_sampling_params_validation():
         with pytest.raises(ValueError):
             SamplingParams(**bad)
     assert math.isclose(SamplingParams(top_p=0.5).top_p, 0.5)
+
+
+# ------------------------------------------------------------------------------------------------------
+# The pipelined decode at TP=2 x PP=2 and, with an MoE model, PP=2 x EP=2 (one 4-rank spawn).
+# ------------------------------------------------------------------------------------------------------
+
+
+def _assert_same_rollouts(got: dict, ref: dict, what) -> None:
+    for key in ("tokens", "lengths", "finished", "sample_to_prompt"):
+        assert torch.equal(got[key], ref[key]), (what, key)
+    for key in ("logprobs", "sampling_logprobs"):
+        torch.testing.assert_close(got[key], ref[key], atol=1e-5, rtol=0, msg=lambda m: f"{what} {key}: {m}")
+
+
+@pytest.mark.parity
+@pytest.mark.slow
+def test_pipelined_decode_at_tp2_pp2_and_moe_pp2_ep2_equals_single_process():
+    per_rank = run_distributed(_pipelined_checks, 4, timeout_s=300)
+    for rank, res in enumerate(per_rank):
+        for name in ("greedy", "filtered", "plain"):
+            _assert_same_rollouts(res["tp2pp2"][name], res["reference"][name], (rank, "tp2pp2", name))
+        for case, (got, ref) in enumerate(zip(res["pp2ep2"], res["moe_reference"][res["moe_dp"]])):
+            _assert_same_rollouts(got, ref, (rank, "pp2ep2", case))
+    assert sorted(r["moe_dp"] for r in per_rank) == [0, 0, 1, 1]
+    # The pipeline at DP rank 0 stops after one token (its stop ids) while the other runs to the end.
+    lengths = {r["moe_dp"]: r["pp2ep2"][0]["lengths"].tolist() for r in per_rank}
+    assert set(lengths[0]) == {1} and set(lengths[1]) == {6}, lengths

@@ -46,17 +46,45 @@ class PaddedStaticContext(StaticInferenceContext):
     def __init__(self, max_batch_size: int, max_sequence_length: int) -> None:
         super().__init__(max_batch_size, max_sequence_length)
         self.row_pad: torch.Tensor | None = None  # [rows in the cache] int64; None when no row is padded
+        # What every layer of a forward would compute alike from the rows' padding (positions, rotary tables at
+        # those positions): made once per forward, keyed by (what, slot offset, width); emptied when rows change.
+        self._per_forward: dict[tuple, Any] = {}
 
     def set_row_pad(self, pad: torch.Tensor | None) -> None:
         """Padding slots in front of each cache row (None or all zeros: none)."""
         self.row_pad = pad if pad is not None and bool(pad.any()) else None
+        self._per_forward = {}
+
+    def reset(self) -> None:
+        super().reset()
+        self._per_forward = {}
+
+    def _once(self, what: Any, width: int, make: Any) -> Any:
+        key = (what, self.sequence_len_offset, width)
+        if key not in self._per_forward:
+            if any(k[1:] != key[1:] for k in self._per_forward):  # a new forward: drop the last one's
+                self._per_forward = {}
+            self._per_forward[key] = make()
+        return self._per_forward[key]
 
     def positions(self, width: int) -> torch.Tensor | None:
         """Per-row positions [width, rows] of the next ``width`` slots; None without padding."""
         if self.row_pad is None:
             return None
-        slots = torch.arange(self.sequence_len_offset, self.sequence_len_offset + width, device=self.row_pad.device)
-        return (slots[:, None] - self.row_pad[None, :]).clamp_(min=0)
+
+        def make() -> torch.Tensor:
+            slots = torch.arange(self.sequence_len_offset, self.sequence_len_offset + width, device=self.row_pad.device)
+            return (slots[:, None] - self.row_pad[None, :]).clamp_(min=0)
+
+        return self._once("positions", width, make)
+
+    def rotary_at_positions(self, table: torch.Tensor, width: int) -> torch.Tensor:
+        """A rotary table [S_max, 1, 1, D] at each row's positions of the next ``width`` slots: [width, rows, 1, D]
+        (the same for every layer of the forward, so gathered once; the table is kept to check its identity)."""
+        kept, gathered = self._once(("rotary", id(table)), width, lambda: (table, table[:, 0][self.positions(width)]))
+        if kept is not table:  # a different table under a reused id: never from the memo
+            return table[:, 0][self.positions(width)]
+        return gathered
 
     def padding_mask(self, width: int) -> torch.Tensor | None:
         """The attention mask [rows, 1, width, offset + width] of the next ``width`` slots (``True`` = masked):
@@ -158,8 +186,10 @@ class RotateOnceSelfAttention(SelfAttention):
         end = start + key.size(0)
         if positions is None:
             q_pos, k_pos = q_pos[start:end], k_pos[start:end]
-        else:  # [S_max, 1, 1, D] tables -> [s, rows, 1, D] at each row's positions
-            q_pos, k_pos = q_pos[:, 0][positions], k_pos[:, 0][positions]
+        else:  # [S_max, 1, 1, D] tables -> [s, rows, 1, D] at each row's positions, gathered once per forward
+            width = key.size(0)
+            q_pos = inference_context.rotary_at_positions(q_pos, width)
+            k_pos = q_pos if k_pos is rotary_pos_emb[0] else inference_context.rotary_at_positions(k_pos, width)
         key = apply_rotary_pos_emb(key, k_pos, config=self.config, cp_group=self.pg_collection.cp)
         query, key, value, _, mask_type, block_table = super()._adjust_key_value_for_inference(
             inference_context, query, key, value, None, *args, **kwargs

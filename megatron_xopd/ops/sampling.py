@@ -95,19 +95,34 @@ class SamplingParams:
 # ----------------------------------------------------------------------------------------------------------
 
 
+def _mul32_(x: torch.Tensor, c: int) -> torch.Tensor:
+    """``x = (x * c) mod 2**32`` in place for ``0 <= x, c < 2**32``: ``c``'s 16-bit halves keep every int64
+    product below 2**48 (``x * c_hi`` only matters mod 2**16 once shifted)."""
+    hi = x * (c >> 16)
+    hi.bitwise_and_(0xFFFF).bitwise_left_shift_(16)
+    return x.mul_(c & 0xFFFF).add_(hi).bitwise_and_(_M32)
+
+
+def _fmix32_(x: torch.Tensor) -> torch.Tensor:
+    """murmur3's finaliser in place on 32-bit values held in int64 (``x`` must be a tensor of the caller's)."""
+    x.bitwise_xor_(x >> 16)
+    _mul32_(x, 0x85EBCA6B)
+    x.bitwise_xor_(x >> 13)
+    _mul32_(x, 0xC2B2AE35)
+    return x.bitwise_xor_(x >> 16)
+
+
 def _mul32(x: torch.Tensor, c: int) -> torch.Tensor:
-    """``(x * c) mod 2**32`` for ``0 <= x, c < 2**32``, in 16-bit halves so the int64 products cannot overflow."""
-    return ((x & 0xFFFF) * c + ((((x >> 16) * c) & 0xFFFF) << 16)) & _M32
+    """``(x * c) mod 2**32`` for ``0 <= x, c < 2**32``."""
+    return _mul32_(x.clone(), c)
 
 
 def fmix32(x: torch.Tensor) -> torch.Tensor:
-    """murmur3's finaliser: a bijective avalanche mix of 32-bit values held in int64."""
-    x = x & _M32
-    x = x ^ (x >> 16)
-    x = _mul32(x, 0x85EBCA6B)
-    x = x ^ (x >> 13)
-    x = _mul32(x, 0xC2B2AE35)
-    return x ^ (x >> 16)
+    """murmur3's finaliser: a bijective avalanche mix of 32-bit values held in int64.
+
+    The values stay in int64 (torch has no wrapping 32-bit unsigned multiply on every device); the multiplies
+    are exact there, so every device and layout computes the same bits."""
+    return _fmix32_(x.to(torch.int64) & _M32)
 
 
 def row_keys(seed: int, rows: torch.Tensor, steps: torch.Tensor) -> torch.Tensor:
@@ -117,9 +132,29 @@ def row_keys(seed: int, rows: torch.Tensor, steps: torch.Tensor) -> torch.Tensor
     return fmix32(_mul32(rows.to(torch.int64), 0x9E3779B1) ^ fmix32(steps.to(torch.int64) ^ s))
 
 
-def gumbel_noise(keys: torch.Tensor, token_ids: torch.Tensor) -> torch.Tensor:
-    """Standard Gumbel noise (float64) for each (row key [N], global token id [N, K] or [K])."""
-    h = fmix32(keys.unsqueeze(-1) ^ fmix32(token_ids.to(torch.int64) + 0x27D4EB2F))
+_TOKEN_HASHES: dict[tuple[int, int, str], torch.Tensor] = {}
+
+
+def _token_hashes(start: int, count: int, device: torch.device) -> torch.Tensor:
+    """``fmix32(id + 0x27D4EB2F)`` of the token ids ``start .. start + count - 1``: the per-token half of
+    :func:`gumbel_noise`, the same at every step, so computed once per vocabulary shard and kept."""
+    key = (start, count, str(device))
+    if key not in _TOKEN_HASHES:
+        if len(_TOKEN_HASHES) > 8:
+            _TOKEN_HASHES.clear()
+        _TOKEN_HASHES[key] = fmix32(torch.arange(start, start + count, device=device) + 0x27D4EB2F)
+    return _TOKEN_HASHES[key]
+
+
+def gumbel_noise(keys: torch.Tensor, token_ids: torch.Tensor | None = None, *, shard: tuple[int, int] | None = None
+                 ) -> torch.Tensor:
+    """Standard Gumbel noise (float64) for each (row key [N], global token id [N, K] or [K]); or, with
+    ``shard=(start, count)``, for the token ids ``start .. start + count - 1`` of a vocabulary shard [N, count]."""
+    if shard is not None:
+        tokens = _token_hashes(shard[0], shard[1], keys.device)
+    else:
+        tokens = fmix32(token_ids.to(torch.int64) + 0x27D4EB2F)
+    h = _fmix32_(keys.unsqueeze(-1) ^ tokens)
     u = (h.to(torch.float64) + 0.5) * (1.0 / 4294967296.0)  # in (0, 1)
     return -torch.log(-torch.log(u))
 
@@ -184,8 +219,7 @@ def sample_vocab_parallel(
     elif not params.filtered:
         k = 1
         if valid:
-            ids = torch.arange(start, start + valid, device=dev)
-            score = x.to(torch.float64) * inv_t + gumbel_noise(keys, ids)
+            score = x.to(torch.float64) * inv_t + gumbel_noise(keys, shard=(start, valid))
             col = score.argmax(dim=1, keepdim=True)
             val = x.gather(1, col)
         else:

@@ -35,12 +35,17 @@ n samples per prompt: the ``B`` prompts are prefilled once; the cache rows are t
 sample rows (``StaticInferenceContext.swap_key_value_dict``), which then decode independently.
 
 Parallelism: the last pipeline stage samples with :func:`sample_vocab_parallel` (small per-shard summaries
-exchanged over the TP group, never the logits) and broadcasts the tokens and log-probs to the other stages,
-so every rank of the model-parallel group ends with identical outputs. megatron's
+exchanged over the TP group, never the logits). At PP > 1 the decode is pipelined
+(:meth:`RolloutEngine._generate_pipelined`): the prompts are split into as many groups as there are stages, each
+with its own KV cache, and the groups flow through the stages like micro-batches, so that stage k forwards group g
+while stage k + 1 forwards group g - 1 (the prefill is micro-batched the same way); only the sampled token ids
+travel back from the last stage to the first, and one broadcast at the end gives every rank of the
+model-parallel group identical outputs. ``pipelined=False`` keeps the sequential decode (every stage in turn,
+megatron's small-batch pipeline forward, the tokens and log-probs broadcast at every step). megatron's
 ``broadcast_from_last_pipeline_stage`` asserts CUDA tensors, so the broadcast is a plain
 ``torch.distributed.broadcast`` over megatron's pipeline group. Under expert parallelism (an MoE model at EP > 1)
 the ranks of the expert-parallel group hold different prompts but each MoE forward is an all-to-all over them:
-they agree on every decode step (see :meth:`RolloutEngine._any_in_group`), and a rank without prompts joins
+they agree at every check of which rows are done (see :meth:`RolloutEngine._any_in_group`), and a rank without prompts joins
 the others' generation (:meth:`RolloutEngine.generate_or_join`).
 
 Life cycle: :meth:`RolloutEngine.generate` puts the model in eval mode (dropout off), turns sequence
@@ -62,8 +67,9 @@ from megatron.core import parallel_state
 from megatron.core.inference.model_inference_wrappers.gpt.gpt_inference_wrapper import GPTInferenceWrapper
 from megatron.core.inference.model_inference_wrappers.inference_wrapper_config import InferenceWrapperConfig
 from megatron.core.inference.utils import get_attention_mask
+from megatron.core.tensor_parallel.layers import ColumnParallelLinear, RowParallelLinear
 from megatron.core.transformer.enums import AttnBackend
-from megatron.core.utils import get_model_config
+from megatron.core.utils import get_attr_wrapped_model, get_model_config
 
 from ..models.attention import PaddedStaticContext, padded_rows_supported
 from ..models.speech import SpeechStudent, expand_audio_locators
@@ -116,6 +122,82 @@ class RolloutBatch:
         return ids, total, mask
 
 
+@dataclass
+class _Layout:
+    """One generation's batch layout and output buffers (:meth:`RolloutEngine._layout`)."""
+
+    n_prompts: int
+    n: int
+    rows: int
+    max_new: int
+    s_max: int
+    p_max: int
+    prefill: int  # cache slots the prefill forward covers
+    plen: torch.Tensor  # [B]
+    prompt_ids: torch.Tensor  # [B, P] right-padded (the batch's output)
+    block: torch.Tensor  # [B, P] the prompt block the model reads (left- or right-padded)
+    pad: torch.Tensor | None  # [B] left padding per prompt (None: right-padded layout)
+    audio_index: torch.Tensor | None  # [B, P] row of ``embeds`` per locator position, -1 elsewhere
+    embeds: torch.Tensor | None  # concatenated audio embeddings (first stage)
+    sample_to_prompt: torch.Tensor  # [B*n]
+    row_end: torch.Tensor  # [B*n] the column of each sample's first response token
+    row_pad: torch.Tensor | None  # [B*n]
+    seq: torch.Tensor  # [B*n, S] prompt block + generated tokens
+    out_tok: torch.Tensor
+    out_lp: torch.Tensor
+    out_slp: torch.Tensor
+    count: torch.Tensor
+    done: torch.Tensor
+    finished: torch.Tensor
+    stop: torch.Tensor
+    frames: list[int]
+
+    def window_audio(self, prompt_rows: torch.Tensor, a: int, b: int) -> torch.Tensor | None:
+        """The audio embeddings of cache slots [a, b) of ``prompt_rows`` (row-major), None without any."""
+        if self.audio_index is None or self.embeds is None or a >= self.p_max:
+            return None
+        sel = self.audio_index[prompt_rows, a : min(b, self.p_max)]
+        sel = sel[sel >= 0]
+        return self.embeds[sel] if sel.numel() else None
+
+    def record(self, idx: torch.Tensor, tok: torch.Tensor, lp: torch.Tensor | None, slp: torch.Tensor | None,
+               where: torch.Tensor | None = None) -> None:
+        """Append sampled tokens (and their log-probs where given) to rows ``idx``, only where ``where`` holds
+        (a mask, applied without a host synchronisation); update done/finished."""
+        at = self.count[idx]
+        col = self.row_end[idx] + at
+        if where is not None:  # rows left out keep their values (their indices are clamped into range)
+            at, col = at.clamp(max=self.max_new - 1), col.clamp(max=self.seq.shape[1] - 1)
+            tok = torch.where(where, tok, self.out_tok[idx, at])
+            if lp is not None:
+                lp, slp = torch.where(where, lp, self.out_lp[idx, at]), torch.where(where, slp, self.out_slp[idx, at])
+        self.out_tok[idx, at] = tok
+        if lp is not None:
+            self.out_lp[idx, at] = lp
+            self.out_slp[idx, at] = slp
+        self.seq[idx, col] = tok if where is None else torch.where(where, tok, self.seq[idx, col])
+        self.count[idx] += 1 if where is None else where.to(torch.int64)
+        hit = torch.isin(tok, self.stop)
+        if where is not None:
+            hit &= where
+        self.finished[idx] |= hit
+        self.done[idx] |= hit | (self.count[idx] >= self.max_new)
+
+    def batch(self) -> RolloutBatch:
+        width = int(self.count.max())
+        return RolloutBatch(
+            tokens=self.out_tok[:, :width].clone(),
+            lengths=self.count,
+            logprobs=self.out_lp[:, :width].clone(),
+            sampling_logprobs=self.out_slp[:, :width].clone(),
+            finished=self.finished,
+            prompt_ids=self.prompt_ids,
+            prompt_lengths=self.plen,
+            sample_to_prompt=self.sample_to_prompt,
+            audio_frames=torch.tensor(self.frames, dtype=torch.int64, device=self.plen.device),
+        )
+
+
 def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
     while hasattr(model, "module"):
         model = model.module
@@ -125,9 +207,27 @@ def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
 _SP_ATTRS = ("sequence_parallel", "scatter_to_sequence_parallel", "reduce_scatter_embeddings")
 
 
+def _linear_without_autograd(input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, *,
+                             sequence_parallel: bool = False, **_backward_only: Any) -> torch.Tensor:
+    """The forward of megatron's parallel-linear autograd Functions (``LinearWithGradAccumulationAndAsync-
+    Communication``, ``LinearWithFrozenWeight``), the same ops, called without ``Function.apply``: under
+    ``no_grad`` nothing is saved for a backward, and the Function's bookkeeping is per-layer overhead of every
+    decode step. The other arguments only configure the backward."""
+    if sequence_parallel:
+        raise RuntimeError("rollouts run with sequence parallelism off (rollout_mode)")
+    output = torch.matmul(input, weight.t())
+    if bias is not None:
+        output = output + bias
+    return output
+
+
 @contextlib.contextmanager
 def rollout_mode(model: torch.nn.Module) -> Iterator[None]:
     """Eval mode (dropout off), sequence parallelism off, no autograd; everything restored on exit.
+
+    megatron's own parallel linears (the local spec's ``ColumnParallelLinear``/``RowParallelLinear``; Transformer
+    Engine's are not touched) get an instance ``_forward_impl`` that is :func:`_linear_without_autograd`, removed
+    on exit (their tensor-parallel communication stays megatron's).
 
     Sequence parallelism is switched off as megatron's static inference does (the attributes of
     ``megatron.core.transformer.utils.set_model_to_sequence_parallel``), but by hand: megatron's helper
@@ -138,14 +238,20 @@ def rollout_mode(model: torch.nn.Module) -> Iterator[None]:
     config = get_model_config(model)
     flipped = [(m, a) for m in model.modules() for a in _SP_ATTRS if getattr(m, a, None) is True]
     sp_config = bool(config.sequence_parallel)
+    linears = [m for m in model.modules() if isinstance(m, (ColumnParallelLinear, RowParallelLinear))
+               and "_forward_impl" not in vars(m)]
     model.eval()
     for module, attr in flipped:
         setattr(module, attr, False)
     config.sequence_parallel = False
+    for module in linears:
+        module._forward_impl = _linear_without_autograd
     try:
         with torch.no_grad():
             yield
     finally:
+        for module in linears:
+            del module._forward_impl
         for module, training in modes:
             module.training = training
         for module, attr in flipped:
@@ -196,9 +302,15 @@ class RolloutEngine:
 
     ``text_vocab_size``: ids the sampler may emit (defaults to the student's ``llm_cfg.text_vocab_size``).
     Call :meth:`generate` on every rank of the model-parallel group with the same prompts and params.
+    ``pipelined=False`` decodes at PP > 1 with every stage in turn (megatron's small-batch pipeline forward),
+    the reference the pipelined decode is checked and timed against. ``sync_every`` (k): the decode loop
+    (outside the pipelined decode) reads back which rows are done, and drops them from the batch, every k steps
+    only; between checks it makes no host synchronisation. Default 4 on CUDA, 1 on CPU (where a read-back is free
+    and a finished row's extra steps are not). The tokens do not depend on it.
     """
 
-    def __init__(self, model: torch.nn.Module, text_vocab_size: int | None = None) -> None:
+    def __init__(self, model: torch.nn.Module, text_vocab_size: int | None = None, *, pipelined: bool = True,
+                 sync_every: int | None = None) -> None:
         self.model = model
         self.inner = _unwrap(model)
         self.is_speech = isinstance(self.inner, SpeechStudent)
@@ -209,6 +321,12 @@ class RolloutEngine:
         self.text_vocab_size = int(text_vocab_size)
         self.config = get_model_config(model)
         self.context: PaddedStaticContext | None = None
+        self.contexts: list[PaddedStaticContext] = []  # the groups' KV caches of a pipelined decode
+        self.pipelined = pipelined  # at PP > 1: the pipelined decode (else every stage in turn, for comparison)
+        device = next(self.inner.parameters()).device
+        self.sync_every = int(sync_every if sync_every is not None else (4 if device.type == "cuda" else 1))
+        if self.sync_every < 1:
+            raise ValueError(f"RolloutEngine: sync_every must be >= 1, got {sync_every}")
         self.left_padded = padded_rows_supported(self.inner)  # the batch layout (module docstring)
         self.pp_group = parallel_state.get_pipeline_model_parallel_group()
         self.pp_size = parallel_state.get_pipeline_model_parallel_world_size()
@@ -220,9 +338,10 @@ class RolloutEngine:
 
     def release(self) -> None:
         """Free the KV cache (called at the end of every :meth:`generate`)."""
-        if self.context is not None:
-            self.context.key_value_memory_dict.clear()
-            self.context = None
+        for context in [self.context, *self.contexts]:
+            if context is not None:
+                context.key_value_memory_dict.clear()
+        self.context, self.contexts = None, []
 
     # -- prompts ----------------------------------------------------------------------------------------
 
@@ -273,8 +392,8 @@ class RolloutEngine:
 
     # -- forward ----------------------------------------------------------------------------------------
 
-    def _wrapper(self, max_batch: int, max_seq: int) -> _VocabParallelWrapper:
-        self.context = PaddedStaticContext(max_batch, max_seq)
+    def _wrapper(self, max_batch: int, max_seq: int, context: PaddedStaticContext | None = None) -> _VocabParallelWrapper:
+        self.context = context if context is not None else PaddedStaticContext(max_batch, max_seq)
         cfg = InferenceWrapperConfig(
             hidden_size=self.config.hidden_size,
             params_dtype=self.config.params_dtype,
@@ -287,11 +406,8 @@ class RolloutEngine:
         )
         return _VocabParallelWrapper(self.model, cfg, self.context)
 
-    def _forward(
-        self, wrapper: _VocabParallelWrapper, ids: torch.Tensor, start: int, audio_embeds: torch.Tensor | None
-    ) -> torch.Tensor | None:
-        """Run cache slots [start, start + ids.shape[1]) of ``ids`` through the model at ``sequence_len_offset``
-        = ``start``; last-position vocab-parallel logits [R, V/TP] on the last stage, None elsewhere."""
+    def _inputs(self, ids: torch.Tensor, start: int, audio_embeds: torch.Tensor | None) -> dict[str, Any]:
+        """The model inputs of cache slots [start, start + ids.shape[1]) of ``self.context``."""
         rows, width = ids.shape
         end = start + width
         assert self.context is not None and self.context.sequence_len_offset == start
@@ -303,12 +419,37 @@ class RolloutEngine:
             if self.config.attention_backend == AttnBackend.local:
                 mask = get_attention_mask(end)[..., start:end, :end]
             position_ids = torch.arange(start, end, device=ids.device).expand(rows, -1)
-        inp = {"tokens": ids, "position_ids": position_ids, "attention_mask": mask, "audio_embeds": audio_embeds}
+        return {"tokens": ids, "position_ids": position_ids, "attention_mask": mask, "audio_embeds": audio_embeds}
+
+    def _forward(
+        self, wrapper: _VocabParallelWrapper, ids: torch.Tensor, start: int, audio_embeds: torch.Tensor | None
+    ) -> torch.Tensor | None:
+        """Run cache slots [start, start + ids.shape[1]) of ``ids`` through the model at ``sequence_len_offset``
+        = ``start``; last-position vocab-parallel logits [R, V/TP] on the last stage, None elsewhere."""
+        inp = self._inputs(ids, start, audio_embeds)
         if self.pp_size > 1:
             logits = wrapper.forward_pass_with_pipeline_parallel_small_input_batch(inp)
         else:
             logits = wrapper.forward_pass_without_pipeline_parallel(inp)
         return logits[:, -1] if logits is not None else None
+
+    def _stage_forward(
+        self,
+        wrapper: _VocabParallelWrapper,
+        context: PaddedStaticContext,
+        ids: torch.Tensor,
+        start: int,
+        audio_embeds: torch.Tensor | None,
+        received: torch.Tensor | None,
+    ) -> torch.Tensor:
+        """This stage's forward of one group's slots on its own KV cache, no pipeline communication: the hidden
+        states [s, R, H] to send on, or on the last stage the vocab-parallel logits [R, s, V/TP]."""
+        self.context = wrapper.inference_context = context
+        inp = self._inputs(ids, start, audio_embeds)
+        get_attr_wrapped_model(self.model, "set_input_tensor")(received)
+        out = wrapper._forward(inp)
+        context.increment_sequence_len_offset(ids.shape[1])
+        return out
 
     def _any_in_group(self, local: bool, device: torch.device) -> bool:
         """This rank's ``local``, or under expert parallelism whether it holds on any rank of the expert-parallel
@@ -372,7 +513,8 @@ class RolloutEngine:
             self.generate([[params.pad_id]], replace(params, n=1))
         return None
 
-    def _generate(self, prompts, embeds, frames, params: SamplingParams, use_cache, device) -> RolloutBatch:
+    def _layout(self, prompts, embeds, frames, params: SamplingParams, device) -> _Layout:
+        """The batch layout (module docstring) and the output buffers, the same on every rank."""
         if any(len(p) == 0 for p in prompts):
             raise ValueError("generate: empty prompt")
         n_prompts, n = len(prompts), params.n
@@ -407,13 +549,6 @@ class RolloutEngine:
             is_loc = (block == self.inner.audio_locator_id) & in_prompt
             audio_index = torch.where(is_loc, is_loc.flatten().cumsum(0).view_as(is_loc) - 1, -1)
 
-        def window_audio(prompt_rows: torch.Tensor, a: int, b: int) -> torch.Tensor | None:
-            if audio_index is None or not self.first_stage or a >= p_max:
-                return None
-            sel = audio_index[prompt_rows, a : min(b, p_max)]
-            sel = sel[sel >= 0]
-            return embeds[sel] if sel.numel() else None
-
         sample_to_prompt = torch.arange(n_prompts, device=device).repeat_interleave(n)
         row_end = prompt_end[sample_to_prompt]  # the column of each sample's first response token
         row_pad = None if pad is None else pad[sample_to_prompt]
@@ -427,6 +562,21 @@ class RolloutEngine:
         done = torch.zeros(rows, dtype=torch.bool, device=device)
         finished = torch.zeros(rows, dtype=torch.bool, device=device)
         stop = torch.tensor(params.stop_ids, dtype=torch.int64, device=device)
+        return _Layout(
+            n_prompts, n, rows, max_new, s_max, p_max, prefill, plen, prompt_ids, block, pad, audio_index,
+            embeds if self.first_stage else None, sample_to_prompt, row_end, row_pad, seq, out_tok, out_lp, out_slp,
+            count, done, finished, stop, frames,
+        )
+
+    def _generate(self, prompts, embeds, frames, params: SamplingParams, use_cache, device) -> RolloutBatch:
+        if self.pp_size > 1 and use_cache and self.pipelined:
+            return self._generate_pipelined(self._layout(prompts, embeds, frames, params, device), params, device)
+        lay = self._layout(prompts, embeds, frames, params, device)
+        n_prompts, n, rows, s_max = lay.n_prompts, lay.n, lay.rows, lay.s_max
+        block, pad, prefill, sample_to_prompt, row_end, row_pad = (
+            lay.block, lay.pad, lay.prefill, lay.sample_to_prompt, lay.row_end, lay.row_pad)
+        seq, count, done = lay.seq, lay.count, lay.done
+        window_audio = lay.window_audio
         live = torch.arange(rows, device=device)  # the samples still generating, in KV-cache row order
 
         # Prefill the B prompts (up to the shortest one when right-padded), then copy the cache rows to the
@@ -441,32 +591,29 @@ class RolloutEngine:
                 logits = logits.repeat_interleave(n, dim=0)
         self.context.set_row_pad(row_pad)
 
-        p = prefill
+        # The loop makes no host synchronisation but every ``sync_every`` steps (the check of which rows are done,
+        # after which they leave the batch); meanwhile a finished row is forwarded and sampled, never recorded.
+        p, steps = prefill, 0
         while True:
-            act = (row_end[live] <= p).nonzero().squeeze(1)  # rows of the batch that generate the token at p
-            idx = live[act]
-            if idx.numel():
-                pack = torch.empty(idx.numel(), 3, dtype=torch.float64, device=device)
+            if live.numel():
+                gen = (row_end[live] <= p) & ~done[live]  # rows of the batch that generate the token at p
+                pack = torch.empty(live.numel(), 3, dtype=torch.float64, device=device)
                 if self.last_stage:
-                    keys = idx if params.greedy else row_keys(params.seed, idx, count[idx])
-                    out = sample_vocab_parallel(logits[act], params, keys, text_vocab_size=self.text_vocab_size)
+                    keys = live if params.greedy else row_keys(params.seed, live, count[live])
+                    out = sample_vocab_parallel(logits, params, keys, text_vocab_size=self.text_vocab_size)
                     pack[:, 0], pack[:, 1], pack[:, 2] = out.tokens, out.logprobs, out.sampling_logprobs
                 pack = self._pp_broadcast(pack, src_first=False)
-                tok = pack[:, 0].to(torch.int64)
-                out_tok[idx, count[idx]] = tok
-                out_lp[idx, count[idx]] = pack[:, 1].to(torch.float32)
-                out_slp[idx, count[idx]] = pack[:, 2].to(torch.float32)
-                count[idx] += 1
-                hit = torch.isin(tok, stop)
-                finished[idx] |= hit
-                done[idx] |= hit | (count[idx] >= max_new)
-                seq[idx, p] = tok
+                lay.record(live, pack[:, 0].to(torch.int64), pack[:, 1].to(torch.float32), pack[:, 2].to(torch.float32),
+                           where=gen)
+            steps += 1
+            check = steps % self.sync_every == 0  # on the same steps on every rank of an expert-parallel group
+            if (check or p + 1 >= s_max) and live.numel():  # p + 1 == s_max: every row is done
                 going = ~done[live]
                 if not bool(going.all()):  # stopped samples leave the batch (the cache keeps >= 1 row)
                     if use_cache and bool(going.any()):
                         self.context.keep_rows(going.nonzero().squeeze(1))
                     live = live[going]
-            if not self._any_in_group(live.numel() > 0, device):
+            if (check or (self.ep_group is None and not live.numel())) and not self._any_in_group(live.numel() > 0, device):
                 break
             if live.numel() == 0:
                 # Expert parallelism: another rank of the group still generates, and each of its forwards runs an
@@ -484,15 +631,194 @@ class RolloutEngine:
                 logits = self._forward(wrapper, seq[live, : p + 1], 0, window_audio(sample_to_prompt[live], 0, p + 1))
             p += 1
 
-        width = int(count.max())
-        return RolloutBatch(
-            tokens=out_tok[:, :width].clone(),
-            lengths=count,
-            logprobs=out_lp[:, :width].clone(),
-            sampling_logprobs=out_slp[:, :width].clone(),
-            finished=finished,
-            prompt_ids=prompt_ids,
-            prompt_lengths=plen,
-            sample_to_prompt=sample_to_prompt,
-            audio_frames=torch.tensor(frames, dtype=torch.int64, device=device),
-        )
+        return lay.batch()
+
+    # -- pipelined decode (PP > 1) -----------------------------------------------------------------------
+
+    def _generate_pipelined(self, lay: _Layout, params: SamplingParams, device: torch.device) -> RolloutBatch:
+        """Decode at PP > 1 with every stage busy: the prompts are split into ``pp_size`` groups, each with its own
+        KV cache, that flow through the stages like micro-batches (stage k forwards group g while stage k + 1
+        forwards group g - 1). The first stage schedules: before each forward of a group it sends the next stage
+        a header (what to run, which cache rows stay); every other stage follows the headers. The last stage
+        samples and sends only the sampled token ids back to the first stage, which feeds them in at the group's
+        next turn; at the end the last stage broadcasts the samples and their log-probs to the other stages.
+        Each group is computed as it would be alone, so the samples equal the sequential engine's."""
+        chunks = torch.arange(lay.n_prompts, device=device).tensor_split(self.pp_size)
+        groups = []
+        for prompts in chunks:
+            rows = (prompts[:, None] * lay.n + torch.arange(lay.n, device=device)).flatten()
+            groups.append(_Group(prompts, rows, PaddedStaticContext(max(rows.numel(), 1), lay.s_max), rows, pending=rows[:0]))
+        self.contexts = [g.context for g in groups]
+        wrapper = self._wrapper(max(g.rows.numel() for g in groups), lay.s_max, groups[0].context)
+        header_size = 6 + max(g.rows.numel() for g in groups)
+        if self.first_stage:
+            self._pipeline_schedule(wrapper, lay, groups, header_size, params, device)
+        else:
+            self._pipeline_follow(wrapper, lay, groups, header_size, params, device)
+        # The last stage holds the samples; one broadcast gives them to every stage.
+        pack = torch.cat([lay.out_tok.double(), lay.out_lp.double(), lay.out_slp.double(), lay.count.double()[:, None],
+                          lay.finished.double()[:, None]], dim=1)
+        self._pp_broadcast(pack, src_first=False)
+        m = lay.max_new
+        lay.out_tok.copy_(pack[:, :m])
+        lay.out_lp.copy_(pack[:, m : 2 * m])
+        lay.out_slp.copy_(pack[:, 2 * m : 3 * m])
+        lay.count.copy_(pack[:, 3 * m])
+        lay.finished.copy_(pack[:, 3 * m + 1].bool())
+        return lay.batch()
+
+    def _after_prefill(self, lay: _Layout, group: _Group) -> None:
+        """Copy the group's prefilled prompt rows to its samples' rows."""
+        if lay.n > 1:
+            group.context.swap_key_value_dict(torch.arange(group.prompts.numel(), device=lay.plen.device).repeat_interleave(lay.n))
+        group.context.set_row_pad(None if lay.row_pad is None else lay.row_pad[group.rows])
+
+    def _pipeline_schedule(self, wrapper, lay: _Layout, groups: list[_Group], header_size: int, params, device) -> None:
+        """The first stage: feed each group in turn until every group is done (on every rank of the
+        expert-parallel group, whose forwards must match one for one)."""
+        nxt = parallel_state.get_pipeline_model_parallel_next_rank()
+        last = parallel_state.get_pipeline_model_parallel_last_rank()
+        sends: list[Any] = []
+        active = [True] * len(groups)
+        while any(active):
+            for g, group in enumerate(groups):
+                if not active[g]:
+                    continue
+                keep = None
+                if group.prefilled:
+                    if group.receiving is not None:  # the tokens sampled from this group's last forward
+                        work, tok = group.receiving
+                        work.wait()
+                        lay.record(group.pending, tok, None, None)
+                        group.receiving = None
+                    going = ~lay.done[group.live]
+                    if not bool(going.all()):
+                        keep = going.nonzero().squeeze(1)
+                        group.live = group.live[going]
+                    local = group.live.numel() > 0
+                else:
+                    local = group.prompts.numel() > 0
+                if not self._any_in_group(local, device):
+                    active[g] = False
+                    continue
+                ctx = group.context
+                if not local:  # expert parallelism: join another rank's forward (see _generate)
+                    kind, ids, start, audio = _DUMMY, torch.full((1, 1), params.pad_id, dtype=torch.int64, device=device), 0, None
+                    ctx.reset()
+                    ctx.set_row_pad(None)
+                elif not group.prefilled:
+                    kind, ids, start = _PREFILL, lay.block[group.prompts, : lay.prefill], 0
+                    audio = lay.window_audio(group.prompts, 0, lay.prefill)
+                    ctx.set_row_pad(None if lay.pad is None else lay.pad[group.prompts])
+                else:
+                    if keep is not None:
+                        ctx.keep_rows(keep)
+                    p = ctx.sequence_len_offset
+                    kind, ids, start = _DECODE, lay.seq[group.live, p : p + 1], p
+                    audio = lay.window_audio(lay.sample_to_prompt[group.live], p, p + 1)
+                header = _header(header_size, kind, g, start, ids.shape, keep if kind == _DECODE else None, device)
+                out = self._stage_forward(wrapper, ctx, ids, start, audio, None)
+                for work in sends:
+                    work.wait()
+                sends = [dist.isend(header, dst=nxt, group=self.pp_group),
+                         dist.isend(out.to(wrapper.pipeline_communication_dtype).contiguous(), dst=nxt, group=self.pp_group)]
+                if kind == _PREFILL:
+                    group.prefilled = True
+                    self._after_prefill(lay, group)
+                group.pending = _sampled_rows(lay, group, ctx.sequence_len_offset) if kind != _DUMMY else group.pending[:0]
+                if group.pending.numel():
+                    # Posted after this slot's sends: each pair of stages then meets its messages in one order
+                    # (header, activations, tokens, next header, ...), which NCCL's in-order streams need.
+                    tok = torch.empty(group.pending.numel(), dtype=torch.int64, device=device)
+                    group.receiving = (dist.irecv(tok, src=last, group=self.pp_group), tok)
+        for work in sends:
+            work.wait()
+        stop = torch.zeros(header_size, dtype=torch.int64, device=device)  # kind _STOP
+        dist.send(stop, dst=nxt, group=self.pp_group)
+
+    def _pipeline_follow(self, wrapper, lay: _Layout, groups: list[_Group], header_size: int, params, device) -> None:
+        """A later stage: run what the headers say; the last stage samples and returns the tokens to the first."""
+        prev = parallel_state.get_pipeline_model_parallel_prev_rank()
+        nxt = None if self.last_stage else parallel_state.get_pipeline_model_parallel_next_rank()
+        first = parallel_state.get_pipeline_model_parallel_first_rank()
+        sends: list[Any] = []
+        header = torch.empty(header_size, dtype=torch.int64, device=device)
+        while True:
+            dist.recv(header, src=prev, group=self.pp_group)
+            kind, g, start, width, rows, n_keep = header[:6].tolist()
+            if kind == _STOP:
+                break
+            group = groups[g]
+            ctx = group.context
+            if kind == _DUMMY:
+                ctx.reset()
+                ctx.set_row_pad(None)
+            elif kind == _PREFILL:
+                ctx.set_row_pad(None if lay.pad is None else lay.pad[group.prompts])
+            elif n_keep >= 0:
+                keep = header[6 : 6 + n_keep]
+                group.live = group.live[keep]
+                ctx.keep_rows(keep)
+            received = torch.empty(width, rows, self.config.hidden_size, dtype=wrapper.pipeline_communication_dtype,
+                                   device=device)
+            dist.recv(received, src=prev, group=self.pp_group)
+            ids = torch.zeros(rows, width, dtype=torch.int64, device=device)  # read by the first stage only
+            out = self._stage_forward(wrapper, ctx, ids, start, None, received)
+            for work in sends:
+                work.wait()
+            sends = []
+            if nxt is not None:
+                sends = [dist.isend(header.clone(), dst=nxt, group=self.pp_group),
+                         dist.isend(out.to(wrapper.pipeline_communication_dtype).contiguous(), dst=nxt, group=self.pp_group)]
+            if kind == _PREFILL:
+                group.prefilled = True
+                self._after_prefill(lay, group)
+            if nxt is not None or kind == _DUMMY:
+                continue
+            logits = out[:, -1]
+            if kind == _PREFILL and lay.n > 1:
+                logits = logits.repeat_interleave(lay.n, dim=0)
+            p = ctx.sequence_len_offset
+            act = (lay.row_end[group.live] <= p).nonzero().squeeze(1)
+            idx = group.live[act]
+            if idx.numel():
+                keys = idx if params.greedy else row_keys(params.seed, idx, lay.count[idx])
+                sampled = sample_vocab_parallel(logits[act], params, keys, text_vocab_size=self.text_vocab_size)
+                lay.record(idx, sampled.tokens, sampled.logprobs, sampled.sampling_logprobs)
+                sends.append(dist.isend(sampled.tokens.contiguous(), dst=first, group=self.pp_group))
+        if nxt is not None:
+            dist.send(header, dst=nxt, group=self.pp_group)  # pass the stop on
+        for work in sends:
+            work.wait()
+
+
+_STOP, _PREFILL, _DECODE, _DUMMY = 0, 1, 2, 3  # pipelined decode: what a header asks the next stage to run
+
+
+@dataclass
+class _Group:
+    """One micro-batch of the pipelined decode: a slice of the prompts, their samples, its own KV cache."""
+
+    prompts: torch.Tensor  # prompt indices of the group
+    rows: torch.Tensor  # sample rows of the group
+    context: PaddedStaticContext
+    live: torch.Tensor  # its samples still generating, in cache-row order
+    pending: torch.Tensor  # first stage: rows whose next token the last stage is sampling
+    prefilled: bool = False
+    receiving: tuple[Any, torch.Tensor] | None = None  # first stage: (irecv work, buffer) of those tokens
+
+
+def _sampled_rows(lay: _Layout, group: _Group, p: int) -> torch.Tensor:
+    """The group's rows that generate the token at cache slot ``p`` (the others still read their prompt)."""
+    return group.live[lay.row_end[group.live] <= p]
+
+
+def _header(size: int, kind: int, g: int, start: int, shape: torch.Size, keep: torch.Tensor | None,
+            device: torch.device) -> torch.Tensor:
+    """[kind, group, start slot, width, rows, kept rows (-1: all), kept row indices...] for the next stage."""
+    header = torch.zeros(size, dtype=torch.int64, device=device)
+    n_keep = -1 if keep is None else keep.numel()
+    header[:6] = torch.tensor([kind, g, start, shape[1], shape[0], n_keep])
+    if keep is not None:
+        header[6 : 6 + n_keep] = keep
+    return header
