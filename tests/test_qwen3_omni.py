@@ -427,7 +427,9 @@ def test_paper_recipe_layout_fits_the_paper_models():
     for _, cfg in models:
         cfg.validate_parallel(4, 2, 8, layout.expert_tensor_parallel_size or 4)
     assert run.model.student.perception == {"source": "features"}  # the tower's cached outputs, spliced as they are
-    assert run.model.audio_locator == "<|audio_pad|>" and run.data.speech_input == "features"
+    # the student's own tokenizer, whose family (Qwen3-Omni) gives the locator <|audio_pad|> when none is named
+    assert run.model.tokenizer == "ckpt/student" and run.model.audio_locator is None
+    assert run.data.speech_input == "features"
     # the same recipe without sequence parallelism, or with an EP that does not divide 128 experts, is refused
     layout.sequence_parallel = False
     assert any("sequence_parallel" in p for p in layout.problems(64, *models))
