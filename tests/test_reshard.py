@@ -53,6 +53,8 @@ def _models(sequence_parallel: bool):
     _randomize(student.language_model, VOCAB + 1, seed=1)
     teacher = build_teacher(_moe_config(), student_cfg, sequence_parallel=sequence_parallel)
     _randomize(teacher, VOCAB, seed=2)
+    if student.perception is None:  # a later pipeline stage
+        return student, teacher
     with torch.no_grad():
         student.perception.proj.weight.copy_(torch.randn(32, 16, generator=torch.Generator().manual_seed(3)) * 0.3)
         student.perception.proj.bias.zero_()
@@ -145,7 +147,7 @@ def reshard(tmp_path_factory):
     """The single-process reference, the composed layout's step, and every resume's step."""
     root = tmp_path_factory.mktemp("reshard")
     composed = run_distributed(_runs, 8, [{"layout": COMPOSED, "save_to": str(root / "tp2xpp2xep2xdp2+sp")}],
-                               timeout_s=TIMEOUT_S)[0][0]
+                               timeout_s=TIMEOUT_S)[0][0][0]
     two = [{"layout": layout, "save_to": str(root / name)} for name, (size, layout) in SAVED.items() if size == 2]
     two.append({"layout": SAVED["ep2xdp2"][1], "save_to": str(root / "bucket-format"),  # an older version's format
                 "metadata": {"distrib_optim_sharding_type": "dp_reshardable"}})
@@ -205,3 +207,111 @@ def test_an_optimizer_that_cannot_be_carried_names_both_layouts_and_init_from(re
     assert "this run is TP1 PP1 EP1 ETP1 DP2, distributed optimizer" in message
     assert "the optimizer state cannot be carried to this layout: key optimizer." in message
     assert "checkpoint.init_from=" in message and "bucket-format/step_0000001" in message
+
+
+# ------------------------------------------------------------------------------------------- through the trainer
+MOE_LLM = {"num_moe_experts": 4, "moe_ffn_hidden_size": 32, "moe_router_topk": 2}
+
+
+def _trainer_cfg(root, manifest, run: str, steps: int, layout: dict) -> dict:
+    from tests._trainer_setup import run_config, tiny_llm
+
+    moe = {"llm": tiny_llm(**MOE_LLM)}
+    return run_config(root / run, manifest, trainer={"max_steps": steps, "parallel": layout},
+                      model={"student": moe, "teacher": moe}, data={"prompts_per_step": 1},
+                      checkpoint={"save_every": 1, "keep_last": 0})
+
+
+def _relaunch(cfg: dict, train_on: bool) -> dict:
+    """Build the trainer (it resumes from ``checkpoint.dir``) and read what it loaded: full weights, Adam moments by
+    parameter name (plain optimizer, so each rank holds them whole for its parameters), step, LR, data position,
+    this rank's next batch and the resume log line; then train on if ``train_on``."""
+    import json
+    import logging
+    from pathlib import Path
+
+    import torch.distributed as dist
+
+    from megatron_xopd.models import gather_canonical_state_dict
+    from megatron_xopd.trainer import XOPDTrainer, to_run_config
+
+    lines: list[str] = []
+    handler = logging.Handler()
+    handler.emit = lambda record: lines.append(record.getMessage())
+    logging.getLogger("megatron_xopd").addHandler(handler)
+    logging.getLogger("megatron_xopd").setLevel(logging.INFO)
+    run = to_run_config(cfg)
+    trainer = XOPDTrainer(run)
+    names = {p: n for n, p in trainer.student.named_parameters()}
+    moments = {}
+    for inner in (part.optimizer for part in getattr(trainer.optimizer, "chained_optimizers", [trainer.optimizer])):
+        for group in inner.param_groups:
+            for p in group["params"]:
+                if names.get(p, "").startswith("language_model.") and "exp_avg" in inner.state.get(p, {}):
+                    moments[names[p]] = (inner.state[p]["exp_avg"].clone(), float(inner.state[p]["step"]))
+    loader = trainer.loader.state_dict()["diagnostics"]
+    vocab = trainer.models.student_cfg.vocab_size
+    out = {"weights": {k: v.clone() for k, v in gather_canonical_state_dict(trainer.student.language_model,
+                                                                             vocab).items()},
+           "moments": moments, "step": trainer.step, "epoch": trainer.epoch, "lr": trainer.optimizer.param_groups[0]["lr"],
+           "kept": loader["stats_per_epoch"][loader["current_epoch"]]["kept_batches"], "log": lines}
+    if train_on:
+        trainer.train()
+        path = Path(run.logging.dir) / "metrics.jsonl"
+        out["metrics"] = [json.loads(line) for line in path.read_text().splitlines()]
+    else:
+        out["next_cuts"] = next(iter(trainer.loader))["cut_ids"]
+    dist.barrier()
+    return out
+
+
+def _global_batches(manifest: str, seed: int, count: int) -> list[list[str]]:
+    """The epoch's first ``count`` batches of one cut each, in lhotse's order (the same at every DP size)."""
+    from megatron_xopd.data.cuts import load_prompt_cuts
+    from megatron_xopd.data.dataset import build_dataloader
+
+    cuts = load_prompt_cuts(manifest, seed=seed)
+    sampler = build_dataloader(cuts, None, max_cuts=1, seed=seed, num_buckets=2).sampler
+    sampler.set_epoch(0)
+    return [[c.id for c in batch] for batch, _ in zip(sampler, range(count))]
+
+
+@pytest.mark.parity
+@pytest.mark.slow
+def test_the_trainer_resumes_at_another_layout_and_dp_size(tmp_path):
+    """A MoE run at EP2 x DP2 (save_every=1) is resumed from its step 2 at EP1 x DP2, where step 3's metrics line
+    equals the uninterrupted run's, and at DP1, which loads the same weights and Adam state, keeps step and LR, and
+    continues the data at the documented position."""
+    import shutil
+
+    from tests._trainer_setup import train, write_feature_cuts
+
+    manifest = write_feature_cuts(tmp_path)
+    ep2 = {"expert_model_parallel_size": 2}
+    full = run_distributed(train, 2, _trainer_cfg(tmp_path, manifest, "full", 3, ep2), timeout_s=TIMEOUT_S)[0]
+    for run in ("same_dp", "dp1"):
+        shutil.copytree(tmp_path / "full" / "ckpt" / "step_0000002", tmp_path / run / "ckpt" / "step_0000002")
+    plain = {"use_distributed_optimizer": False}
+    same_dp = run_distributed(_relaunch, 2, _trainer_cfg(tmp_path, manifest, "same_dp", 3, plain), True,
+                              timeout_s=TIMEOUT_S)[0]
+    dp1 = run_distributed(_relaunch, 1, _trainer_cfg(tmp_path, manifest, "dp1", 3, {}), False,
+                          timeout_s=TIMEOUT_S)[0]
+
+    assert [r["step"] for r in same_dp["metrics"]] == [1, 2, 3]  # lines up to the checkpoint are kept
+    for key in ("loss", "kl_cm", "kl_im", "grad_norm", "lr", "response_len_cm", "response_len_im"):
+        assert same_dp["metrics"][2][key] == pytest.approx(full[2][key], abs=1e-5, rel=1e-5), key
+    assert same_dp["log"][-1].startswith("resuming step 2 written at TP1 PP1 EP2 ETP1 DP2, distributed optimizer on "
+                                         "a new layout TP1 PP1 EP1 ETP1 DP2, plain optimizer")
+    assert dp1["log"][-1].startswith("resuming step 2 written at TP1 PP1 EP2 ETP1 DP2, distributed optimizer on a "
+                                     "new layout TP1 PP1 EP1 ETP1 DP1, plain optimizer")
+    assert (dp1["step"], dp1["epoch"], dp1["lr"]) == (same_dp["step"], same_dp["epoch"], same_dp["lr"]) == (2, 0, 1e-3)
+    assert dp1["weights"].keys() == same_dp["weights"].keys() and any(".experts." in k for k in dp1["weights"])
+    for key, value in same_dp["weights"].items():
+        torch.testing.assert_close(dp1["weights"][key], value, atol=0, rtol=0, msg=key)
+    assert dp1["moments"].keys() == same_dp["moments"].keys() and dp1["moments"]
+    for key, (moment, step) in same_dp["moments"].items():
+        assert dp1["moments"][key][1] == step == 2.0
+        torch.testing.assert_close(dp1["moments"][key][0], moment, atol=0, rtol=0, msg=key)
+    # the data position: 2 batches per rank at DP2 are the epoch's first 4; DP1 goes on with the 5th
+    assert same_dp["kept"] == 2 and dp1["kept"] == 4
+    assert dp1["next_cuts"] == _global_batches(str(manifest), 7, 5)[4]
