@@ -253,7 +253,8 @@ def _relaunch(cfg: dict, train_on: bool) -> dict:
     vocab = trainer.models.student_cfg.vocab_size
     out = {"weights": {k: v.clone() for k, v in gather_canonical_state_dict(trainer.student.language_model,
                                                                              vocab).items()},
-           "moments": moments, "step": trainer.step, "epoch": trainer.epoch, "lr": trainer.optimizer.param_groups[0]["lr"],
+           "moments": moments, "step": trainer.step, "epoch": trainer.epoch,
+           "lr": trainer.optimizer.param_groups[0]["lr"],
            "kept": loader["stats_per_epoch"][loader["current_epoch"]]["kept_batches"], "log": lines}
     if train_on:
         trainer.train()
@@ -300,10 +301,9 @@ def test_the_trainer_resumes_at_another_layout_and_dp_size(tmp_path):
     assert [r["step"] for r in same_dp["metrics"]] == [1, 2, 3]  # lines up to the checkpoint are kept
     for key in ("loss", "kl_cm", "kl_im", "grad_norm", "lr", "response_len_cm", "response_len_im"):
         assert same_dp["metrics"][2][key] == pytest.approx(full[2][key], abs=1e-5, rel=1e-5), key
-    assert same_dp["log"][-1].startswith("resuming step 2 written at TP1 PP1 EP2 ETP1 DP2, distributed optimizer on "
-                                         "a new layout TP1 PP1 EP1 ETP1 DP2, plain optimizer")
-    assert dp1["log"][-1].startswith("resuming step 2 written at TP1 PP1 EP2 ETP1 DP2, distributed optimizer on a "
-                                     "new layout TP1 PP1 EP1 ETP1 DP1, plain optimizer")
+    for got, now in ((same_dp, "TP1 PP1 EP1 ETP1 DP2"), (dp1, "TP1 PP1 EP1 ETP1 DP1")):
+        assert any(line.startswith(f"resuming step 2 written at TP1 PP1 EP2 ETP1 DP2, distributed optimizer on a new "
+                                   f"layout {now}, plain optimizer (") for line in got["log"]), got["log"]
     assert (dp1["step"], dp1["epoch"], dp1["lr"]) == (same_dp["step"], same_dp["epoch"], same_dp["lr"]) == (2, 0, 1e-3)
     assert dp1["weights"].keys() == same_dp["weights"].keys() and any(".experts." in k for k in dp1["weights"])
     for key, value in same_dp["weights"].items():

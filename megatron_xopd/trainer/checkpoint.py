@@ -7,7 +7,7 @@ Layout of ``<dir>/step_0000042/``: the dist checkpoint (model + optimizer, resha
 streams differ per rank; and ``complete.json``, written last: every file with its size, the world size and the
 parallel layout.
 
-Model and optimizer state are keyed by parameter (megatron-core's ``fully_sharded_model_space`` format for the
+Model and optimizer state are keyed by parameter (megatron-core's ``fully_reshardable`` format for the
 distributed optimizer, the same keys as the plain optimizer's, without the chained optimizer's per-part prefix), so
 a checkpoint resumes at any TP/PP/EP/ETP/DP layout the model can take, with or without the distributed optimizer
 (docs/robustness.md).
