@@ -499,9 +499,9 @@ def load_checkpoint(path: str | Path, model: torch.nn.Module, optimizer: Any) ->
         if ADAM_STEP not in loaded:
             raise CheckpointError(f"{where}: {ADAM_STEP} is not in its common state (a checkpoint of an older "
                                   "version)" + carry)
-        model.load_state_dict(loaded["model"])
         with _adam_step_kept():
             optimizer.load_state_dict(_with_steps(_fill(request, loaded["optimizer"]), optimizer, loaded[ADAM_STEP]))
+        model.load_state_dict(loaded["model"])  # after: fp32 main weights not in the checkpoint may alias the weights
         if main_only:
             optimizer.reload_model_params()
         _set_adam_step(optimizer, int(loaded[ADAM_STEP]))
