@@ -55,8 +55,12 @@ OVERRIDES: tuple[Override, ...] = (
     Override("megatron.core.optimizer.distrib_optimizer.DistributedOptimizer._init_optimizer_states_with_dummy_values",
              "hooked", "trainer/checkpoint.py", "creates the Adam state a load expects", ("self",)),
     Override("megatron.core.optimizer.distrib_optimizer.DistributedOptimizer.load_state_dict", "hooked",
-             "trainer/checkpoint.py", "torch Adam (no Apex/TE): the shared 'step' tensor it loads is copied per "
-             "parameter", ("self", "state_dict")),
+             "trainer/checkpoint.py", "torch Adam (no Apex/TE): the 'step' it loads is replaced per parameter by "
+             "the saved Adam step", ("self", "state_dict")),
+    Override("megatron.core.optimizer.distrib_optimizer.DistributedOptimizer._set_main_param_and_optimizer_states",
+             "hooked", "trainer/checkpoint.py", "during a load only: torch Adam's 'step', which the fully_reshardable "
+             "format does not save, is set aside (KeyError 'step'); reads model_param_group_index_map",
+             ("self", "model_param", "tensors")),
     # MoE without Transformer Engine on CPU (runtime/cpu_compat.py).
     Override("megatron.core.transformer.moe.moe_utils.RouterGatingLinearFunction.forward", "hooked",
              "runtime/cpu_compat.py", "reads the TE-only global te_general_gemm; we bind it to None",

@@ -31,7 +31,7 @@ from ..runtime.device import current_device, resident
 from ..runtime.memory import peak_memory, reset_peak_memory
 from ..runtime.reduce import all_ranks_agree, reduce_over_replicas
 from .build import build_models, build_optimizer, load_prompts, wrap_ddp
-from .checkpoint import CheckpointError, CheckpointSaver, find_resumable, load_checkpoint, load_model_weights
+from .checkpoint import CheckpointSaver, resume
 from .config import RunConfig
 from .evaluate import evaluate
 from .export import export_student_llm
@@ -88,15 +88,10 @@ class XOPDTrainer:
         self.loader = self._loader(cfg.data.train, "data.train", shuffle=cfg.data.shuffle)
         self.data_stats = CutStats()
         self.guard = FiniteStepGuard(cfg.trainer.max_bad_steps)
-        self.step = 0
-        self._saved_step: int | None = None  # the step of the checkpoint written or resumed from last
-        self.saver = None
-        if cfg.checkpoint.dir:
-            self.saver = CheckpointSaver(cfg.checkpoint.dir, cfg.checkpoint.keep_last, cfg.checkpoint.async_save)
-        self.epoch = 0
-        self.skipped_steps = 0
+        self.step = self.epoch = self.skipped_steps = 0
         self._restored_position = False
-        self._resume()
+        self.saver = CheckpointSaver(cfg.checkpoint.dir, cfg.checkpoint.keep_last, cfg.checkpoint.async_save)
+        resume(self)  # checkpoint.py: at any layout
         self.logger = MetricsLogger(
             cfg.logging.dir, enabled=dist.get_rank() == 0, tensorboard=cfg.logging.tensorboard, resume_step=self.step,
             wandb=cfg.logging.wandb, hparams=OmegaConf.to_container(OmegaConf.structured(cfg)),
@@ -247,52 +242,6 @@ class XOPDTrainer:
         }
 
     # -------------------------------------------------------------------------------------- checkpoints
-    def _trainer_state(self) -> dict[str, Any]:
-        """This rank's position and counters, JSON-able (saved without pickle)."""
-        return {
-            "step": self.step,
-            "epoch": self.epoch,
-            "loader": self.loader.state_dict(),
-            "scheduler": self.scheduler.state_dict(),
-            "data_stats": self.data_stats.state_dict(),
-            "guard": self.guard.state_dict(),
-            "skipped_steps": self.skipped_steps,
-        }
-
-    def save(self) -> None:
-        if self.saver is not None and self._saved_step != self.step:
-            self.saver.save(self.step, self.student, self.optimizer, self._trainer_state())
-            self._saved_step = self.step
-
-    def _resume(self) -> None:
-        path = None
-        if self.cfg.checkpoint.resume:
-            path = find_resumable(self.cfg.checkpoint.dir, dist.get_world_size())
-            chosen = torch.tensor([int(path.name[5:]) if path else -1], device=current_device())
-            low, high = chosen.clone(), chosen.clone()
-            dist.all_reduce(low, op=dist.ReduceOp.MIN)
-            dist.all_reduce(high, op=dist.ReduceOp.MAX)
-            if low.item() != high.item():
-                raise CheckpointError(f"checkpoint.dir={self.cfg.checkpoint.dir}: the ranks see different newest "
-                                      f"valid checkpoints (steps {low.item()} and {high.item()}); is it shared?")
-        if path is None:
-            if self.cfg.checkpoint.init_from:
-                loaded = load_model_weights(resolve_path(self.cfg.checkpoint.init_from), self.student)
-                if dist.get_rank() == 0:
-                    log.info("student initialised from %s", loaded)
-            return
-        state = load_checkpoint(path, self.student, self.optimizer)
-        self.step, self.epoch = state["step"], state["epoch"]
-        self.loader.load_state_dict(state["loader"])
-        self._restored_position = True
-        self.scheduler.load_state_dict(state["scheduler"])
-        self.data_stats = CutStats.from_state_dict(state["data_stats"])
-        self.guard.load_state_dict(state["guard"])
-        self._saved_step = self.step
-        self.skipped_steps = state.get("skipped_steps", 0)
-        if dist.get_rank() == 0:
-            log.info("resumed from %s at step %d", path, self.step)
-
     # ---------------------------------------------------------------------------------------- evaluation
     def evaluate(self, *, with_teacher: bool = False) -> dict[str, float]:
         """Greedy accuracy on the validation set (``data.validation``: ``eval/...``) and on each of
@@ -337,15 +286,10 @@ class XOPDTrainer:
                     progress.update(1)
                     shown = ("kl_cm", "kl_im") if cfg.xopd.responses == "on_policy" else ("loss",)
                     progress.set_postfix({k: f"{metrics[k]:.3f}" for k in shown if k in metrics})
-                save_s = 0.0
-                if saves and self.step % saves == 0:
-                    t0 = time.perf_counter()
-                    self.save()
-                    save_s = time.perf_counter() - t0
+                save_s = self.saver.save(self) if saves and self.step % saves == 0 else 0.0
             if self.step > 0:  # max_steps=0 writes no (untrained) checkpoint
-                self.save()
-            if self.saver is not None:
-                self.saver.finish()
+                self.saver.save(self)
+            self.saver.finish()
             if cfg.checkpoint.export_hf:
                 export_student_llm(cfg, self.models, cfg.checkpoint.export_hf)
         finally:
