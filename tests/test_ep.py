@@ -204,6 +204,9 @@ class _StopIds:
 
     eos_token_id = unk_token_id = None
 
+    def get_vocab(self) -> dict[str, int]:
+        return {"<|im_end|>": 3}  # the end-of-turn token (data/prompt_format.py looks it up by name)
+
     def convert_tokens_to_ids(self, token: str) -> int:
         return 3
 
