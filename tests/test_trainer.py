@@ -9,7 +9,7 @@ import torch
 
 from megatron_xopd.testing import run_distributed
 from megatron_xopd.trainer.checkpoint import latest_checkpoint
-from tests._trainer_setup import PROMPTS, run_config, train, train_with_snapshots, write_feature_cuts
+from tests._trainer_setup import PROMPTS, run_config, tiny_llm, train, train_with_snapshots, write_feature_cuts
 
 REQUIRED = {"kl_cm", "kl_im", "loss", "L_im", "L_cm", "ratio_mean", "ratio_max", "logprob_gap_mean", "logprob_gap_max",
             "response_len_cm", "response_len_im",
@@ -64,6 +64,22 @@ def test_resume_reproduces_an_uninterrupted_run_and_ignores_half_written_checkpo
     resumed = run_distributed(train, 1, run_config(tmp_path / "split", manifest, trainer={"max_steps": 4},
                                                    checkpoint={"save_every": 2}))[0]
     assert [r["step"] for r in first] == [1, 2] and [r["step"] for r in resumed] == [1, 2, 3, 4]
+    assert _deterministic(resumed) == _deterministic(full)
+
+
+def test_a_bf16_run_with_a_trainable_projection_saves_and_resumes(tmp_path):
+    """megatron's mixed-precision optimizer saves only 16-bit parameters: the trainable perception parts of a bf16
+    student must hold bf16 too, or the first save fails (``KeyError`` in its ``sharded_state_dict``)."""
+    manifest = write_feature_cuts(tmp_path)
+    bf16 = {"student": {"llm": tiny_llm(params_dtype="bfloat16")}, "teacher": {"llm": tiny_llm(params_dtype="bfloat16")}}
+    cfg = run_config(tmp_path / "run", manifest, trainer={"max_steps": 2}, model=bf16, checkpoint={"save_every": 1})
+    full = run_distributed(train, 1, cfg)[0]
+    ckpt = tmp_path / "run" / "ckpt"
+    assert latest_checkpoint(ckpt).name == "step_0000002"
+    shutil.rmtree(ckpt / "step_0000002")  # as if the run had stopped after step 1's save
+    resumed = run_distributed(train, 1, cfg)[0]
+    assert [r["step"] for r in resumed] == [1, 2]
+    assert all(math.isfinite(r["loss"]) for r in full)
     assert _deterministic(resumed) == _deterministic(full)
 
 

@@ -131,6 +131,7 @@ class SpeechStudent(MegatronModule):
                 self.perception = build_perception(perception_cfg, llm_cfg.hidden_size).to(current_device())
         if self.perception is not None:
             self._freeze(perception_cfg)
+            self._trainable_in_llm_dtype(llm_cfg.torch_dtype)
             self.mark_sequence_parallel()
 
     def _freeze(self, cfg: PerceptionConfig) -> None:
@@ -140,6 +141,28 @@ class SpeechStudent(MegatronModule):
         if cfg.freeze_adapter:
             self.perception.modality_adapter.requires_grad_(False)
             self.perception.proj.requires_grad_(False)
+
+    def _trainable_in_llm_dtype(self, dtype: torch.dtype) -> None:
+        """In a 16-bit run, the perception's trainable parts hold the LLM's dtype and cast their inputs to it.
+
+        megatron-core's mixed-precision optimizer keeps fp32 main copies of 16-bit parameters and cannot save the
+        state of an fp32 parameter beside them (``Float16OptimizerWithFloat16Params.sharded_state_dict`` maps its
+        16-bit groups only; the distributed optimizer's checkpoint formats take one dtype per buffer): megatron wraps
+        whole models in ``Float16Module`` for this. Frozen parts (the encoder) keep their own dtype.
+        """
+        if dtype == torch.float32:
+            return
+        for child in self.perception.children():
+            if any(p.requires_grad for p in child.parameters()):
+                child.to(dtype)
+                child.register_forward_pre_hook(
+                    lambda _m, args, kwargs: (
+                        tuple(a.to(dtype) if torch.is_tensor(a) and a.is_floating_point() else a for a in args),
+                        {k: v.to(dtype) if torch.is_tensor(v) and v.is_floating_point() else v
+                         for k, v in kwargs.items()},
+                    ),
+                    with_kwargs=True,
+                )
 
     def set_input_tensor(self, input_tensor: torch.Tensor | list[torch.Tensor]) -> None:
         self.language_model.set_input_tensor(input_tensor)
