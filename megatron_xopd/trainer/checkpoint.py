@@ -499,9 +499,14 @@ def load_checkpoint(path: str | Path, model: torch.nn.Module, optimizer: Any) ->
         if ADAM_STEP not in loaded:
             raise CheckpointError(f"{where}: {ADAM_STEP} is not in its common state (a checkpoint of an older "
                                   "version)" + carry)
+        # The loaded weights may be the parameters themselves (loaded in place), and fp32 main weights views of
+        # them: main weights absent from the checkpoint (left as the request's uninitialised buffers) would overwrite
+        # both, so the weights are kept aside and set again after the optimizer's load.
+        weights = {k: v.detach().clone() if torch.is_tensor(v) else v for k, v in loaded["model"].items()} \
+            if main_only else loaded["model"]
         with _adam_step_kept():
             optimizer.load_state_dict(_with_steps(_fill(request, loaded["optimizer"]), optimizer, loaded[ADAM_STEP]))
-        model.load_state_dict(loaded["model"])  # after: fp32 main weights not in the checkpoint may alias the weights
+        model.load_state_dict(weights)
         if main_only:
             optimizer.reload_model_params()
         _set_adam_step(optimizer, int(loaded[ADAM_STEP]))
