@@ -42,8 +42,8 @@ import os
 import re
 import sys
 import time
-import traceback
 from pathlib import Path
+from typing import Callable
 
 ROOT = Path(__file__).resolve().parents[1]
 for path in (ROOT, ROOT / "benchmarks"):
@@ -223,6 +223,7 @@ def main() -> int:
     start = time.monotonic()
     os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1")
     os.environ.setdefault("MASTER_PORT", str(29600 + os.getpid() % 1000))
+    from _sections import device_header, run_sections
     from bench_rollout import SMOLLM2_SHAPE
 
     from megatron_xopd.runtime import ParallelConfig, init_distributed, initialize_model_parallel
@@ -230,33 +231,23 @@ def main() -> int:
     init_distributed()
     initialize_model_parallel(ParallelConfig())
     device, dtype = ("cuda", torch.bfloat16) if cuda else ("cpu", torch.float32)
-    sections = {
+    shapes = {
         "smollm2": {**SMOLLM2_SHAPE, **(TINY if not cuda else {})},
         "qwen3_moe": {**QWEN3_MOE_SHAPE, "num_hidden_layers": args.moe_layers, **(TINY_MOE if not cuda else {})},
     }
-    result: dict = {"ok": True, "device": torch.cuda.get_device_name() if cuda else "cpu", "torch": torch.__version__,
-                    "sections": {}}
-    skip = set(filter(None, args.skip.split(",")))
-    todo = [name for name in sections if name not in skip]
-    for i, name in enumerate(todo):
-        # Each section may use an even share of what is left.
-        deadline = time.monotonic() + (args.budget_s - (time.monotonic() - start)) / (len(todo) - i)
-        t0 = time.perf_counter()
-        try:
-            section = _section(name, sections[name], args, dtype, device, deadline)
-        except Exception as exc:  # recorded, and the next section still runs
-            section = {"ok": False, "error": f"{type(exc).__name__}: {exc}", "trace": traceback.format_exc()[-2000:]}
-            gc.collect()
-            if cuda:
-                torch.cuda.empty_cache()
-        section["wall_s"] = round(time.perf_counter() - t0, 1)
-        result["sections"][name] = section
-        result["ok"] = result["ok"] and section["ok"]
-        if args.out:
-            Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-            Path(args.out).write_text(json.dumps(result) + "\n")
-    print(json.dumps(result))
-    return 0 if result["ok"] else 1
+
+    def section(name: str) -> Callable[[int], dict]:
+        def run(left: int) -> dict:  # each section may use an even share of what is left
+            deadline = time.monotonic() + (args.budget_s - (time.monotonic() - start)) / left
+            return _section(name, shapes[name], args, dtype, device, deadline)
+        return run
+
+    def free() -> None:
+        gc.collect()
+        if cuda:
+            torch.cuda.empty_cache()
+
+    return run_sections(device_header(), {name: section(name) for name in shapes}, args.skip, args.out, free)
 
 
 if __name__ == "__main__":

@@ -42,8 +42,8 @@ import subprocess
 import sys
 import tempfile
 import time
-import traceback
 from pathlib import Path
+from typing import Callable
 
 ROOT = Path(__file__).resolve().parents[1]
 for path in (ROOT, ROOT / "benchmarks"):
@@ -258,8 +258,9 @@ def main() -> int:
         return 2
     os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1")
     os.environ.setdefault("MASTER_PORT", "29531")
-    result: dict = {"ok": True, "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
-                    "torch": torch.__version__, "sections": {}}
+    from _sections import device_header, run_sections
+
+    result = device_header()
     small = args.allow_cpu and not torch.cuda.is_available()
     sections = {
         "trainer_dense": lambda tmp: _trainer(tmp, args.steps, None),
@@ -271,29 +272,17 @@ def main() -> int:
         "fp8": lambda tmp: _fp8(tmp, small),
         "multi_gpu": _multi_gpu,
     }
-    skip = set(filter(None, args.skip.split(",")))
     deadline = time.perf_counter() + args.budget_s
-    for name, fn in sections.items():
-        if name in skip:
-            continue
-        start = time.perf_counter()
-        if start > deadline:
-            result["sections"][name] = {"ok": True, "skipped": "budget (--budget-s)"}
-            continue
-        try:
-            with tempfile.TemporaryDirectory() as tmp:
-                section = fn(Path(tmp))
-        except Exception as exc:  # recorded, and the next section still runs
-            section = {"ok": False, "error": f"{type(exc).__name__}: {exc}", "trace": traceback.format_exc()[-2000:]}
-        section["wall_s"] = round(time.perf_counter() - start, 1)
-        result["sections"][name] = section
-        result["ok"] = result["ok"] and section["ok"]
-        if args.out:
-            Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-            Path(args.out).write_text(json.dumps(result) + "\n")
-    print(json.dumps(result))
-    return 0 if result["ok"] else 1
 
+    def section(fn: Callable[[Path], dict]) -> Callable[[int], dict]:
+        def run(_left: int) -> dict:
+            if time.perf_counter() > deadline:
+                return {"ok": True, "skipped": "budget (--budget-s)"}
+            with tempfile.TemporaryDirectory() as tmp:
+                return fn(Path(tmp))
+        return run
+
+    return run_sections(result, {name: section(fn) for name, fn in sections.items()}, args.skip, args.out)
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -29,7 +29,7 @@ def test_fused_experts_are_split_as_a_checkpoint_names_them():
 def test_gpu_decode_runs_both_models_on_cpu(tmp_path):
     out = tmp_path / "out.json"
     proc = subprocess.run([sys.executable, "benchmarks/gpu_decode.py", "--allow-cpu", "--rows", "3", "--new-tokens", "5",
-                           "--probe-tokens", "3", "--out", str(out)], cwd=ROOT, capture_output=True, text=True, timeout=600)
+                           "--probe-tokens", "3", "--budget-s", "100000", "--out", str(out)], cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert out.exists(), proc.stdout[-2000:] + proc.stderr[-2000:]
     result = json.loads(out.read_text())
     assert result["ok"], result
