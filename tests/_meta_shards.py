@@ -21,7 +21,8 @@ import torch
 import torch.distributed as dist
 
 
-def _split(model: torch.nn.Module) -> tuple[int, int]:
+def split_dense_expert(model: torch.nn.Module) -> tuple[int, int]:
+    """(dense, expert) parameters of a built model; the routed experts live under ``mlp.experts``."""
     dense = expert = 0
     for name, param in model.named_parameters():
         if ".mlp.experts." in name:
@@ -77,7 +78,7 @@ def shards(rank: int, etp: int, teacher_preset: str | None, optimizer: bool) -> 
         with torch.device("meta"):
             model = build_gpt_model(cfg)
         planned = rank_params(cfg, layout, stage)
-        out[role] = {"built": _split(model), "planned": (planned.dense, planned.expert)}
+        out[role] = {"built": split_dense_expert(model), "planned": (planned.dense, planned.expert)}
         if optimizer and role == "student":
             real_device = torch.cuda.current_device
             torch.cuda.current_device = lambda: torch.device("meta")

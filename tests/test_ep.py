@@ -16,8 +16,8 @@ import torch
 from megatron_xopd.algo import CROSS_MODAL, IN_MODAL, XOPDConfig
 from megatron_xopd.testing import run_distributed
 from tests._models import VOCAB, tiny_gpt_config, tiny_perception_config
+from tests._steps import LR, optimizer_steps
 
-LR = 1e-3
 TIMEOUT_S = 300
 
 
@@ -68,37 +68,15 @@ def _train_step(ep: int, rows_per_rank: list[list[int]], teacher_mbs: list[int])
     teacher log-probs)."""
     import torch.distributed as dist
 
-    from megatron_xopd.algo import LossStats, rollout_weights
-    from megatron_xopd.models import gather_canonical_state_dict
     from megatron_xopd.runtime import ParallelConfig, initialize_model_parallel
-    from megatron_xopd.runtime.reduce import reduce_over_replicas
-    from megatron_xopd.trainer.build import build_optimizer, wrap_ddp
-    from megatron_xopd.trainer.config import OptimSection
-    from megatron_xopd.trainer.passes import score_with_teacher, train_pass
-    from tests.test_trainer_passes import _rollouts
 
     layout = ParallelConfig(expert_model_parallel_size=ep)
     initialize_model_parallel(layout)
     student, teacher = _models()
-    r = _rollouts(student)
-    cfg = XOPDConfig(lam=0.5, loss="sampled_token", responses="on_policy")
-    ddp = wrap_ddp(student, layout)
-    optimizer, _ = build_optimizer(ddp, OptimSection(lr=LR, adam_eps=1e-4, clip_grad=0.0), max_steps=10)
     rank = dist.get_rank()
-    score_with_teacher(teacher, r, teacher_mbs[rank], VOCAB, cfg)
-    counts = {m: float((r.modality == m).sum()) for m in (IN_MODAL, CROSS_MODAL)}
-    tokens = {m: float(r.lengths[r.modality == m].sum()) for m in (IN_MODAL, CROSS_MODAL)}
-    r.weights = rollout_weights(r.lengths, r.modality, cfg, global_rollouts=counts, global_tokens=tokens)
-    stats = LossStats()
-    ddp.zero_grad_buffer()
-    optimizer.zero_grad()
-    train_pass(ddp, r, torch.tensor(rows_per_rank[rank]), cfg, 1, VOCAB, stats)
-    updated, grad_norm, _ = optimizer.step()
-    assert updated
-    loss = reduce_over_replicas({"loss": stats.loss})["loss"]
-    weights = gather_canonical_state_dict(student.language_model, VOCAB + 1)
-    dist.barrier()
-    return loss, float(grad_norm), weights, r.teacher_logprobs.clone()
+    out, r = optimizer_steps(layout, student, teacher, micro_batch_size=1, teacher_micro_batch_size=teacher_mbs[rank],
+                             rows=torch.tensor(rows_per_rank[rank]))
+    return (*out[0], r.teacher_logprobs.clone())
 
 
 def _train_runs(runs: list[dict]) -> list:

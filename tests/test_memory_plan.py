@@ -17,6 +17,7 @@ from megatron_xopd.models.memory import Layout, LayoutError, model_params, rank_
 from megatron_xopd.runtime import ParallelConfig
 from megatron_xopd.testing import run_distributed
 
+from ._meta_shards import split_dense_expert
 from ._trainer_setup import run_config, tiny_llm
 
 REPO = Path(__file__).resolve().parents[1]
@@ -35,17 +36,6 @@ CONFIGS = {
 def _config(name: str) -> GPTModelConfig:
     return GPTModelConfig(num_layers=4, hidden_size=32, ffn_hidden_size=64, num_attention_heads=4, num_query_groups=2,
                           vocab_size=301, max_position_embeddings=64, **CONFIGS[name])
-
-
-def _split(model) -> tuple[int, int]:
-    """(dense, expert) parameters of a built model; the routed experts live under ``mlp.experts``."""
-    dense = expert = 0
-    for name, param in model.named_parameters():
-        if ".mlp.experts." in name:
-            expert += param.numel()
-        else:
-            dense += param.numel()
-    return dense, expert
 
 
 def _optimizer_bytes(optimizer) -> int:
@@ -81,7 +71,7 @@ def _built_vs_planned(parallel: ParallelConfig, run_cfg: dict, names: tuple[str,
     out = {}
     for name in names:
         cfg = _config(name)
-        out[name] = (_split(build_gpt_model(cfg)), rank_params(cfg, layout, stage))
+        out[name] = (split_dense_expert(build_gpt_model(cfg)), rank_params(cfg, layout, stage))
 
     run = to_run_config({**run_cfg, "trainer": {**run_cfg["trainer"], "parallel": dataclasses.asdict(parallel)}})
     plan, student_cfg, _, work = plan_run(run, dist.get_world_size(), 80.0)

@@ -17,13 +17,12 @@ from __future__ import annotations
 import pytest
 import torch
 
-from megatron_xopd.algo import CROSS_MODAL, IN_MODAL, XOPDConfig
 from megatron_xopd.testing import run_distributed
 from tests._models import VOCAB, tiny_perception_config
+from tests._steps import optimizer_steps
 from tests.test_ep import _moe_config, _randomize
 from tests.test_scale import _assert_same_step
 
-LR = 1e-3
 TIMEOUT_S = 600
 
 COMPOSED = {"tensor_model_parallel_size": 2, "pipeline_model_parallel_size": 2, "expert_model_parallel_size": 2,
@@ -65,58 +64,24 @@ def _steps(layout: dict, steps: int = 1, save_to: str | None = None, load_from: 
            metadata: dict | None = None):
     """``steps`` X-OPD optimizer steps at ``layout`` (after loading ``load_from``), saved to ``save_to`` (with
     ``metadata`` as the optimizer's checkpoint format if given); returns each step's (loss, grad norm, full
-    weights), or the :class:`CheckpointError` text when the load fails."""
+    weights) on rank 0, or the :class:`CheckpointError` text when the load fails."""
     import torch.distributed as dist
-    from megatron.core import parallel_state
 
-    from megatron_xopd.algo import LossStats, rollout_weights
-    from megatron_xopd.models import gather_canonical_state_dict
     from megatron_xopd.runtime import ParallelConfig, initialize_model_parallel
-    from megatron_xopd.runtime.reduce import reduce_over_replicas
     from megatron_xopd.trainer import checkpoint
-    from megatron_xopd.trainer.build import build_optimizer, wrap_ddp
-    from megatron_xopd.trainer.config import OptimSection
-    from megatron_xopd.trainer.passes import score_with_teacher, train_pass
-    from tests.test_trainer_passes import _rollouts
 
     layout = ParallelConfig(**layout)
     initialize_model_parallel(layout)
     student, teacher = _models(layout.sequence_parallel)
-    r = _rollouts(student)
-    cfg = XOPDConfig(lam=0.5, loss="sampled_token", responses="on_policy")
-    ddp = wrap_ddp(student, layout)
-    optimizer, _ = build_optimizer(ddp, OptimSection(lr=LR, adam_eps=1e-4, clip_grad=0.0), max_steps=10)
-    if load_from:
-        try:
-            checkpoint.load_checkpoint(load_from, student, optimizer)
-        except checkpoint.CheckpointError as err:
-            return str(err)
-    mbs = 1 if layout.pipeline_model_parallel_size > 1 else 2
-    score_with_teacher(teacher, r, mbs, VOCAB, cfg)
-    counts = {m: float((r.modality == m).sum()) for m in (IN_MODAL, CROSS_MODAL)}
-    tokens = {m: float(r.lengths[r.modality == m].sum()) for m in (IN_MODAL, CROSS_MODAL)}
-    r.weights = rollout_weights(r.lengths, r.modality, cfg, global_rollouts=counts, global_tokens=tokens)
-    dp, dp_rank = parallel_state.get_data_parallel_world_size(), parallel_state.get_data_parallel_rank()
-    rows = torch.arange(len(r))[dp_rank::dp]
-    out = []
-    for _ in range(steps):
-        stats = LossStats()
-        ddp.zero_grad_buffer()
-        optimizer.zero_grad()
-        train_pass(ddp, r, rows, cfg, mbs, VOCAB, stats)
-        updated, grad_norm, _ = optimizer.step()
-        assert updated
-        loss = reduce_over_replicas({"loss": stats.loss})["loss"]
-        weights = gather_canonical_state_dict(student.language_model, VOCAB + 1)
-        out.append((loss, float(grad_norm), {k: v.clone() for k, v in weights.items()}))  # not views of the next step
-    if save_to:
-        saved_format = checkpoint.OPTIMIZER_METADATA
-        checkpoint.OPTIMIZER_METADATA = metadata or saved_format
-        try:
-            checkpoint.save_checkpoint(save_to, steps, student, optimizer, {})
-        finally:
-            checkpoint.OPTIMIZER_METADATA = saved_format
-    dist.barrier()
+    saved_format = checkpoint.OPTIMIZER_METADATA
+    checkpoint.OPTIMIZER_METADATA = metadata or saved_format
+    try:
+        out, _ = optimizer_steps(layout, student, teacher, steps=steps, load_from=load_from, save_to=save_to,
+                                 micro_batch_size=1 if layout.pipeline_model_parallel_size > 1 else 2)
+    except checkpoint.CheckpointError as err:
+        return str(err)
+    finally:
+        checkpoint.OPTIMIZER_METADATA = saved_format
     return out if dist.get_rank() == 0 else None
 
 

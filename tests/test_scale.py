@@ -13,12 +13,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from megatron_xopd.algo import CROSS_MODAL, IN_MODAL, XOPDConfig
 from megatron_xopd.testing import run_distributed
-from tests._models import VOCAB
-from tests.test_trainer_passes import _models, _rollouts
-
-LR = 1e-3
+from tests._steps import optimizer_steps
+from tests.test_trainer_passes import _models
 
 
 def _train_steps(steps: int = 1, micro_batch_size: int = 2, layout: dict | None = None,
@@ -26,17 +23,10 @@ def _train_steps(steps: int = 1, micro_batch_size: int = 2, layout: dict | None 
     """``steps`` optimizer steps on the fixed rollouts under ``layout`` (re-initialising megatron's groups);
     returns (global loss, grad norm) of the last step, the full weights after it, and how many times megatron's
     activation checkpoint ran."""
-    import torch.distributed as dist
-    from megatron.core import parallel_state, tensor_parallel
+    from megatron.core import tensor_parallel
 
-    from megatron_xopd.algo import LossStats, rollout_weights
-    from megatron_xopd.models import RecomputeConfig, gather_canonical_state_dict
+    from megatron_xopd.models import RecomputeConfig
     from megatron_xopd.runtime import ParallelConfig, initialize_model_parallel
-    from megatron_xopd.runtime.reduce import reduce_over_replicas
-    from megatron_xopd.trainer.build import build_optimizer, wrap_ddp
-    from megatron_xopd.trainer.checkpoint import load_checkpoint, save_checkpoint
-    from megatron_xopd.trainer.config import OptimSection
-    from megatron_xopd.trainer.passes import score_with_teacher, train_pass
 
     layout = ParallelConfig(**(layout or {}))
     initialize_model_parallel(layout)
@@ -44,32 +34,12 @@ def _train_steps(steps: int = 1, micro_batch_size: int = 2, layout: dict | None 
     checkpoint = tensor_parallel.checkpoint
     tensor_parallel.checkpoint = lambda *args, **kwargs: recomputed.append(1) or checkpoint(*args, **kwargs)
     student, teacher = _models(False, layout.sequence_parallel, RecomputeConfig(**(recompute or {})))
-    r = _rollouts(student)
-    cfg = XOPDConfig(lam=0.5, loss="sampled_token", responses="on_policy")
-    ddp = wrap_ddp(student, layout)
-    optimizer, _ = build_optimizer(ddp, OptimSection(lr=LR, adam_eps=1e-4, clip_grad=0.0), max_steps=10)
-    if load_from:
-        load_checkpoint(load_from, student, optimizer)
-    score_with_teacher(teacher, r, micro_batch_size, VOCAB, cfg)
-    counts = {m: float((r.modality == m).sum()) for m in (IN_MODAL, CROSS_MODAL)}
-    tokens = {m: float(r.lengths[r.modality == m].sum()) for m in (IN_MODAL, CROSS_MODAL)}
-    r.weights = rollout_weights(r.lengths, r.modality, cfg, global_rollouts=counts, global_tokens=tokens)
-    dp, dp_rank = parallel_state.get_data_parallel_world_size(), parallel_state.get_data_parallel_rank()
-    rows = torch.arange(len(r))[dp_rank::dp]
-    for _ in range(steps):
-        stats = LossStats()
-        ddp.zero_grad_buffer()
-        optimizer.zero_grad()
-        train_pass(ddp, r, rows, cfg, micro_batch_size, VOCAB, stats)
-        updated, grad_norm, _ = optimizer.step()
-        assert updated
-    if save_to:
-        save_checkpoint(save_to, steps, student, optimizer, {})
-    loss = reduce_over_replicas({"loss": stats.loss})["loss"]
-    weights = gather_canonical_state_dict(student.language_model, VOCAB + 1)
-    dist.barrier()
-    tensor_parallel.checkpoint = checkpoint
-    return loss, float(grad_norm), weights, len(recomputed)
+    try:
+        out, _ = optimizer_steps(layout, student, teacher, steps=steps, micro_batch_size=micro_batch_size,
+                                 load_from=load_from, save_to=save_to)
+    finally:
+        tensor_parallel.checkpoint = checkpoint
+    return (*out[-1], len(recomputed))
 
 
 def _runs(runs: list[dict]) -> list:
