@@ -570,3 +570,20 @@ def test_streaming_writer_writes_what_save_hf_checkpoint_writes(tmp_path, max_sh
     wrong = StreamingSafetensorsWriter(tmp_path / "wrong", [("a", (3, 5), torch.float32)])
     with pytest.raises(ConversionError, match="planned a"):
         wrong.write("b", tensors["b"])
+    with pytest.raises(ConversionError, match="planned twice: a"):
+        StreamingSafetensorsWriter(tmp_path / "twice", [("a", (3,), torch.float32), ("a", (3,), torch.float32)])
+
+
+def test_patcher_names_the_file_for_an_unknown_tensor_or_dtype(tmp_path):
+    from safetensors.torch import save_file
+
+    from megatron_xopd.convert.hf import ConversionError, SafetensorsPatcher
+
+    save_file({"a": torch.zeros(2), "b": torch.zeros(2, dtype=torch.float8_e4m3fn)}, str(tmp_path / "src.safetensors"))
+    patcher = SafetensorsPatcher(tmp_path / "src.safetensors", tmp_path / "dst.safetensors")
+    with pytest.raises(ConversionError, match="dst.safetensors: the original has no tensor c"):
+        patcher.write("c", torch.ones(2))
+    with pytest.raises(ConversionError, match="dst.safetensors: b is stored as F8_E4M3"):
+        patcher.write("b", torch.ones(2))
+    patcher.write("a", torch.ones(2))
+    patcher.close()

@@ -59,6 +59,23 @@ def _barrier() -> None:
         dist.barrier()
 
 
+def raise_together(error: Exception | None) -> None:
+    """Raise on every rank when any rank has an ``error``: a rank that raises alone leaves the others in their next
+    collective until its timeout (torchrun stops them; a plain ``srun`` does not)."""
+    if not dist.is_initialized():
+        if error is not None:
+            raise error
+        return
+    from ..runtime.device import current_device
+
+    failed = torch.tensor([dist.get_rank() if error is not None else -1], device=current_device())
+    dist.all_reduce(failed, op=dist.ReduceOp.MAX)
+    if error is not None:
+        raise error
+    if failed.item() >= 0:
+        raise ConversionError(f"rank {int(failed.item())} failed (its error is in its output)")
+
+
 def _tokenizer_size(path: Path) -> int | None:
     """``len(tokenizer)`` of the tokenizer in ``path``, or None when there is none."""
     if not (path / "tokenizer_config.json").is_file() and not (path / "tokenizer.json").is_file():

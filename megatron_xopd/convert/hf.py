@@ -547,6 +547,10 @@ class StreamingSafetensorsWriter:
     def __init__(self, out_dir: str | Path, planned: list[tuple[str, tuple[int, ...], torch.dtype]], *,
                  max_shard_bytes: int = 5 * 2**30) -> None:
         self.out = Path(out_dir)
+        names = [name for name, _, _ in planned]
+        if len(set(names)) != len(names):  # a header holds each name once: the file would not load
+            twice = sorted({n for n in names if names.count(n) > 1})
+            raise ConversionError(f"{self.out}: tensor(s) planned twice: {', '.join(twice[:3])}")
         self.out.mkdir(parents=True, exist_ok=True)
         shards: list[list[tuple[str, tuple[int, ...], torch.dtype, int]]] = [[]]
         size = 0
@@ -635,10 +639,15 @@ class SafetensorsPatcher:
         self.handle = open(dst, "r+b")
 
     def write(self, name: str, tensor: torch.Tensor) -> None:
-        entry = self.entries[name]
+        entry = self.entries.get(name)
+        if entry is None:
+            raise ConversionError(f"{self.path}: the original has no tensor {name}")
         if list(tensor.shape) != entry["shape"]:
-            raise ConversionError(f"{name}: the student's shape {tuple(tensor.shape)} differs from the original "
-                                  f"{tuple(entry['shape'])}")
+            raise ConversionError(f"{self.path}: {name}: the student's shape {tuple(tensor.shape)} differs from the "
+                                  f"original {tuple(entry['shape'])}")
+        if entry["dtype"] not in SAFETENSORS_DTYPES:
+            raise ConversionError(f"{self.path}: {name} is stored as {entry['dtype']}, which the export does not "
+                                  f"write (one of {', '.join(sorted(SAFETENSORS_DTYPES))})")
         data = tensor.detach().to("cpu", SAFETENSORS_DTYPES[entry["dtype"]]).contiguous().reshape(-1)
         self.handle.seek(self.start + entry["data_offsets"][0])
         if data.numel():

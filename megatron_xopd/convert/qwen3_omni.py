@@ -20,7 +20,6 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-import torch
 import yaml
 from megatron.core import dist_checkpointing, parallel_state
 from safetensors.torch import load_file, save_file
@@ -30,7 +29,8 @@ from ..models.qwen3_omni import OmniPerceptionConfig, Qwen3OmniAudioPerception, 
 from ..models.sharding import canonical_layout, iter_canonical_tensors, load_canonical_state_dict
 from ..runtime import set_seed
 
-from .checkpoint import MODEL_CONFIG, _barrier, _rank, _tokenizer_size, load_mcore_checkpoint, needed_canonical_keys, save_mcore_checkpoint
+from .checkpoint import (MODEL_CONFIG, _barrier, _rank, _tokenizer_size, load_mcore_checkpoint, needed_canonical_keys,
+                         raise_together, save_mcore_checkpoint)
 from .hf import (
     SAFETENSORS_INDEX,
     CanonicalToHF,
@@ -288,6 +288,12 @@ def export_student_to_qwen3_omni(student: Qwen3OmniStudent, hf_dir: str | Path, 
         raise ConversionError(f"the student's shapes differ from the original's: {wrong[:5]}")
     if out.resolve() == src.resolve():
         raise FileExistsError(f"export into the source directory {src} would overwrite it; choose another OUT_DIR")
+    tower = {}
+    if student.perception is not None and student.perception.audio_tower is not None:
+        tower = {f"{prefix}audio_tower.{n}": t for n, t in student.perception.audio_tower.state_dict().items()}
+    missing = sorted(set(tower) - set(reader.weight_map))
+    raise_together(ConversionError(f"{src}: the student's tensors {missing[:5]} are not in the original checkpoint")
+                   if missing else None)
     patchers: dict[str, SafetensorsPatcher] = {}
     if _rank() == 0:
         out.mkdir(parents=True, exist_ok=True)
@@ -304,12 +310,8 @@ def export_student_to_qwen3_omni(student: Qwen3OmniStudent, hf_dir: str | Path, 
                 patchers[reader.weight_map[prefix + name]].write(prefix + name, part)
         del tensor
     if patchers:
-        if student.perception is not None and student.perception.audio_tower is not None:
-            for n, t in student.perception.audio_tower.state_dict().items():
-                name = f"{prefix}audio_tower.{n}"
-                if name not in reader.weight_map:
-                    raise ConversionError(f"{src}: the student's tensor {name} is not in the original checkpoint")
-                patchers[reader.weight_map[name]].write(name, t)
+        for name, t in tower.items():
+            patchers[reader.weight_map[name]].write(name, t)
         for patcher in patchers.values():
             patcher.close()
     _barrier()

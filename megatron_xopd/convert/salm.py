@@ -53,6 +53,7 @@ from .checkpoint import (
     _rank,
     load_mcore_checkpoint,
     needed_canonical_keys,
+    raise_together,
     save_mcore_checkpoint,
 )
 from .hf import (
@@ -313,9 +314,9 @@ def export_student_to_salm(student: SpeechStudent, student_dir: str | Path, out_
 
     writer = None
     frozen = src / FROZEN_PERCEPTION
+    raise_together(RuntimeError("export_student_to_salm: global rank 0 must hold the first pipeline stage")
+                   if _rank() == 0 and student.perception is None else None)
     if _rank() == 0:
-        if student.perception is None:
-            raise RuntimeError("export_student_to_salm: global rank 0 must hold the first pipeline stage")
         planned = []
         for entry in layout:
             for name, shape, dtype in to_hf.plan(entry.name, entry.shape, entry.dtype):

@@ -38,6 +38,7 @@ import torch.distributed as dist
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from ..runtime.device import current_device
 from .guard import check_finite_weights
 
 log = logging.getLogger("megatron_xopd")
@@ -353,10 +354,12 @@ def _inner_optimizers(optimizer: Any) -> list[torch.optim.Optimizer]:
 def _adam_step(optimizer: Any) -> int:
     """Adam's step count (the same for every parameter; ranks without optimizer state read 0): a plain number
     saved once, since megatron-core keeps it in layout-dependent places (per parameter or per group)."""
-    steps = [float(state["step"]) for inner in _inner_optimizers(optimizer) for state in inner.state.values()
-             if "step" in state]
-    steps += [float(g["step"]) for inner in _inner_optimizers(optimizer) for g in inner.param_groups if "step" in g]
-    found = torch.tensor([max(steps, default=0.0)])
+    device = current_device()  # NCCL (the default group on GPUs) takes no CPU tensors
+    steps = [torch.as_tensor(state["step"], dtype=torch.float32, device=device).reshape(1)
+             for inner in _inner_optimizers(optimizer) for state in inner.state.values() if "step" in state]
+    steps += [torch.tensor([float(g["step"])], device=device)
+              for inner in _inner_optimizers(optimizer) for g in inner.param_groups if "step" in g]
+    found = torch.cat(steps).max().reshape(1) if steps else torch.zeros(1, device=device)  # no host sync per parameter
     dist.all_reduce(found, op=dist.ReduceOp.MAX)
     return int(found.item())
 
@@ -561,7 +564,6 @@ def resume(trainer: Any) -> None:
 
     from ..convert.sources import resolve_path
     from ..data.cuts import CutStats
-    from ..runtime.device import current_device
 
     ckpt = trainer.cfg.checkpoint
     path = None
