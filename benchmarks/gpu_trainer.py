@@ -91,7 +91,7 @@ def _trainer(tmp: Path, steps: int, llm: dict | None, save: bool = True) -> dict
         # the share of a step that rollouts take (metrics.jsonl's time_rollout_s / time_step_s, steps after the first)
         "rollout_share": round(sum(r.get("time_rollout_s", 0.0) for r in rows[1:] or rows)
                                / max(sum(r.get("time_step_s", 0.0) for r in rows[1:] or rows), 1e-9), 3),
-        "peak_mem_mb": round(torch.cuda.max_memory_allocated() / 2**20, 1) if torch.cuda.is_available() else None,
+        "peak_mem_allocated_mb": round(torch.cuda.max_memory_allocated() / 2**20, 1) if torch.cuda.is_available() else None,
         **_gap(rows[0]),
     }
 
@@ -172,7 +172,7 @@ def _offload_linear(tmp: Path) -> dict:
     return {"ok": finite, "loss": [round(r["loss"], 5) for r in rows],
             "time_teacher_s": [round(r["time_teacher_s"], 3) for r in rows],
             "time_train_s": [round(r["time_train_s"], 3) for r in rows],
-            "peak_mem_mb": round(torch.cuda.max_memory_allocated() / 2**20, 1) if torch.cuda.is_available() else None}
+            "peak_mem_allocated_mb": round(torch.cuda.max_memory_allocated() / 2**20, 1) if torch.cuda.is_available() else None}
 
 
 def _multi_gpu(tmp: Path) -> dict:

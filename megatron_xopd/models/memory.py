@@ -4,7 +4,7 @@ Why: whether a recipe fits its GPUs should be known before a 64-GPU job starts. 
 the model config (:class:`GPTModelConfig`) and the layout (:class:`ParallelConfig`), written out in
 ``docs/scaling.md``. Parameter counts are exact (a test compares them with built megatron-core models); the
 activation, KV-cache and logits lines are models of what megatron-core and this package allocate, to be checked
-against ``torch.cuda.max_memory_allocated`` (``benchmarks/memory_plan_check.py``).
+against ``torch.cuda.max_memory_reserved`` and ``max_memory_allocated`` (``benchmarks/memory_plan_check.py``).
 
 Notation: h hidden, L layers, a query heads, g query groups (KV heads), d head dim, F dense FFN, E experts,
 k router top-k, Fm expert FFN, Fs shared-expert FFN, V padded vocabulary; t TP, p PP, v virtual PP, c CP,

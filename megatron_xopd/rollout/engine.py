@@ -305,7 +305,8 @@ class RolloutEngine:
     ``pipelined=False`` decodes at PP > 1 with every stage in turn (megatron's small-batch pipeline forward),
     the reference the pipelined decode is checked and timed against. ``sync_every`` (k): the decode loop
     (outside the pipelined decode) reads back which rows are done, and drops them from the batch, every k steps
-    only; between checks it makes no host synchronisation. Default 4 on CUDA, 1 on CPU (where a read-back is free
+    only; between checks the loop itself makes no host synchronisation (megatron's MoE dispatch still syncs per
+    layer, and speech prompts in the right-padded layout index by mask while the prompt is read). Default 4 on CUDA, 1 on CPU (where a read-back is free
     and a finished row's extra steps are not). The tokens do not depend on it.
     """
 
@@ -591,7 +592,7 @@ class RolloutEngine:
                 logits = logits.repeat_interleave(n, dim=0)
         self.context.set_row_pad(row_pad)
 
-        # The loop makes no host synchronisation but every ``sync_every`` steps (the check of which rows are done,
+        # The loop's own code makes no host synchronisation but every ``sync_every`` steps (the check of which rows are done,
         # after which they leave the batch); meanwhile a finished row is forwarded and sampled, never recorded.
         p, steps = prefill, 0
         while True:
