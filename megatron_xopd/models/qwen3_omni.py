@@ -167,6 +167,7 @@ class Qwen3OmniStudent(SpeechStudent):
             self.perception = Qwen3OmniAudioPerception(perception_cfg, llm_cfg.hidden_size).to(current_device())
             if perception_cfg.freeze_encoder:
                 self.perception.requires_grad_(False)
+            self._trainable_in_llm_dtype(llm_cfg.torch_dtype)
             self.mark_sequence_parallel()
 
     def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor | None, attention_mask: torch.Tensor | None,
