@@ -208,7 +208,7 @@ class Workload:
     recompute: str | None = None  # None | selective | full
     flash_attention: bool = True  # fused/flash core attention (TE on GPU): no s^2 score matrix kept
     chunk_elements: int = LOGITS_CHUNK_ELEMENTS["cuda"]
-    perception_params: int = 0  # on the first stage (fp32, as built)
+    perception_params: int = 0  # on the first stage (frozen parts fp32 as built, trainable ones in the LLM's dtype)
     perception_trainable: int = 0
     freeze_llm: bool = False
 
@@ -352,12 +352,17 @@ def weight_lines(student: GPTModelConfig, layout: Layout, work: Workload, stage:
     expert_shard = (layout.expert_dp if layout.ep > 1 else dense_shard) if layout.distributed_optimizer else 1
     optim = (math.ceil(llm_trainable.dense / dense_shard) * per_param
              + math.ceil(llm_trainable.expert / expert_shard) * per_param
-             + math.ceil(perception_trainable / dense_shard) * 2 * FP32)
+             + math.ceil(perception_trainable / dense_shard) * per_param)  # trainable parts hold the LLM's dtype
     shard_note = (f"/ (DP*CP={dense_shard}), experts / {expert_shard}" if layout.distributed_optimizer else "(not sharded)")
     return {
-        "student weights": Line("student weights", params.total * wbytes + perception * FP32,
+        "student weights": Line("student weights",
+                                params.total * wbytes + (perception - perception_trainable) * FP32
+                                + perception_trainable * wbytes,
                                 f"{params.dense:,} dense + {params.expert:,} expert params x {wbytes} B"
-                                + (f" + {perception:,} perception x 4 B" if perception else "")),
+                                + (f" + {perception - perception_trainable:,} frozen perception x 4 B"
+                                   if perception > perception_trainable else "")
+                                + (f" + {perception_trainable:,} trainable perception x {wbytes} B"
+                                   if perception_trainable else "")),
         "gradients": Line("gradients", (llm_trainable.total + perception_trainable) * FP32,
                           "trainable params x 4 B (fp32 grad buffers, grad_reduce_in_fp32)"),
         "optimizer": Line("optimizer", optim,
