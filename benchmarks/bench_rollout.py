@@ -43,7 +43,10 @@ stage in turn, megatron's small-batch pipeline forward) on the same model in the
 steps: the time of a ``--new-tokens`` run less that of a one-token run, which holds the prefill), and
 ``tokens_equal`` whether both decode the same tokens (and log-probs within 1e-5). ``decode_cpu_s`` holds each
 stage's CPU time of those decode steps, and ``pipelined_over_sequential_cpu_bound`` the ratio they imply with a
-free core per stage (sum of the stages' for the sequential decode over the busiest stage's for the pipelined). Defaults there: 32 prompts of
+free core per stage (sum of the stages' for the sequential decode over the busiest stage's for the pipelined).
+``--last-stage-layers K`` splits the 30 layers unevenly (``trainer.parallel.num_layers_in_last_pipeline_stage``: the
+last stage, which also runs the output layer and the sampler, gets K; the others share the rest);
+``stage_layers`` reports each stage's layers. Defaults there: 32 prompts of
 32 tokens, 64 new tokens (a micro-batch per stage is half the rows: with few rows each stage reads its
 weights twice per step for little arithmetic, which is what the pipeline cannot hide).
 
@@ -235,6 +238,7 @@ def _pp_rank(args: argparse.Namespace) -> dict:
         "tokens_equal": bool(torch.equal(a.tokens, b.tokens))
         and float((a.logprobs - b.logprobs).abs().max()) <= 1e-5,
         "decode_cpu_s": {k: clock.cpu[f"{k}{args.new_tokens}"] - clock.cpu[f"{k}1"] for k in engines},
+        "layers": len(model.decoder.layers),
     }
     return result
 
@@ -247,8 +251,11 @@ def _pp_main(args: argparse.Namespace) -> dict:
     from megatron_xopd.testing import run_distributed
 
     os.environ["OMP_NUM_THREADS"] = str(args.threads or 1)
-    ranks = run_distributed(_pp_rank, args.pp, args, tp=1, pp=args.pp, timeout_s=3000)
+    split = {} if args.last_stage_layers is None else {"num_layers_in_last_pipeline_stage": args.last_stage_layers}
+    ranks = run_distributed(_pp_rank, args.pp, args, tp=1, pp=args.pp, split=split, timeout_s=3000)
+    layers = [r.pop("layers") for r in ranks]
     result = ranks[0]
+    result["stage_layers"] = layers
     cpu = {k: [r["decode_cpu_s"][k] for r in ranks] for k in ("pipelined", "sequential")}
     result["decode_cpu_s"] = {k: [round(v, 2) for v in vs] for k, vs in cpu.items()}
     result["pipelined_over_sequential_cpu_bound"] = round(sum(cpu["sequential"]) / max(cpu["pipelined"]), 3)
@@ -270,6 +277,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--plain-step", action="store_true", help="also time the plain-PyTorch decode step floor")
     parser.add_argument("--json", action="store_true", help="print one JSON line")
     parser.add_argument("--pp", type=int, default=1, help="pipelined over sequential decode at this PP (processes)")
+    parser.add_argument("--last-stage-layers", type=int, default=None,
+                        help="--pp: layers of the last stage (uneven split; default: megatron's even split)")
     args = parser.parse_args(argv)
     if args.pp > 1:
         for key, value in (("prompts", 32), ("new_tokens", 64)):

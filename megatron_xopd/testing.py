@@ -26,7 +26,8 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
-def _child(rank: int, world_size: int, port: int, tp: int | None, pp: int, fn: Callable, args: tuple, queue) -> None:
+def _child(rank: int, world_size: int, port: int, tp: int | None, pp: int, split: dict | None, fn: Callable,
+           args: tuple, queue) -> None:
     os.environ.update(
         RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port)
     )
@@ -35,7 +36,8 @@ def _child(rank: int, world_size: int, port: int, tp: int | None, pp: int, fn: C
         torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
         init_distributed(timeout_minutes=5)
         if tp is not None:
-            initialize_model_parallel(ParallelConfig(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp))
+            initialize_model_parallel(ParallelConfig(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp,
+                                                     **(split or {})))
         buffer = io.BytesIO()
         torch.save(fn(*args), buffer)  # bytes, not shared-memory handles that die with this process
         queue.put((rank, "ok", buffer.getvalue()))
@@ -47,19 +49,21 @@ def _child(rank: int, world_size: int, port: int, tp: int | None, pp: int, fn: C
 
 
 def run_distributed(
-    fn: Callable[..., Any], world_size: int, *args: Any, tp: int | None = None, pp: int = 1, timeout_s: float = 600.0
+    fn: Callable[..., Any], world_size: int, *args: Any, tp: int | None = None, pp: int = 1,
+    split: dict | None = None, timeout_s: float = 600.0,
 ) -> list[Any]:
     """Run ``fn(*args)`` on ``world_size`` fresh processes and return their results, ordered by rank.
 
     ``fn`` must be importable (a module-level function). With ``tp`` set, Megatron's model parallel state
-    is initialised with that TP size and ``pp`` pipeline stages; the data-parallel size is what remains.
+    is initialised with that TP size and ``pp`` pipeline stages (split as ``split`` says: ``ParallelConfig``'s
+    uneven-split fields); the data-parallel size is what remains.
     A failure on any rank raises ``RuntimeError`` carrying that rank's traceback.
     """
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
     port = _free_port()
     procs = [
-        ctx.Process(target=_child, args=(rank, world_size, port, tp, pp, fn, args, queue), daemon=False)
+        ctx.Process(target=_child, args=(rank, world_size, port, tp, pp, split, fn, args, queue), daemon=False)
         for rank in range(world_size)
     ]
     # Children inherit the environment at start: silence megatron's "Apex/TE not installed" notes there.

@@ -74,10 +74,10 @@ def randomize(model: torch.nn.Module, seed: int) -> None:
         param.copy_(1 + 0.1 * noise if is_norm else 0.05 * noise)
 
 
-def tiny_hf_config(family: str, vocab_size: int = VOCAB):
+def tiny_hf_config(family: str, vocab_size: int = VOCAB, layers: int = 2):
     from transformers import LlamaConfig, Qwen2Config, Qwen3Config
 
-    common = dict(vocab_size=vocab_size, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+    common = dict(vocab_size=vocab_size, hidden_size=64, intermediate_size=96, num_hidden_layers=layers,
                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128)
     if family == "llama":  # untied; saved in shards with an index
         return LlamaConfig(**common, rope_theta=10000.0, rms_norm_eps=1e-5, tie_word_embeddings=False)
@@ -87,10 +87,10 @@ def tiny_hf_config(family: str, vocab_size: int = VOCAB):
     return Qwen3Config(**common, head_dim=32, rope_theta=1e6, rms_norm_eps=1e-6, tie_word_embeddings=False)
 
 
-def make_tiny_hf(path: Path, family: str, seed: int) -> Path:
+def make_tiny_hf(path: Path, family: str, seed: int, layers: int = 2) -> Path:
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_config(tiny_hf_config(family), dtype=torch.float32)
+    model = AutoModelForCausalLM.from_config(tiny_hf_config(family, layers=layers), dtype=torch.float32)
     randomize(model, seed)
     model.save_pretrained(str(path), max_shard_size="100KB" if family == "llama" else "1GB")
     save_tiny_tokenizer(path)
@@ -163,8 +163,10 @@ def _gathered(model, ids: torch.Tensor, vocab: int) -> torch.Tensor:
         return gather_from_tensor_model_parallel_region(model(ids, pos, None))[..., :vocab].clone()
 
 
-def _tiny_suite(work: str, hf_dirs: dict[str, str], salm_dir: str, ids: torch.Tensor, wave: torch.Tensor) -> dict:
-    """On 2 ranks: every tiny conversion at TP=2 and PP=2, then TP=1 loads of the TP=2/PP=2 checkpoints."""
+def _tiny_suite(work: str, hf_dirs: dict[str, str], salm_dir: str, ids: torch.Tensor, wave: torch.Tensor,
+                uneven_hf: str) -> dict:
+    """On 2 ranks: every tiny conversion at TP=2 and PP=2, then TP=1 loads of the TP=2/PP=2 checkpoints; the
+    3-layer ``uneven_hf`` HF -> megatron -> HF at PP=2 split 2 + 1."""
     import torch.distributed as dist
 
     from megatron_xopd.convert.checkpoint import build_gpt_from_mcore, convert_hf_to_mcore, export_mcore_to_hf
@@ -195,6 +197,9 @@ def _tiny_suite(work: str, hf_dirs: dict[str, str], salm_dir: str, ids: torch.Te
 
     initialize_model_parallel(ParallelConfig(pipeline_model_parallel_size=2))
     convert_hf_to_mcore(hf_dirs["qwen2"], f"{work}/mcore_qwen2_pp2")  # tied embeddings over two stages
+    initialize_model_parallel(ParallelConfig(pipeline_model_parallel_size=2, num_layers_in_first_pipeline_stage=2))
+    convert_hf_to_mcore(uneven_hf, f"{work}/mcore_uneven")
+    export_mcore_to_hf(f"{work}/mcore_uneven", f"{work}/export_uneven")
 
     initialize_model_parallel(ParallelConfig(tensor_model_parallel_size=1))  # DP=2: loads reshard the TP=2 files
     for fam in hf_dirs:
@@ -204,6 +209,9 @@ def _tiny_suite(work: str, hf_dirs: dict[str, str], salm_dir: str, ids: torch.Te
     set_seed(0)
     model, _ = build_gpt_from_mcore(f"{work}/mcore_qwen2_pp2")
     logits["qwen2"]["pp2"] = _gathered(model, ids, VOCAB)
+    set_seed(0)
+    model, _ = build_gpt_from_mcore(f"{work}/mcore_uneven")  # the 2 + 1 checkpoint, loaded at PP=1
+    logits["uneven"] = _gathered(model, ids, VOCAB)
     if dist.get_rank():
         return {}
     return {"logits": logits, "student_logits": student_logits, "audio": audio, "text_ids": text_ids}
@@ -262,9 +270,11 @@ def tiny(tmp_path_factory) -> dict:
     wave = torch.randn(1, 8000, generator=torch.Generator().manual_seed(1))
     work = root / "work"
     work.mkdir()
+    uneven = make_tiny_hf(root / "hf_uneven", "llama", 3, layers=3)
     result = run_distributed(_tiny_suite, 2, str(work), {k: str(v) for k, v in hf_dirs.items()}, str(salm_dir), ids,
-                             wave, tp=2)[0]
-    return {"root": root, "hf": hf_dirs, "salm": salm_dir, "ids": ids, "wave": wave, "work": work, **result}
+                             wave, str(uneven), tp=2)[0]
+    return {"root": root, "hf": hf_dirs, "uneven": uneven, "salm": salm_dir, "ids": ids, "wave": wave, "work": work,
+            **result}
 
 
 # --------------------------------------------------------------------------------------------- mapping
@@ -349,6 +359,17 @@ def test_hf_to_mcore_tp2_to_hf_is_bitwise(tiny, family):
         torch.testing.assert_close(model(tiny["ids"]).logits, hf_logits(src, tiny["ids"]), atol=0, rtol=0)
     assert AutoTokenizer.from_pretrained(str(out)).chat_template == CHAT_TEMPLATE
     assert (tiny["work"] / f"mcore_{family}" / "model_config.yaml").is_file()
+
+
+@pytest.mark.parity
+def test_hf_to_mcore_at_an_uneven_pp2_split_to_hf_is_bitwise(tiny):
+    """3 layers at PP=2 split 2 + 1 (``num_layers_in_first_pipeline_stage``): converted and exported at that split,
+    the HF tensors come back bit for bit, and the checkpoint loads at PP=1 with the source's logits."""
+    original, exported = HFCheckpoint(tiny["uneven"]), load_file(str(tiny["work"] / "export_uneven" / "model.safetensors"))
+    assert exported.keys() == set(original.keys()) and "model.layers.2.mlp.up_proj.weight" in exported
+    for key in exported:
+        assert torch.equal(exported[key], original[key]), key
+    torch.testing.assert_close(tiny["logits"]["uneven"], hf_logits(tiny["uneven"], tiny["ids"]), atol=1e-4, rtol=1e-4)
 
 
 # --------------------------------------------------------------------------------------------- SALM

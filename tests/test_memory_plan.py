@@ -380,3 +380,77 @@ def test_gpu_check_runs_its_code_on_cpu():
     assert result.returncode == 0, result.stderr[-3000:]
     out = json.loads(result.stdout.strip().splitlines()[-1])
     assert out["training"]["planned"] > 0 and out["rollout"]["planned"] > 0 and out["training"]["measured"] is None
+
+
+def _uneven(**split) -> Layout:
+    return Layout(ParallelConfig(pipeline_model_parallel_size=2, **split), 2)
+
+
+def test_the_plan_places_layers_as_megatron_splits_them_and_plans_the_heaviest_stage():
+    """An uneven PP split (``trainer.parallel.num_layers_in_*_pipeline_stage``, ``account_for_*_in_pipeline_split``):
+    each stage's layers are megatron's, its parameters follow, and the plan is the heaviest stage's."""
+    from megatron_xopd.models.memory import Workload, attention_params, dense_mlp_params, plan_memory, stage_layers
+
+    cfg = dataclasses.replace(_config("llama"), num_layers=30)
+    assert [stage_layers(cfg, _uneven(num_layers_in_last_pipeline_stage=12), s) for s in (0, 1)] == [
+        list(range(18)), list(range(18, 30))]
+    layer = attention_params(cfg, 1) + dense_mlp_params(cfg, 1)
+    even, uneven = _uneven(), _uneven(num_layers_in_last_pipeline_stage=12)
+    assert rank_params(cfg, uneven, 0).dense - rank_params(cfg, even, 0).dense == 3 * layer
+    assert rank_params(cfg, uneven, 1).dense - rank_params(cfg, even, 1).dense == -3 * layer
+    # 31 layers + the loss: 16 + 15; 94 + embedding + loss over 4 stages: 23, 24, 24, 23 (PP divides neither 31 nor 94)
+    odd = dataclasses.replace(cfg, num_layers=31)
+    assert [len(stage_layers(odd, _uneven(account_for_loss_in_pipeline_split=True), s)) for s in (0, 1)] == [16, 15]
+    big = dataclasses.replace(cfg, num_layers=94)
+    four = Layout(ParallelConfig(pipeline_model_parallel_size=4, account_for_embedding_in_pipeline_split=True,
+                                 account_for_loss_in_pipeline_split=True), 4)
+    assert [len(stage_layers(big, four, s)) for s in range(4)] == [23, 24, 24, 23]
+    work = Workload(prompts=2, n_samples=1, modalities=1, prompt_tokens=8, new_tokens=8, micro_batch=2)
+    wide = dataclasses.replace(cfg, hidden_size=256, ffn_hidden_size=1024)  # layers outweigh the output layer
+    for split, heaviest in (({"num_layers_in_first_pipeline_stage": 28}, 0), ({"num_layers_in_last_pipeline_stage": 28}, 1)):
+        plan = plan_memory(wide, wide, _uneven(**split), work, 1 << 40)
+        assert plan.stage == heaviest and plan.student_params == rank_params(wide, _uneven(**split), heaviest)
+
+
+def test_a_bad_pipeline_split_is_one_error_naming_the_key_and_the_model():
+    student, teacher = dataclasses.replace(_config("llama"), num_layers=3), _config("llama")
+    models = {"model.student.llm": student, "model.teacher.llm": teacher}
+    with pytest.raises(LayoutError, match=r"model\.teacher\.llm\.num_layers \(4\) \+ 1 "
+                                          r"\(trainer\.parallel\.account_for_loss_in_pipeline_split\)") as err:
+        validate_layout(_uneven(account_for_loss_in_pipeline_split=True), models)
+    assert "model.student.llm" not in str(err.value)  # 3 + 1 splits 2 + 1
+    cases = (({"num_layers_in_last_pipeline_stage": 3}, r"model\.student\.llm\.num_layers \(3\) minus "
+              r"trainer\.parallel\.num_layers_in_last_pipeline_stage \(3\) leaves 0 layer\(s\)"),
+             ({"num_layers_in_first_pipeline_stage": 2, "num_layers_in_last_pipeline_stage": 2},
+              r"model\.student\.llm\.num_layers \(3\) is not trainer\.parallel\.num_layers_in_first_pipeline_stage "
+              r"\(2\) \+ trainer\.parallel\.num_layers_in_last_pipeline_stage \(2\)"),
+             ({"num_layers_in_first_pipeline_stage": 0}, "num_layers_in_first_pipeline_stage must be >= 1"),
+             ({"num_layers_in_first_pipeline_stage": 2, "account_for_loss_in_pipeline_split": True}, "exclusive"))
+    for split, match in cases:
+        with pytest.raises(LayoutError, match=match):
+            validate_layout(_uneven(**split), models)
+    with pytest.raises(LayoutError, match="num_layers_in_last_pipeline_stage needs pipeline_model_parallel_size > 1"):
+        validate_layout(Layout(ParallelConfig(num_layers_in_last_pipeline_stage=1), 1), models)
+    # at PP=3 the first stage is a middle one, taking what the last leaves: 3 = 1 + 1 + 1 fits, 4 = 3/2 + 1 does not
+    three = Layout(ParallelConfig(pipeline_model_parallel_size=3, num_layers_in_last_pipeline_stage=1), 3)
+    with pytest.raises(LayoutError, match=r"model\.teacher\.llm\.num_layers \(4\) minus trainer\.parallel\."
+                                          r"num_layers_in_last_pipeline_stage \(1\) leaves 3 layer\(s\), not a positive "
+                                          r"multiple of the 2 other stage\(s\)") as err:
+        validate_layout(three, models)
+    assert "model.student.llm" not in str(err.value)
+
+
+def test_the_layout_search_splits_layers_pp_does_not_divide():
+    """A 3-layer student and a 5-layer teacher: PP=2 splits them only with the loss or embedding counted as a layer;
+    where PP=1 does not fit, the search finds PP=2 with the first split that fits both."""
+    from megatron_xopd.models.memory import Workload, plan_memory, suggest_layout
+
+    student = dataclasses.replace(_config("llama"), num_layers=3)
+    teacher = dataclasses.replace(_config("llama"), num_layers=5)
+    work = Workload(prompts=2, n_samples=1, modalities=1, prompt_tokens=8, new_tokens=8, micro_batch=2)
+    one = plan_memory(student, teacher, Layout(ParallelConfig(), 2), work, 1 << 40).peak
+    two = plan_memory(student, teacher, _uneven(account_for_embedding_in_pipeline_split=True), work, 1 << 40).peak
+    assert two < one
+    found = suggest_layout(student, teacher, work, 2, (one + two) // 2, max_tp=1)
+    assert found is not None and found.layout.pp == 2
+    assert found.layout.parallel.pipeline_split() == {"account_for_embedding_in_pipeline_split": True}

@@ -200,6 +200,12 @@ def _rollout_checks() -> dict:
     model = build_gpt_model(cfg)
     weights = {k: v.clone() for k, v in gather_canonical_state_dict(model, VOCAB).items()}  # TP=1: views otherwise
     out["tp1"] = _text_suite(model, with_references=True)
+    # a 3-layer model, which PP=2 splits only unevenly (the PP=2 section at the end)
+    set_seed(0)
+    uneven = build_gpt_model(tiny_gpt_config(num_layers=3))
+    uneven_weights = {k: v.clone() for k, v in gather_canonical_state_dict(uneven, VOCAB).items()}
+    out["uneven_reference"] = {name: _summary(RolloutEngine(uneven, VOCAB).generate(PROMPTS, params))
+                               for name, params in (("greedy", GREEDY), ("plain", PLAIN))}
 
     # TP=2 on the same weights.
     initialize_model_parallel(ParallelConfig(tensor_model_parallel_size=2))
@@ -233,6 +239,15 @@ def _rollout_checks() -> dict:
     out["pp2_sequential"]["mixed"] = _summary(sequential.generate(MIXED, mixed_params))
     out["speech_pp2"] = _speech_suite(_speech_student(student_llm, student_perception), with_references=False)
     out["pp_rank"] = parallel_state.get_pipeline_model_parallel_rank()
+
+    # The 3-layer model at PP=2 with the loss counted as a layer: 2 + 1 layers, the pipelined decode.
+    initialize_model_parallel(ParallelConfig(pipeline_model_parallel_size=2, account_for_loss_in_pipeline_split=True))
+    set_seed(0)
+    uneven = build_gpt_model(tiny_gpt_config(num_layers=3))
+    load_canonical_state_dict(uneven, uneven_weights)
+    out["uneven_pp2"] = {name: _summary(RolloutEngine(uneven, VOCAB).generate(PROMPTS, params))
+                         for name, params in (("greedy", GREEDY), ("plain", PLAIN))}
+    out["uneven_pp2_layers"] = [layer.layer_number for layer in uneven.decoder.layers]  # 1-based, global
     return out
 
 
@@ -303,6 +318,16 @@ def test_greedy_cache_equals_recompute_and_tp2_and_pp2(results):
             torch.testing.assert_close(rank[layout]["greedy"]["logprobs"], results[0]["tp1"]["greedy"]["logprobs"],
                                        atol=1e-5, rtol=0)
     assert [r["pp_rank"] for r in results] == [0, 1]
+
+
+@pytest.mark.parity
+def test_pipelined_decode_of_an_uneven_pp2_split_equals_single_process(results):
+    """3 layers at PP=2 (``account_for_loss_in_pipeline_split``: layers 1-2 on the first stage, 3 on the last, which
+    also holds the output layer and the sampler): the same tokens and log-probs as one process."""
+    assert [r["uneven_pp2_layers"] for r in results] == [[1, 2], [3]]
+    for rank in results:
+        for name in ("greedy", "plain"):
+            _assert_same_rollouts(rank["uneven_pp2"][name], rank["uneven_reference"][name], ("uneven pp2", name))
 
 
 @pytest.mark.parity

@@ -148,11 +148,12 @@ def _pipeline(lam: float, loss_kind: str, micro_batch_size: int, train_perceptio
     last = parallel_state.is_pipeline_last_stage()
     if train_perception:
         return (stats.loss if last else None), grads, (r.teacher_logprobs if last else None), _perception_grads(student)
-    return (stats.loss if last else None), grads, (r.teacher_logprobs if last else None), stats.objective
+    return ((stats.loss if last else None), grads, (r.teacher_logprobs if last else None), stats.objective,
+            len(student.language_model.decoder.layers))
 
 
 def _assert_matches(result, reference):
-    loss, grads, teacher_lp, _ = result
+    loss, grads, teacher_lp = result[:3]
     ref_loss, ref_grads, ref_teacher_lp = reference
     assert loss == pytest.approx(ref_loss, rel=1e-5, abs=1e-6)
     torch.testing.assert_close(teacher_lp, ref_teacher_lp, atol=1e-5, rtol=0)
@@ -180,13 +181,16 @@ def test_step_loss_and_gradient_equal_hand_computation_tp1(lam, loss_kind):
 
 
 @pytest.mark.parity
-def test_step_at_tp2_and_pp2_equals_tp1():
+def test_step_at_tp2_and_uneven_pp2_equals_tp1():
+    """TP=2, and PP=2 split unevenly (3 + 1 of the 4 layers: ``num_layers_in_last_pipeline_stage``; the even PP=2
+    split runs in the trainable-perception test below)."""
     reference = run_distributed(_hand_reference, 1, 0.5, "sampled_token", tp=1)[0]
-    for layout in ({"tp": 2}, {"tp": 1, "pp": 2}):
+    for layout in ({"tp": 2}, {"tp": 1, "pp": 2, "split": {"num_layers_in_last_pipeline_stage": 1}}):
         results = run_distributed(_pipeline, 2, 0.5, "sampled_token", 2, **layout)
         last = results[-1]
         if "pp" in layout:  # gradients of both stages are gathered on every rank
             assert results[0][0] is None
+            assert [r[4] for r in results] == [3, 1]  # the layers each stage built
         _assert_matches(last, reference)
 
 

@@ -12,7 +12,7 @@ from typing import Any
 import torch
 import yaml
 
-from ..runtime.parallel import split_problems
+from ..runtime.parallel import current_pipeline_split, split_problems
 
 FAMILIES = ("llama", "qwen2", "qwen3")
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -194,11 +194,14 @@ class GPTModelConfig:
         pipeline_parallel_size: int,
         expert_parallel_size: int = 1,
         expert_tensor_parallel_size: int | None = None,
+        split: dict[str, Any] | None = None,
     ) -> None:
         """Raise a one-line error naming the field when this model cannot be split as asked (the first of
-        :func:`~megatron_xopd.runtime.parallel.split_problems`, which owns the rules)."""
+        :func:`~megatron_xopd.runtime.parallel.split_problems`, which owns the rules); ``split`` defaults to the
+        pipeline split of the current layout (:func:`~megatron_xopd.runtime.parallel.current_pipeline_split`)."""
         problems = split_problems(self, tensor_parallel_size, pipeline_parallel_size, expert_parallel_size,
-                                  expert_tensor_parallel_size)
+                                  expert_tensor_parallel_size,
+                                  split=current_pipeline_split() if split is None else split)
         if problems:
             raise ModelConfigError(problems[0])
 

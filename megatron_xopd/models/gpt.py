@@ -20,6 +20,7 @@ from megatron.core.transformer.transformer_block import TransformerBlockSubmodul
 from megatron.core.transformer.transformer_config import TransformerConfig
 
 from ..ops.sharding import vocab_shard
+from ..runtime.parallel import current_pipeline_split
 from .attention import RotateOnceSelfAttention, SDPAttention
 from .config import GPTModelConfig, ModelConfigError, RecomputeConfig
 from .norm import RMSNorm
@@ -52,7 +53,8 @@ def to_transformer_config(
     pp = parallel_state.get_pipeline_model_parallel_world_size()
     ep = parallel_state.get_expert_model_parallel_world_size()
     etp = parallel_state.get_expert_tensor_parallel_world_size()
-    cfg.validate_parallel(tp, pp, ep, etp)
+    split = current_pipeline_split()  # the layout's uneven pipeline split, as the layout's TP and PP
+    cfg.validate_parallel(tp, pp, ep, etp, split=split)
     if cfg.num_moe_experts and tp > 1 and not sequence_parallel:
         raise ModelConfigError(
             f"parallel.sequence_parallel: megatron-core's MoE layer needs sequence parallelism at "
@@ -106,6 +108,7 @@ def to_transformer_config(
         moe_aux_loss_coeff=cfg.moe_aux_loss_coeff,
         moe_router_pre_softmax=cfg.moe_router_pre_softmax,
         **(recompute or RecomputeConfig()).transformer_kwargs(),
+        **split,
     )
     if cfg.num_moe_experts:
         values.update(

@@ -13,11 +13,12 @@ e EP, et expert TP; DP = world / (t p c), expert DP = world / (et e p).
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass, field, replace
 
 from ..ops.divergence import LINEAR_CHUNK_ELEMENTS, LOGITS_CHUNK_ELEMENTS
-from ..runtime.parallel import LayoutError, ParallelConfig
+from ..runtime.parallel import SPLIT_KEYS, LayoutError, ParallelConfig, stage_layer_numbers
 from .config import GPTModelConfig
 from .speech import common_padded_vocab
 
@@ -80,6 +81,7 @@ class Layout:
 
     def describe(self) -> str:
         parts = [f"TP={self.tp}", f"PP={self.pp}"]
+        parts += [f"{k}={v}" for k, v in self.parallel.pipeline_split().items()]
         if self.vp > 1:
             parts.append(f"VPP={self.vp}")
         if self.cp > 1:
@@ -114,9 +116,16 @@ def _moe_pattern(cfg: GPTModelConfig) -> list[int]:
 
 
 def stage_layers(cfg: GPTModelConfig, layout: Layout, stage: int) -> list[int]:
-    """Global layer numbers on pipeline rank ``stage`` (its ``vp`` interleaved chunks)."""
-    chunk = cfg.num_layers // (layout.pp * layout.vp)
-    return [(j * layout.pp + stage) * chunk + i for j in range(layout.vp) for i in range(chunk)]
+    """Global layer numbers on pipeline rank ``stage`` (its ``vp`` interleaved chunks), as megatron-core places
+    them under the layout's pipeline split (even, or uneven: ``trainer.parallel.num_layers_in_*_pipeline_stage``,
+    ``account_for_*_in_pipeline_split``)."""
+    split = tuple(sorted(layout.parallel.pipeline_split().items()))
+    return list(_stage_layers(cfg.num_layers, layout.pp, layout.vp, split, stage))
+
+
+@functools.lru_cache(maxsize=4096)
+def _stage_layers(num_layers: int, pp: int, vp: int, split: tuple, stage: int) -> tuple[int, ...]:
+    return tuple(stage_layer_numbers(num_layers, pp, vp, dict(split), stage))
 
 
 @dataclass
@@ -498,20 +507,24 @@ def suggest_layout(
     """The smallest model-parallel layout that fits: fewest TP x PP ranks (most data parallelism), then the
     smallest EP, then ETP = 1 before ETP = TP (experts whole on each EP rank, as the public Qwen3-MoE recipes of
     Megatron-Bridge and slime run them); SP on whenever TP > 1; the vocabulary re-padded for each TP size (the
-    student's embedding rows as given). ``None`` when nothing fits on ``world_size`` GPUs."""
-    layers = math.gcd(student.num_layers, teacher.num_layers)
+    student's embedding rows as given). Each PP size is tried with megatron's even split, then (where PP does not
+    divide both models' layers) with the embedding, the loss or both counted as a layer of the split (one split,
+    layer counts aside, for both models: ``trainer.parallel.account_for_*_in_pipeline_split``). ``None`` when
+    nothing fits on ``world_size`` GPUs."""
+    splits = [{}, {SPLIT_KEYS[2]: True}, {SPLIT_KEYS[3]: True}, {SPLIT_KEYS[2]: True, SPLIT_KEYS[3]: True}]
     experts = math.gcd(student.num_moe_experts or 0, teacher.num_moe_experts or 0) or 1
     candidates = []
     for tp in [d for d in _divisors(world_size) if d <= max_tp]:
         padded = common_padded_vocab([student, teacher], tp)
         configs = (replace(student, padded_vocab_size=padded), replace(teacher, padded_vocab_size=padded))
-        for pp in [d for d in _divisors(world_size // tp) if layers % d == 0]:
+        for pp in _divisors(world_size // tp):
             for ep in _divisors(experts):
                 for etp in sorted({tp, 1}):
-                    parallel = ParallelConfig(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp,
-                                              expert_model_parallel_size=ep, expert_tensor_parallel_size=etp,
-                                              sequence_parallel=tp > 1)
-                    candidates.append(((tp * pp, ep, etp != 1), Layout(parallel, world_size), configs))
+                    for i, split in enumerate(splits if pp > 1 else splits[:1]):
+                        parallel = ParallelConfig(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp,
+                                                  expert_model_parallel_size=ep, expert_tensor_parallel_size=etp,
+                                                  sequence_parallel=tp > 1, **split)
+                        candidates.append(((tp * pp, ep, etp != 1, i), Layout(parallel, world_size), configs))
     for _, layout, (s_cfg, t_cfg) in sorted(candidates, key=lambda c: c[0]):
         try:
             plan = plan_memory(s_cfg, t_cfg, layout, work, gpu_bytes)
