@@ -65,18 +65,12 @@ class XOPDTrainer:
         self.optimizer, self.scheduler = build_optimizer(self.ddp, cfg.optim, cfg.trainer.max_steps)
         rollout = cfg.trainer.rollout
         self.collector = RolloutCollector(
-            self.student,
-            self.teacher,
-            self.tokenizer,
-            xopd=cfg.xopd,
+            self.student, self.teacher, self.tokenizer, xopd=cfg.xopd,
             sampling=SamplingParams(max_new_tokens=rollout.max_new_tokens, temperature=rollout.temperature,
                                     top_k=rollout.top_k, top_p=rollout.top_p),
-            max_positions=self.models.student_cfg.max_position_embeddings,
-            text_vocab_size=self.models.text_vocab_size,
-            audio_locator_id=self.models.audio_locator_id,
-            seed=cfg.trainer.seed,
-            teacher_resident=self._teacher_resident,
-        )
+            max_positions=self.models.student_cfg.max_position_embeddings, text_vocab_size=self.models.text_vocab_size,
+            audio_locator_id=self.models.audio_locator_id, seed=cfg.trainer.seed,
+            teacher_resident=self._teacher_resident)
         self.scorer = load_scorer(cfg.data.scorer)
         max_prompt = min(rollout.max_prompt_tokens, self.collector.prompt_limit)
         formats = {"student": self.prompts.student, "teacher": self.prompts.teacher}
