@@ -67,13 +67,13 @@ def raise_together(error: Exception | None) -> None:
             raise error
         return
     from ..runtime.device import current_device
+    from ..runtime.reduce import max_over_group
 
-    failed = torch.tensor([dist.get_rank() if error is not None else -1], device=current_device())
-    dist.all_reduce(failed, op=dist.ReduceOp.MAX)
+    [failed] = max_over_group([dist.get_rank() if error is not None else -1], dist.group.WORLD, current_device())
     if error is not None:
         raise error
-    if failed.item() >= 0:
-        raise ConversionError(f"rank {int(failed.item())} failed (its error is in its output)")
+    if failed >= 0:
+        raise ConversionError(f"rank {failed} failed (its error is in its output)")
 
 
 def _tokenizer_size(path: Path) -> int | None:
